@@ -1,0 +1,91 @@
+"""pytest-benchmark: reference vs fast SAM image encoder, one group per model.
+
+On CUDA: real sizes (vit_b, vit_h at 1024 px), batch 8, bf16. On CPU: a small encoder, so the
+suite runs in seconds and never rots. The fast case records the speedup over the reference
+measured in the same run, and `extra_info` carries device, versions, dtype, batch, img/s and
+TFLOP/s (FLOPs from torch.utils.flop_counter).
+
+    pytest bench/test_bench_image_encoder.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import fastsam_core
+from fastsam_core import FastConfig
+from fastsam_core.benchmark import default_device, encoder_flops, env_info, synchronize
+from fastsam_core.models.convert import adopt_module
+from fastsam_core.models.sam.reference import build_sam
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    variant: str
+    image_size: int
+    batch: int
+    dtype: torch.dtype
+    rounds: int
+    overrides: dict = field(default_factory=dict)
+
+
+DEVICE = default_device()
+if DEVICE.type == "cuda":
+    CASES = [
+        Case("vit_b-1024-bs8", "vit_b", 1024, 8, torch.bfloat16, rounds=10),
+        Case("vit_h-1024-bs8", "vit_h", 1024, 8, torch.bfloat16, rounds=5),
+    ]
+else:
+    SMALL = dict(depth=4, embed_dim=128, num_heads=4, global_attn_indexes=(1, 3))
+    CASES = [Case("small-256-bs2", "vit_b", 256, 2, torch.float32, rounds=3, overrides=SMALL)]
+
+_median_s: dict[tuple[str, str], float] = {}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
+def case_model(request):
+    case = request.param
+    sam = build_sam(case.variant, case.image_size, seed=0, **case.overrides).to(DEVICE)
+    x = torch.randn(case.batch, 3, case.image_size, case.image_size, device=DEVICE)
+    flops = encoder_flops(case.variant, case.image_size, case.batch, **case.overrides)
+    return case, sam, x, flops
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_image_encoder(benchmark, case_model, impl):
+    case, sam, x, flops = case_model
+    benchmark.group = f"image_encoder {case.name}"
+    if impl == "reference":
+        encoder = adopt_module(sam.image_encoder, case.dtype)  # naive .to(dtype)
+        inputs = x.to(case.dtype)
+    else:
+        fastsam_core.optimize(sam, FastConfig(dtype=case.dtype))
+        encoder, inputs = sam.image_encoder, x
+
+    def run():
+        with torch.inference_mode():
+            encoder(inputs)
+        synchronize(DEVICE)
+
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        benchmark.pedantic(run, rounds=case.rounds, warmup_rounds=1, iterations=1)
+    finally:
+        if impl == "fast":
+            fastsam_core.restore(sam)
+    info = dict(env_info(DEVICE), impl=impl, variant=case.variant, image_size=case.image_size,
+                batch=case.batch, dtype=str(case.dtype).replace("torch.", ""))
+    if DEVICE.type == "cuda":
+        info["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        _median_s[(case.name, impl)] = median
+        info.update(img_s=case.batch / median, tflop_s=flops / median / 1e12)
+        if impl == "fast" and (case.name, "reference") in _median_s:
+            info["speedup"] = _median_s[(case.name, "reference")] / median
+    benchmark.extra_info.update(info)

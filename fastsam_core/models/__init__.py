@@ -1,0 +1,1 @@
+"""Fast modules mirroring the reference packages' files and state_dict keys."""

@@ -1,0 +1,49 @@
+"""Take over a reference module's weights in a compute dtype: shared when the dtype matches."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def adopt_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module` itself when its floating-point tensors are already `dtype`, else a copy in `dtype`.
+
+    The copy is made without a temporary full-precision duplicate: each floating parameter and
+    buffer is converted directly into the new module. Parameters keep their `requires_grad`.
+    """
+    tensors = list(module.parameters()) + list(module.buffers())
+    if all(t.dtype == dtype for t in tensors if t.is_floating_point()):
+        return module
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = adopt_parameter(p, dtype)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to(dtype) if b.is_floating_point() else b.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
+def adopt_parameter(param: nn.Parameter, dtype: torch.dtype) -> nn.Parameter:
+    """`param` itself if it is already `dtype`, else a converted copy."""
+    if param.dtype == dtype:
+        return param
+    return nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter or buffer (CPU for an empty module)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """Dtype of a module's first floating-point parameter (float32 if it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

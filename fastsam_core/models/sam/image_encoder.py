@@ -1,0 +1,390 @@
+"""Fast SAM ViT image encoder.
+
+Replaces `segment_anything.modeling.image_encoder.ImageEncoderViT` (and its `Block` and
+`Attention`) with modules that keep the reference's parameter names, forward signature and
+output dtype, and differ in how they compute:
+
+- attention through `fastsam_core.ops.attention` (SDPA with the decomposed relative-position
+  bias as its mask, in the compute dtype, fp32 softmax statistics), with the relative-position
+  index tables built once as non-persistent buffers;
+- weights and activations in the configured dtype, LayerNorm statistics in fp32;
+- the neck on channels-last tokens: the 1x1 convolution as a matmul, LayerNorm2d as
+  `F.layer_norm` over channels;
+- no host-device synchronization in the forward; optional `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import (
+    Attention,
+    Block,
+    ImageEncoderViT,
+    window_partition,
+    window_unpartition,
+)
+from torch import nn
+
+from fastsam_core.config import FastConfig
+from fastsam_core.models.convert import adopt_module, adopt_parameter, module_device
+from fastsam_core.ops.attention import choose_backend, rel_pos_attention, rel_pos_index
+from fastsam_core.report import StageReport, UnsupportedModule
+
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+class FastAttention(nn.Module):
+    """Multi-head attention with decomposed relative positions on a fixed token grid.
+
+    Replaces `segment_anything.modeling.image_encoder.Attention`; same parameters
+    (`qkv`, `proj`, `rel_pos_h`, `rel_pos_w`).
+
+    Args:
+        qkv: C -> 3C linear.
+        proj: C -> C linear.
+        num_heads: number of heads; head dim d = C / num_heads.
+        grid: (h, w) token grid the attention runs on (a window, or the whole image).
+        rel_pos_h, rel_pos_w: (2h - 1) x d and (2w - 1) x d tables, or None.
+        backend: "sdpa" or "math" (see `fastsam_core.ops.attention`).
+    """
+
+    def __init__(
+        self,
+        qkv: nn.Linear,
+        proj: nn.Linear,
+        num_heads: int,
+        grid: tuple[int, int],
+        rel_pos_h: nn.Parameter | None,
+        rel_pos_w: nn.Parameter | None,
+        backend: str,
+    ) -> None:
+        super().__init__()
+        self.qkv = qkv
+        self.proj = proj
+        self.num_heads = num_heads
+        self.scale = (qkv.in_features // num_heads) ** -0.5
+        self.grid = grid
+        self.backend = backend
+        self.use_rel_pos = rel_pos_h is not None
+        if self.use_rel_pos:
+            self.rel_pos_h = rel_pos_h
+            self.rel_pos_w = rel_pos_w
+            device = rel_pos_h.device
+            self.register_buffer("rel_index_h", rel_pos_index(grid[0], device), persistent=False)
+            self.register_buffer("rel_index_w", rel_pos_index(grid[1], device), persistent=False)
+
+    @classmethod
+    def from_reference(
+        cls, ref: Attention, grid: tuple[int, int], dtype: torch.dtype, backend: str
+    ) -> FastAttention:
+        rel_pos_h = rel_pos_w = None
+        if ref.use_rel_pos:
+            for name, table, size in (("rel_pos_h", ref.rel_pos_h, grid[0]),
+                                      ("rel_pos_w", ref.rel_pos_w, grid[1])):
+                if table.shape[0] != 2 * size - 1:
+                    raise UnsupportedModule(
+                        f"{name} has {table.shape[0]} rows, expected {2 * size - 1} for a "
+                        f"{grid[0]}x{grid[1]} grid (a table resized after construction)"
+                    )
+            rel_pos_h = adopt_parameter(ref.rel_pos_h, dtype)
+            rel_pos_w = adopt_parameter(ref.rel_pos_w, dtype)
+        return cls(
+            qkv=adopt_module(ref.qkv, dtype),
+            proj=adopt_module(ref.proj, dtype),
+            num_heads=ref.num_heads,
+            grid=grid,
+            rel_pos_h=rel_pos_h,
+            rel_pos_w=rel_pos_w,
+            backend=backend,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: B x h x w x C -> B x h x w x C."""
+        b, h, w, c = x.shape
+        # B x N x 3C -> 3 x B x heads x N x d
+        qkv = self.qkv(x).view(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        pos_h = pos_w = None
+        if self.use_rel_pos:
+            pos_h = self.rel_pos_h[self.rel_index_h]  # h x h x d
+            pos_w = self.rel_pos_w[self.rel_index_w]  # w x w x d
+        out = rel_pos_attention(q, k, v, pos_h, pos_w, (h, w), self.scale, self.backend)
+        # B x heads x N x d -> B x h x w x C
+        out = out.transpose(1, 2).reshape(b, h, w, c)
+        return self.proj(out)
+
+
+class FastBlock(nn.Module):
+    """Pre-norm transformer block, windowed (window_size > 0) or global.
+
+    Replaces `segment_anything.modeling.image_encoder.Block`; same parameters
+    (`norm1`, `attn`, `norm2`, `mlp`).
+    """
+
+    def __init__(
+        self, norm1: nn.Module, attn: FastAttention, norm2: nn.Module, mlp: nn.Module,
+        window_size: int,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm1
+        self.attn = attn
+        self.norm2 = norm2
+        self.mlp = mlp
+        self.window_size = window_size
+
+    @classmethod
+    def from_reference(
+        cls, ref: Block, token_grid: tuple[int, int], dtype: torch.dtype, backend: str
+    ) -> FastBlock:
+        ws = ref.window_size
+        grid = (ws, ws) if ws > 0 else token_grid
+        return cls(
+            norm1=adopt_module(ref.norm1, dtype),
+            attn=FastAttention.from_reference(ref.attn, grid, dtype, backend),
+            norm2=adopt_module(ref.norm2, dtype),
+            mlp=adopt_module(ref.mlp, dtype),
+            window_size=ws,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: B x H x W x C -> B x H x W x C."""
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            hw = x.shape[1:3]
+            # B x H x W x C -> (B * windows) x ws x ws x C, zero-padded as the reference does
+            x, pad_hw = window_partition(x, self.window_size)
+            x = self.attn(x)
+            x = window_unpartition(x, self.window_size, pad_hw, hw)
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class FastImageEncoderViT(nn.Module):
+    """SAM's ViT image encoder, built from a reference `ImageEncoderViT`.
+
+    Same parameter names as the reference (`patch_embed`, `pos_embed`, `blocks`, `neck`), so
+    `state_dict()` keys and shapes are the reference's. Input: B x 3 x img_size x img_size
+    float (normalized, as `Sam.preprocess` returns); output: B x out_chans x H/16 x W/16 in the
+    input's dtype. Runs in the dtype of its weights, whatever the autocast state.
+
+    Inference only: in training mode, or when autograd would record (grad mode on and the
+    input or the parameters require grad), it runs the reference encoder instead (and says
+    so once), because the fast weights may be a converted copy.
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        patch_embed: nn.Module,
+        pos_embed: nn.Parameter | None,
+        blocks: list[FastBlock],
+        neck: nn.Sequential,
+        attention_reason: str = "",
+        compile_mode: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_embed = patch_embed
+        self.pos_embed = pos_embed
+        self.blocks = nn.ModuleList(blocks)
+        self.neck = neck
+        self.fused_neck = _is_reference_neck(neck)
+        self.attention_reason = attention_reason
+        self.compile_mode = compile_mode
+        self.compile_status = "pending first call" if compile_mode else "eager"
+        self.fallbacks: dict[str, int] = {}
+        self._compiled = None
+        if compile_mode is not None:
+            self._compiled = torch.compile(
+                self._forward_fast, mode=compile_mode, fullgraph=True, dynamic=False
+            )
+        self.__dict__["_reference"] = None  # kept outside the module tree
+
+    @classmethod
+    def from_reference(
+        cls, ref: ImageEncoderViT, config: FastConfig, dtype: torch.dtype
+    ) -> FastImageEncoderViT:
+        """Build from `ref`, sharing its parameters if `dtype` is theirs, else converting them.
+
+        Raises:
+            UnsupportedModule: `ref` is not the reference ViT (MobileSAM, HQ-SAM, ...).
+        """
+        if type(ref) is not ImageEncoderViT:
+            raise UnsupportedModule(
+                f"{type(ref).__module__}.{type(ref).__qualname__} is not "
+                "segment_anything's ImageEncoderViT"
+            )
+        for i, blk in enumerate(ref.blocks):
+            if type(blk) is not Block or type(blk.attn) is not Attention:
+                raise UnsupportedModule(f"blocks[{i}] is {type(blk).__qualname__}, not a Block")
+        backend, reason = choose_backend(config.attention)
+        stride = ref.patch_embed.proj.stride
+        token_grid = (ref.img_size // stride[0], ref.img_size // stride[1])
+        return cls(
+            img_size=ref.img_size,
+            patch_embed=adopt_module(ref.patch_embed, dtype),
+            pos_embed=None if ref.pos_embed is None else adopt_parameter(ref.pos_embed, dtype),
+            blocks=[FastBlock.from_reference(b, token_grid, dtype, backend) for b in ref.blocks],
+            neck=adopt_module(ref.neck, dtype),
+            attention_reason=reason,
+            compile_mode=config.compile,
+        )
+
+    def set_reference(self, ref: nn.Module | None) -> None:
+        """The reference encoder to fall back to (None: no fallback). Not a submodule."""
+        self.__dict__["_reference"] = ref
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: B x 3 x img_size x img_size float -> B x out_chans x H/16 x W/16, x's dtype."""
+        fallback = self._check_input(x)
+        if fallback is None and self.training:
+            fallback = "the model is in training mode"
+        if fallback is None and torch.is_grad_enabled():
+            if x.requires_grad or any(p.requires_grad for p in self.parameters()):
+                fallback = "autograd is recording (use torch.inference_mode() or no_grad())"
+        if fallback is not None:
+            return self._run_reference(x, fallback)
+        with torch.autocast(x.device.type, enabled=False):
+            y = self._run_fast(x.to(self.patch_embed.proj.weight.dtype))
+        out = y.to(x.dtype)
+        if out is y and self.compile_mode in _CUDAGRAPH_MODES and x.is_cuda:
+            out = out.clone()  # CUDA-graph outputs are overwritten by the next replay
+        return out
+
+    def _run_fast(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None:
+            return self._forward_fast(x)
+        if self.compile_status == "pending first call":
+            try:
+                y = self._compiled(x)
+            except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+                self._compiled = None
+                self.compile_status = f"failed, running eager ({type(err).__name__}: {err})"[:300]
+                warnings.warn(
+                    f"fastsam_core: torch.compile of the image encoder {self.compile_status}",
+                    stacklevel=3,
+                )
+                return self._forward_fast(x)
+            self.compile_status = "compiled"
+            return y
+        return self._compiled(x)
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.neck_forward(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding plus absolute positions: B x 3 x S x S -> B x H x W x C."""
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return x
+
+    def neck_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The neck on tokens: B x H x W x C -> B x out x H x W."""
+        if not self.fused_neck:
+            return self.neck(x.permute(0, 3, 1, 2))
+        conv1, norm1, conv2, norm2 = self.neck
+        # 1x1 conv on channels-last tokens is a matmul: B x H x W x C -> B x H x W x out
+        x = F.linear(x, conv1.weight.flatten(1))
+        x = F.layer_norm(x, norm1.weight.shape, norm1.weight, norm1.bias, norm1.eps)
+        # B x H x W x out -> B x out x H x W (channels-last memory) for the 3x3 conv
+        x = F.conv2d(x.permute(0, 3, 1, 2), conv2.weight, None, conv2.stride, conv2.padding)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), norm2.weight.shape, norm2.weight, norm2.bias,
+                         norm2.eps)
+        return x.permute(0, 3, 1, 2).contiguous()  # B x out x H x W
+
+    def _check_input(self, x: torch.Tensor) -> str | None:
+        """Raise on input the reference cannot take; return a reason to fall back, or None."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"image_encoder: x must be a torch.Tensor, got {type(x).__name__}")
+        in_chans = self.patch_embed.proj.in_channels
+        if x.dim() != 4 or x.shape[1] != in_chans:
+            raise ValueError(
+                f"image_encoder: x must be B x {in_chans} x {self.img_size} x {self.img_size}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"image_encoder: x must be a floating-point tensor normalized by "
+                f"Sam.preprocess, got dtype {x.dtype}"
+            )
+        if tuple(x.shape[2:]) != (self.img_size, self.img_size):
+            if self.pos_embed is not None:
+                raise ValueError(
+                    f"image_encoder: x must be {self.img_size} x {self.img_size} pixels "
+                    f"(pad with Sam.preprocess), got {tuple(x.shape[2:])}"
+                )
+            return f"input size {tuple(x.shape[2:])} differs from img_size {self.img_size}"
+        if x.device != self.patch_embed.proj.weight.device:
+            raise ValueError(
+                f"image_encoder: x is on {x.device}, the model on "
+                f"{self.patch_embed.proj.weight.device}"
+            )
+        return None
+
+    def _run_reference(self, x: torch.Tensor, why: str) -> torch.Tensor:
+        ref = self.__dict__["_reference"]
+        if ref is None:
+            raise RuntimeError(
+                f"fastsam_core: {why}, which the fast image encoder does not support, and the "
+                "reference encoder was not kept (FastConfig.originals); call "
+                "fastsam_core.restore(model) first"
+            )
+        if why not in self.fallbacks:
+            warnings.warn(f"fastsam_core: {why}: running the reference image encoder",
+                          stacklevel=3)
+        self.fallbacks[why] = self.fallbacks.get(why, 0) + 1
+        if ref.training != self.training:
+            ref.train(self.training)
+        if module_device(ref) != x.device:
+            ref.to(x.device)  # the model was moved after optimize(): move the original too
+        return ref(x)
+
+    def describe(self) -> list[StageReport]:
+        """Which path each part of the encoder takes, and why."""
+        dtype = str(self.patch_embed.proj.weight.dtype).replace("torch.", "")
+        fallbacks = ", ".join(f"{why}: {n}x" for why, n in self.fallbacks.items())
+        stages = [StageReport(
+            "image_encoder", "fast",
+            f"ViT, {len(self.blocks)} blocks, {dtype}, compile: {self.compile_status}"
+            + (f"; reference fallbacks: {fallbacks}" if fallbacks else ""),
+        )]
+        for kind, blocks in (("windowed", [b for b in self.blocks if b.window_size > 0]),
+                             ("global", [b for b in self.blocks if b.window_size == 0])):
+            if blocks:
+                attn = blocks[0].attn
+                bias = "rel-pos bias" if attn.use_rel_pos else "no rel-pos bias"
+                stages.append(StageReport(
+                    f"image_encoder.attention[{kind}]", attn.backend,
+                    f"{len(blocks)} blocks on {attn.grid[0]}x{attn.grid[1]} tokens, {bias}; "
+                    f"{self.attention_reason}",
+                ))
+        neck = ("fused", "1x1 conv as matmul, LayerNorm2d as layer_norm") if self.fused_neck \
+            else ("reference", "not the reference neck layout")
+        stages.append(StageReport("image_encoder.neck", *neck))
+        return stages
+
+
+def _is_reference_neck(neck: nn.Module) -> bool:
+    """True for ImageEncoderViT's neck: Conv2d 1x1, LayerNorm2d, Conv2d, LayerNorm2d."""
+    if not isinstance(neck, nn.Sequential) or len(neck) != 4:
+        return False
+    conv1, norm1, conv2, norm2 = neck
+    return (
+        type(conv1) is nn.Conv2d and conv1.kernel_size == (1, 1) and conv1.bias is None
+        and conv1.stride == (1, 1) and conv1.padding == (0, 0) and conv1.groups == 1
+        and type(conv2) is nn.Conv2d and conv2.bias is None and conv2.groups == 1
+        and conv2.dilation == (1, 1) and isinstance(conv2.padding, tuple)
+        and conv2.padding_mode == "zeros"
+        and type(norm1) is LayerNorm2d and type(norm2) is LayerNorm2d
+    )

@@ -1,0 +1,218 @@
+"""optimize / restore / patched: swap reference modules for fast ones, in place and reversibly.
+
+Every replacement is recorded on the model (outside its module tree: not in `state_dict()`,
+not moved by `.to()`), so `restore()` puts back the very same module objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
+from torch import nn
+
+from fastsam_core.config import FastConfig
+from fastsam_core.models.convert import module_device, module_dtype
+from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
+from fastsam_core.report import Report, StageReport, UnsupportedModule
+
+_STATE = "_fastsam_state"
+# The module, not the function `segment_anything.build_sam` that shadows it on the package.
+builders = importlib.import_module("segment_anything.build_sam")
+_SUPPORTED = "segment_anything.modeling.Sam or segment_anything.SamPredictor"
+_REFERENCE_STAGES = {
+    "prompt_encoder": "no fast version yet",
+    "mask_decoder": "no fast version yet",
+}
+
+
+@dataclass
+class _Replacement:
+    owner: nn.Module  # the module whose attribute was replaced
+    name: str  # the attribute
+    original: nn.Module
+    fast: nn.Module
+    shared: bool  # the fast module shares the original's parameters (same dtype)
+    load_hook: object = None  # keeps the original in step with load_state_dict
+
+
+@dataclass
+class _State:
+    config: FastConfig
+    dtype: torch.dtype
+    replacements: list[_Replacement] = field(default_factory=list)
+    kept: list[StageReport] = field(default_factory=list)  # stages left to the reference
+
+
+def optimize(model: Sam | SamPredictor, config: FastConfig | None = None) -> Sam | SamPredictor:
+    """Replace the reference modules of `model` with fast ones, in place.
+
+    Args:
+        model: a segment_anything `Sam`, or a `SamPredictor` (its model is optimized). Move it
+            to its device first: the default dtype depends on where it is (FastConfig.dtype).
+        config: FastConfig; None for the defaults.
+
+    Returns:
+        `model` itself. Optimizing again with the same config does nothing.
+
+    Raises:
+        TypeError: `model` or `config` has an unsupported type.
+        ValueError: `model` is in training mode, or already optimized with another config.
+    """
+    config = FastConfig() if config is None else config
+    if not isinstance(config, FastConfig):
+        raise TypeError(f"config must be a fastsam_core.FastConfig, got {type(config).__name__}")
+    sam = _sam_of(model)
+    state: _State | None = sam.__dict__.get(_STATE)
+    if state is not None:
+        if state.config == config:
+            return model
+        raise ValueError(
+            f"model is already optimized with {state.config}; call fastsam_core.restore(model) "
+            f"before optimizing it with {config}"
+        )
+    if sam.training:
+        raise ValueError(
+            "model is in training mode; fastsam_core is inference-only: call model.eval() "
+            "before optimize()"
+        )
+    encoder = sam.image_encoder
+    dtype = config.resolve_dtype(module_device(encoder), module_dtype(encoder))
+    state = _State(config=config, dtype=dtype)
+    try:
+        fast = FastImageEncoderViT.from_reference(encoder, config, dtype)
+    except UnsupportedModule as err:
+        warnings.warn(f"fastsam_core: image_encoder kept as the reference: {err}", stacklevel=2)
+        state.kept.append(StageReport("image_encoder", "reference", str(err)))
+    else:
+        _replace(state, sam, "image_encoder", fast)
+    sam.__dict__[_STATE] = state
+    return model
+
+
+def restore(model: Sam | SamPredictor) -> Sam | SamPredictor:
+    """Put back every original module of an optimized model (the same objects).
+
+    With FastConfig.originals "keep" or "offload", or when the dtype did not change, the
+    parameters are the original ones, so outputs are bit-identical to before `optimize()`. An
+    original is moved to the device its fast replacement is on now. With "drop", the originals'
+    parameters are rebuilt from the fast weights (rounded to the fast dtype), with a warning.
+
+    Raises:
+        ValueError: `model` is not optimized.
+    """
+    sam = _sam_of(model)
+    state: _State | None = sam.__dict__.get(_STATE)
+    if state is None:
+        raise ValueError("model is not optimized (fastsam_core.optimize was not applied to it)")
+    for r in reversed(state.replacements):
+        device = module_device(r.fast)
+        if not r.shared and state.config.originals == "drop":
+            r.original.to_empty(device=device)
+            r.original.load_state_dict(r.fast.state_dict())
+            warnings.warn(
+                f"fastsam_core: {r.name} restored from its {state.dtype} weights "
+                "(FastConfig.originals='drop'): outputs are not bit-identical to before",
+                stacklevel=2,
+            )
+        elif module_device(r.original) != device:
+            r.original.to(device)
+        if r.load_hook is not None:
+            r.load_hook.remove()
+        r.fast.set_reference(None)
+        setattr(r.owner, r.name, r.original)
+    del sam.__dict__[_STATE]
+    return model
+
+
+def is_optimized(model: Sam | SamPredictor) -> bool:
+    """True if `optimize()` was applied to `model` and not undone by `restore()`."""
+    return _STATE in _sam_of(model).__dict__
+
+
+def report(model: Sam | SamPredictor) -> Report:
+    """Which path each stage of `model` takes and why. `print(report(model))` shows a table."""
+    sam = _sam_of(model)
+    state: _State | None = sam.__dict__.get(_STATE)
+    if state is None:
+        stages = [StageReport(s, "reference", "not optimized")
+                  for s in ("image_encoder", *_REFERENCE_STAGES)]
+        return Report(model=f"{type(sam).__name__} (not optimized)", stages=stages)
+    stages = list(state.kept)
+    for r in state.replacements:
+        stages.extend(r.fast.describe())
+    stages.extend(StageReport(s, "reference", why) for s, why in _REFERENCE_STAGES.items())
+    dtype = str(state.dtype).replace("torch.", "")
+    return Report(model=f"{type(sam).__name__}, {dtype}, {state.config}", stages=stages)
+
+
+@contextlib.contextmanager
+def patched(config: FastConfig | None = None) -> Iterator[None]:
+    """Within the block, every SAM built by segment_anything's builders comes out optimized.
+
+    Covers `sam_model_registry[...]`, `build_sam`, `build_sam_vit_h/l/b`, also when they were
+    imported before the block, by wrapping the builder they all call
+    (`segment_anything.build_sam._build_sam`). Undone on exit, also when the body raises;
+    models built inside stay optimized. Nested blocks: the innermost config wins. Not
+    thread-safe: the patch is process-wide while the block runs.
+    """
+    config = FastConfig() if config is None else config
+    if not isinstance(config, FastConfig):
+        raise TypeError(f"config must be a fastsam_core.FastConfig, got {type(config).__name__}")
+    current = builders._build_sam
+    base = getattr(current, "_fastsam_base", current)
+
+    @functools.wraps(base)
+    def build_optimized(*args, **kwargs):
+        return optimize(base(*args, **kwargs), config)
+
+    build_optimized._fastsam_base = base
+    builders._build_sam = build_optimized
+    try:
+        yield
+    finally:
+        builders._build_sam = current
+
+
+def _sam_of(model: object) -> Sam:
+    if isinstance(model, SamPredictor):
+        model = model.model
+    if isinstance(model, Sam):
+        return model
+    raise TypeError(f"fastsam_core supports {_SUPPORTED}; got {type(model).__module__}."
+                    f"{type(model).__qualname__}")
+
+
+def _replace(state: _State, owner: nn.Module, name: str, fast: FastImageEncoderViT) -> None:
+    """Swap `owner.<name>` for `fast`, handling the original per FastConfig.originals."""
+    original = getattr(owner, name)
+    shared = state.dtype == module_dtype(original)
+    mode = state.config.originals
+    load_hook = None
+    if shared or mode == "keep":
+        fast.set_reference(original)
+    elif mode == "offload":
+        original.to("cpu")
+    else:  # "drop": free the parameters; restore() rebuilds them from the fast weights
+        original.to("meta")
+    if not shared and mode != "drop":
+        load_hook = fast.register_load_state_dict_pre_hook(
+            functools.partial(_load_into_original, original)
+        )
+    fast.train(original.training)
+    setattr(owner, name, fast)
+    state.replacements.append(_Replacement(owner, name, original, fast, shared, load_hook))
+
+
+def _load_into_original(original: nn.Module, fast: nn.Module, state_dict: dict, prefix: str,
+                        *args: object) -> None:
+    """Weights loaded into an optimized model reach the kept original, at full precision."""
+    own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    original.load_state_dict(own, strict=False)

@@ -1,0 +1,1 @@
+"""Batched, sync-free pipelines that keep the reference input and output formats."""

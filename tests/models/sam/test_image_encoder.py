@@ -1,0 +1,199 @@
+"""Parity of the fast SAM ViT image encoder with segment_anything's, stage by stage.
+
+fp32 against the fp32 reference; bf16 / fp16 against a float64 reference, bounded by the error
+of the reference itself run in that dtype (tests/tolerances.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import Block
+
+from fastsam_core import FastConfig
+from fastsam_core.benchmark import rel_l2
+from fastsam_core.models.sam.image_encoder import FastBlock, FastImageEncoderViT
+from fastsam_core.models.sam.reference import fill_zero_init_tables
+from tests import tolerances as tol
+from tests.conftest import SMALL_CONFIGS, image_batch, small_sam
+from tests.parity import assert_close_fp32, assert_lowp_parity, in_dtype
+
+LOW_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def fast_encoder(encoder, dtype=torch.float32, attention="auto") -> FastImageEncoderViT:
+    config = FastConfig(attention=attention)
+    return FastImageEncoderViT.from_reference(encoder, config, dtype).eval()
+
+
+def tokens(encoder, batch=2, seed=1) -> torch.Tensor:
+    """B x H x W x C tokens of the encoder's width and grid."""
+    grid = encoder.img_size // 16
+    dim = encoder.patch_embed.proj.out_channels
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, grid, grid, dim, generator=gen)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("name", list(SMALL_CONFIGS))
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_encoder_fp32(name, attention):
+    ref = small_sam(name).image_encoder
+    x = image_batch()
+    fast = fast_encoder(ref, attention=attention)
+    assert_close_fp32(fast(x), ref(x), tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("name", ["win4", "win5-padded"])
+def test_encoder_low_precision(name, dtype):
+    ref = small_sam(name).image_encoder
+    x = image_batch()
+    out = fast_encoder(ref, dtype)(x)
+    assert out.dtype == torch.float32  # the dtype of its input, like the reference
+    naive = in_dtype(ref, dtype)(x.to(dtype))
+    exact = in_dtype(ref, torch.float64)(x.double())
+    assert_lowp_parity(out, naive, exact)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_DTYPES])
+def test_patch_embedding(dtype):
+    ref = small_sam().image_encoder
+    x = image_batch()
+    out = fast_encoder(ref, dtype).embed(x.to(dtype))
+    expected = ref.patch_embed(x) + ref.pos_embed
+    if dtype == torch.float32:
+        assert_close_fp32(out, expected, tol.FP32_OP_REL_L2)
+    else:
+        ref64 = in_dtype(ref, torch.float64)
+        naive = in_dtype(ref, dtype)
+        assert_lowp_parity(out, naive.patch_embed(x.to(dtype)) + naive.pos_embed,
+                           ref64.patch_embed(x.double()) + ref64.pos_embed)
+
+
+def _block_pair(name, kind, dtype, attention="sdpa"):
+    ref = small_sam(name).image_encoder
+    index = 0 if kind == "windowed" else 1  # SMALL: blocks 1 and 3 are global
+    block = ref.blocks[index]
+    assert (block.window_size > 0) == (kind == "windowed")
+    return block, fast_encoder(ref, dtype, attention).blocks[index], tokens(ref)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["windowed", "global"])
+@pytest.mark.parametrize("name", ["win4", "win5-padded", "win6-padded-d32", "no-rel-pos"])
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_block_fp32(name, kind, attention):
+    block, fast, x = _block_pair(name, kind, torch.float32, attention)
+    assert_close_fp32(fast(x), block(x), tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["windowed", "global"])
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+def test_block_low_precision(kind, dtype):
+    block, fast, x = _block_pair("win5-padded", kind, dtype)
+    assert_lowp_parity(fast(x.to(dtype)), in_dtype(block, dtype)(x.to(dtype)),
+                       in_dtype(block, torch.float64)(x.double()))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_DTYPES])
+def test_neck(dtype):
+    ref = small_sam().image_encoder
+    for p in ref.neck.parameters():  # LayerNorm2d starts at weight 1, bias 0: make it count
+        p.add_(torch.randn_like(p) * 0.1)
+    x = tokens(ref)
+    fast = fast_encoder(ref, dtype)
+    assert fast.fused_neck
+    out = fast.neck_forward(x.to(dtype))
+    expected = ref.neck(x.permute(0, 3, 1, 2))
+    if dtype == torch.float32:
+        assert_close_fp32(out, expected, tol.FP32_STAGE_REL_L2)
+        assert out.is_contiguous()
+    else:
+        naive = in_dtype(ref.neck, dtype)(x.permute(0, 3, 1, 2).to(dtype))
+        exact = in_dtype(ref.neck, torch.float64)(x.permute(0, 3, 1, 2).double())
+        assert_lowp_parity(out, naive, exact)
+
+
+@torch.inference_mode()
+def test_real_size_global_block_fp32():
+    """One vit_b global block at SAM's real token grid: 64 x 64 tokens, dim 768, 12 heads."""
+    torch.manual_seed(0)
+    block = Block(dim=768, num_heads=12, use_rel_pos=True, window_size=0,
+                  input_size=(64, 64), norm_layer=torch.nn.LayerNorm).eval()
+    fill_zero_init_tables(block, std=0.5)
+    fast = FastBlock.from_reference(block, (64, 64), torch.float32, "sdpa")
+    x = torch.randn(1, 64, 64, 768, generator=torch.Generator().manual_seed(1))
+    assert_close_fp32(fast(x), block(x), tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+def test_bias_is_exercised():
+    """The parity tests would catch a dropped relative-position bias: it moves the output."""
+    ref = small_sam().image_encoder
+    x = image_batch()
+    fast = fast_encoder(ref)
+    with_bias = fast(x)
+    for blk in fast.blocks:
+        blk.attn.use_rel_pos = False
+    assert rel_l2(fast(x), with_bias) > 100 * tol.FP32_STAGE_REL_L2
+
+
+def test_state_dict_keys_and_shapes_are_the_reference():
+    ref = small_sam("win5-padded").image_encoder
+    for dtype in (torch.float32, torch.bfloat16):
+        fast = fast_encoder(ref, dtype).state_dict()
+        expected = ref.state_dict()
+        assert list(fast) == list(expected)
+        assert all(fast[k].shape == expected[k].shape for k in expected)
+        assert all(fast[k].dtype == dtype for k in expected)
+
+
+def test_fp32_shares_reference_parameters_and_bf16_copies_them():
+    ref = small_sam().image_encoder
+    ref_params = {id(p) for p in ref.parameters()}
+    assert {id(p) for p in fast_encoder(ref).parameters()} == ref_params
+    assert not ref_params & {id(p) for p in fast_encoder(ref, torch.bfloat16).parameters()}
+
+
+def test_index_tables_are_nonpersistent_buffers_moved_by_to():
+    fast = fast_encoder(small_sam().image_encoder)
+    names = {n for n, _ in fast.named_buffers()}
+    assert "blocks.0.attn.rel_index_h" in names and "blocks.1.attn.rel_index_w" in names
+    assert not any("rel_index" in k for k in fast.state_dict())
+    fast.to("meta")
+    assert fast.blocks[0].attn.rel_index_h.device.type == "meta"
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (torch.randn(2, 3, 128, 128), "256 x 256 pixels"),
+        (torch.randn(2, 4, 256, 256), "B x 3 x 256 x 256"),
+        (torch.randn(3, 256, 256), "B x 3 x 256 x 256"),
+        (torch.zeros(1, 3, 256, 256, dtype=torch.uint8), "floating-point"),
+    ],
+)
+def test_bad_input_raises_value_error(bad, error):
+    fast = fast_encoder(small_sam().image_encoder)
+    with pytest.raises(ValueError, match=error):
+        fast(bad)
+
+
+@torch.inference_mode()
+def test_other_input_size_without_abs_pos_falls_back_to_reference():
+    ref = small_sam("no-abs-pos").image_encoder
+    fast = fast_encoder(ref)
+    fast.set_reference(ref)
+    x = image_batch(size=192)
+    with pytest.warns(UserWarning, match="differs from img_size"):
+        out = fast(x)
+    assert torch.equal(out, ref(x))
+    fast.set_reference(None)
+    with pytest.raises(RuntimeError, match="not kept"):
+        fast(x)

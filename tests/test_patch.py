@@ -1,0 +1,333 @@
+"""optimize / restore / is_optimized / report / patched, and their error cases."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from segment_anything import SamPredictor, build_sam_vit_b, sam_model_registry
+from segment_anything.modeling import ImageEncoderViT
+
+import fastsam_core
+from fastsam_core import FastConfig
+from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
+from fastsam_core.models.sam.reference import build_encoder
+from fastsam_core.patch import builders
+from tests import tolerances as tol
+from tests.conftest import image_batch, small_sam
+from tests.parity import assert_close_fp32
+
+
+def encode(sam, x):
+    with torch.inference_mode():
+        return sam.image_encoder(x)
+
+
+def test_optimize_replaces_encoder_and_restore_brings_back_the_same_objects(sam):
+    x = image_batch()
+    before = encode(sam, x)
+    original = sam.image_encoder
+    params = [p for p in original.parameters()]
+    assert fastsam_core.optimize(sam) is sam
+    assert isinstance(sam.image_encoder, FastImageEncoderViT)
+    assert fastsam_core.is_optimized(sam)
+    assert_close_fp32(encode(sam, x), before, tol.FP32_STAGE_REL_L2)
+    assert fastsam_core.restore(sam) is sam
+    assert sam.image_encoder is original
+    assert all(a is b for a, b in zip(original.parameters(), params, strict=True))
+    assert not fastsam_core.is_optimized(sam)
+    assert torch.equal(encode(sam, x), before)
+
+
+@pytest.mark.parametrize("originals", ["keep", "offload", "drop"])
+def test_restore_after_bf16_per_originals_mode(originals):
+    sam = small_sam()
+    x = image_batch()
+    before = encode(sam, x)
+    original = sam.image_encoder
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16, originals=originals))
+    if originals == "drop":
+        assert all(p.device.type == "meta" for p in original.parameters())
+        with pytest.warns(UserWarning, match="not bit-identical"):
+            fastsam_core.restore(sam)
+        assert sam.image_encoder is original
+        # rebuilt from the bf16 weights: close to, not equal to, the original output
+        err = (encode(sam, x) - before).norm() / before.norm()
+        assert 0 < err < 0.05
+    else:
+        fastsam_core.restore(sam)
+        assert sam.image_encoder is original
+        assert torch.equal(encode(sam, x), before)
+
+
+def test_originals_are_outside_the_module_tree():
+    sam = small_sam()
+    n_params = sum(p.numel() for p in sam.parameters())
+    keys = list(sam.state_dict())
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    assert sum(p.numel() for p in sam.parameters()) == n_params
+    assert list(sam.state_dict()) == keys
+    assert not any(isinstance(m, ImageEncoderViT) for m in sam.modules())
+
+
+def test_optimize_twice_same_config_is_noop_other_config_raises(sam):
+    fastsam_core.optimize(sam)
+    fast = sam.image_encoder
+    fastsam_core.optimize(sam)
+    assert sam.image_encoder is fast
+    with pytest.raises(ValueError, match="already optimized"):
+        fastsam_core.optimize(sam, FastConfig(attention="math"))
+
+
+def test_predictor_is_accepted(sam):
+    predictor = SamPredictor(sam)
+    assert fastsam_core.optimize(predictor) is predictor
+    assert fastsam_core.is_optimized(sam) and fastsam_core.is_optimized(predictor)
+    fastsam_core.restore(predictor)
+    assert not fastsam_core.is_optimized(sam)
+
+
+@pytest.mark.parametrize("bad", [torch.nn.Linear(2, 2), "vit_b", None])
+def test_unsupported_model_raises_type_error(bad):
+    with pytest.raises(TypeError, match="supports segment_anything.modeling.Sam"):
+        fastsam_core.optimize(bad)
+
+
+def test_bad_config_raises(sam):
+    with pytest.raises(TypeError, match="FastConfig"):
+        fastsam_core.optimize(sam, {"dtype": "bf16"})
+
+
+def test_training_mode_raises(sam):
+    sam.train()
+    with pytest.raises(ValueError, match="model.eval()"):
+        fastsam_core.optimize(sam)
+
+
+def test_restore_of_unoptimized_model_raises(sam):
+    with pytest.raises(ValueError, match="not optimized"):
+        fastsam_core.restore(sam)
+
+
+def test_non_vit_encoder_is_kept_with_a_warning(sam):
+    class OtherEncoder(ImageEncoderViT):  # stands for MobileSAM's TinyViT, HQ-SAM's ViT, ...
+        pass
+
+    other = OtherEncoder(img_size=256, embed_dim=64, depth=1, num_heads=4)
+    sam.image_encoder = other
+    with pytest.warns(UserWarning, match="image_encoder kept as the reference"):
+        fastsam_core.optimize(sam)
+    assert sam.image_encoder is other
+    assert fastsam_core.report(sam).path_of("image_encoder") == "reference"
+    fastsam_core.restore(sam)
+    assert sam.image_encoder is other
+
+
+def test_report_names_each_stage_path_and_reason(sam):
+    assert fastsam_core.report(sam).path_of("image_encoder") == "reference"
+    fastsam_core.optimize(sam, FastConfig(attention="math"))
+    rep = fastsam_core.report(sam)
+    assert rep.path_of("image_encoder") == "fast"
+    assert rep.path_of("image_encoder.attention[windowed]") == "math"
+    assert rep.path_of("image_encoder.attention[global]") == "math"
+    assert rep.path_of("mask_decoder") == "reference"
+    text = str(rep)
+    assert "forced by FastConfig.attention" in text and "compile: eager" in text
+
+
+def test_state_dict_of_optimized_model_loads_into_reference(tmp_path):
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    torch.save(sam.state_dict(), tmp_path / "optimized.pt")
+    plain = small_sam(seed=1)
+    plain.load_state_dict(torch.load(tmp_path / "optimized.pt"))
+    expected = {k: v.to(torch.float32) for k, v in sam.state_dict().items()}
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_checkpoint_round_trip_load_optimize_restore(tmp_path):
+    """A random model's checkpoint, as users load theirs: load, optimize, predict, restore."""
+    torch.save(small_sam(seed=3).state_dict(), tmp_path / "sam.pt")
+    sam = small_sam(seed=0)
+    sam.load_state_dict(torch.load(tmp_path / "sam.pt"))
+    x = image_batch()
+    expected = encode(small_sam(seed=3), x)
+    before = encode(sam, x)
+    assert torch.equal(before, expected)
+    fastsam_core.optimize(sam)
+    assert_close_fp32(encode(sam, x), expected, tol.FP32_STAGE_REL_L2)
+    fastsam_core.restore(sam)
+    assert torch.equal(encode(sam, x), expected)
+
+
+@pytest.mark.parametrize("originals", ["keep", "offload"])
+def test_checkpoint_loaded_after_optimize_reaches_the_originals(tmp_path, originals):
+    torch.save(small_sam(seed=3).state_dict(), tmp_path / "sam.pt")
+    x = image_batch()
+    expected = encode(small_sam(seed=3), x)
+    sam = small_sam(seed=0)
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16, originals=originals))
+    sam.load_state_dict(torch.load(tmp_path / "sam.pt"))
+    assert (encode(sam, x) - expected).norm() / expected.norm() < 0.05  # the bf16 fast path
+    fastsam_core.restore(sam)
+    assert torch.equal(encode(sam, x), expected)
+
+
+def test_patched_covers_registry_and_builders_imported_before(monkeypatch):
+    calls = []
+    # The real vit_b at 1024 px costs seconds on CPU: build a small encoder instead, through
+    # the same inner builder the registry and the build_sam_* functions share.
+    def small_build(**kwargs):
+        calls.append(kwargs["encoder_depth"])
+        sam = small_sam()
+        return sam
+
+    monkeypatch.setattr(builders, "_build_sam", small_build)
+    with fastsam_core.patched(FastConfig(attention="math")):
+        a = sam_model_registry["vit_b"]()
+        b = build_sam_vit_b()  # imported at the top of this file, before the block
+    c = build_sam_vit_b()
+    assert calls == [12, 12, 12]
+    assert fastsam_core.is_optimized(a) and fastsam_core.is_optimized(b)
+    assert fastsam_core.report(a).path_of("image_encoder.attention[global]") == "math"
+    assert not fastsam_core.is_optimized(c)
+    assert builders._build_sam is small_build
+
+
+def test_patched_is_undone_when_the_body_raises_and_nests():
+    original = builders._build_sam
+    with pytest.raises(RuntimeError, match="boom"):
+        with fastsam_core.patched():
+            assert builders._build_sam is not original
+            raise RuntimeError("boom")
+    assert builders._build_sam is original
+    with fastsam_core.patched(FastConfig(attention="math")):
+        outer = builders._build_sam
+        with fastsam_core.patched(FastConfig(attention="sdpa")):
+            inner = builders._build_sam
+            assert inner._fastsam_base is original  # innermost config wins, no double optimize
+        assert builders._build_sam is outer
+    assert builders._build_sam is original
+
+
+def test_patched_real_builder_end_to_end():
+    """The real builder (vit_b at 1024 px, on the meta device so nothing is computed)."""
+    with torch.device("meta"), fastsam_core.patched():
+        sam = sam_model_registry["vit_b"]()
+    assert isinstance(sam.image_encoder, FastImageEncoderViT)
+    assert len(sam.image_encoder.blocks) == 12
+
+
+def test_inference_mode_and_no_grad_take_the_fast_path(sam):
+    x = image_batch()
+    fastsam_core.optimize(sam)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            a = sam.image_encoder(x)
+        with torch.no_grad():
+            b = sam.image_encoder(x)
+    assert torch.equal(a, b)
+    assert not sam.image_encoder.fallbacks
+
+
+def test_optimize_inside_inference_mode_runs_outside(sam):
+    x = image_batch()
+    expected = encode(sam, x)
+    with torch.inference_mode():
+        fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    with torch.no_grad():
+        out = sam.image_encoder(x)
+    assert (out - expected).norm() / expected.norm() < 0.05
+
+
+def test_autocast_does_not_change_the_fast_path(sam):
+    x = image_batch()
+    fastsam_core.optimize(sam)
+    plain = encode(sam, x)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sam.image_encoder(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, plain)
+
+
+def test_grad_mode_and_train_mode_fall_back_to_reference(sam):
+    x = image_batch()
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    fast = sam.image_encoder
+    with pytest.warns(UserWarning, match="autograd is recording"):
+        out = fast(x)  # parameters require grad, grad mode on: the reference runs
+    out.sum().backward()
+    original = fast._reference
+    assert all(p.grad is not None for p in original.parameters())
+    assert out.dtype == torch.float32
+    sam.train()
+    with torch.no_grad(), pytest.warns(UserWarning, match="training mode"):
+        fast(x)
+    sam.eval()
+    assert set(fast.fallbacks) == {
+        "autograd is recording (use torch.inference_mode() or no_grad())",
+        "the model is in training mode",
+    }
+    assert "reference fallbacks" in str(fastsam_core.report(sam))
+
+
+def test_fallback_without_kept_original_raises(sam):
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16, originals="offload"))
+    with pytest.raises(RuntimeError, match="was not kept"):
+        sam.image_encoder(image_batch())
+
+
+def test_moving_the_model_after_optimize_moves_restore_too():
+    sam = small_sam()
+    original = sam.image_encoder
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    sam.to("meta")
+    assert all(p.device.type == "cpu" for p in original.parameters())  # not moved by .to()
+    fastsam_core.restore(sam)
+    assert all(p.device.type == "meta" for p in original.parameters())  # moved on restore
+
+
+def test_dtype_default_follows_device_and_model_dtype():
+    config = FastConfig()
+    assert config.resolve_dtype(torch.device("cpu"), torch.float32) == torch.float32
+    assert config.resolve_dtype(torch.device("cuda"), torch.float32) == torch.bfloat16
+    assert config.resolve_dtype(torch.device("cpu"), torch.float16) == torch.float16
+    assert FastConfig(dtype="fp16").resolve_dtype(torch.device("cuda"), torch.float32) \
+        == torch.float16
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(dtype="int8"), ValueError, "FastConfig.dtype"),
+        (dict(dtype=torch.int8), ValueError, "FastConfig.dtype"),
+        (dict(dtype=3), TypeError, "FastConfig.dtype"),
+        (dict(attention="flash"), ValueError, "FastConfig.attention"),
+        (dict(attention=None), TypeError, "FastConfig.attention"),
+        (dict(compile="fast"), ValueError, "FastConfig.compile"),
+        (dict(compile=True), TypeError, "FastConfig.compile"),
+        (dict(originals="discard"), ValueError, "FastConfig.originals"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FastConfig(**kwargs)
+
+
+def test_config_is_frozen_and_normalizes_dtype_names():
+    config = FastConfig(dtype="bf16")
+    assert config.dtype is torch.bfloat16
+    assert config == FastConfig(dtype=torch.bfloat16)
+    with pytest.raises(AttributeError):
+        config.dtype = torch.float32
+
+
+def test_meta_encoder_builds_at_real_size():
+    """from_reference on a real-size vit_h (meta device: no memory, no compute)."""
+    with torch.device("meta"):
+        ref = build_encoder("vit_h", 1024)
+    fast = FastImageEncoderViT.from_reference(ref, FastConfig(), torch.bfloat16)
+    assert [b.window_size for b in fast.blocks].count(0) == 4
+    assert fast.blocks[7].attn.grid == (64, 64) and fast.blocks[0].attn.grid == (14, 14)
