@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 # optional CUDA extension.
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade "pip>=23" "setuptools>=70.1"
+	$(PIP) install --quiet --upgrade "pip>=23" "setuptools>=77"
 	$(PIP) install --quiet $(TORCH_SPEC)
 	SAM2_BUILD_CUDA=0 $(PIP) install --quiet --no-build-isolation -e ".[test]"
 	touch $@
