@@ -1,15 +1,18 @@
 """pytest-benchmark: reference vs fast SAM image encoder, one group per model.
 
-On CUDA: real sizes (vit_b, vit_h at 1024 px), batch 8, bf16. On CPU: a small encoder, so the
-suite runs in seconds and never rots. The fast case records the speedup over the reference
-measured in the same run, and `extra_info` carries device, versions, dtype, batch, img/s and
-TFLOP/s (FLOPs from torch.utils.flop_counter).
+On CUDA: real sizes (vit_b, vit_h at 1024 px), batch 8, bf16; "fast" is the default config
+(attention "auto": the Triton kernel where it measured faster), "fast_sdpa" forces SDPA, and
+"fast" also records its cold start (first forward with an empty tuning cache, kernel tuning
+included). On CPU: a small encoder, so the suite runs in seconds and never rots. Fast cases
+record the speedup over the reference measured in the same run; `extra_info` carries device,
+versions, dtype, batch, img/s and TFLOP/s (FLOPs from torch.utils.flop_counter).
 
     pytest bench/test_bench_image_encoder.py --benchmark-only
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -18,6 +21,7 @@ import torch
 import fastsam_core
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import default_device, encoder_flops, env_info, synchronize
+from fastsam_core.ops import attention
 from fastsam_core.models.convert import adopt_module
 from fastsam_core.models.sam.reference import build_sam
 
@@ -42,6 +46,7 @@ if DEVICE.type == "cuda":
 else:
     SMALL = dict(depth=4, embed_dim=128, num_heads=4, global_attn_indexes=(1, 3))
     CASES = [Case("small-256-bs2", "vit_b", 256, 2, torch.float32, rounds=3, overrides=SMALL)]
+IMPLS = ["reference", "fast", "fast_sdpa"] if DEVICE.type == "cuda" else ["reference", "fast"]
 
 _median_s: dict[tuple[str, str], float] = {}
 
@@ -55,15 +60,19 @@ def case_model(request):
     return case, sam, x, flops
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_image_encoder(benchmark, case_model, impl):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_image_encoder(benchmark, case_model, impl, tmp_path, monkeypatch):
     case, sam, x, flops = case_model
     benchmark.group = f"image_encoder {case.name}"
+    info = {}
     if impl == "reference":
         encoder = adopt_module(sam.image_encoder, case.dtype)  # naive .to(dtype)
         inputs = x.to(case.dtype)
     else:
-        fastsam_core.optimize(sam, FastConfig(dtype=case.dtype))
+        monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))  # an empty tuning cache
+        monkeypatch.setattr(attention.TUNER, "choices", {})
+        mode = "sdpa" if impl == "fast_sdpa" else "auto"
+        fastsam_core.optimize(sam, FastConfig(dtype=case.dtype, attention=mode))
         encoder, inputs = sam.image_encoder, x
 
     def run():
@@ -74,11 +83,14 @@ def test_image_encoder(benchmark, case_model, impl):
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
+        start = time.perf_counter()
+        run()
+        info["cold_start_s"] = time.perf_counter() - start
         benchmark.pedantic(run, rounds=case.rounds, warmup_rounds=1, iterations=1)
     finally:
-        if impl == "fast":
+        if impl != "reference":
             fastsam_core.restore(sam)
-    info = dict(env_info(DEVICE), impl=impl, variant=case.variant, image_size=case.image_size,
+    info.update(env_info(DEVICE), impl=impl, variant=case.variant, image_size=case.image_size,
                 batch=case.batch, dtype=str(case.dtype).replace("torch.", ""))
     if DEVICE.type == "cuda":
         info["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -86,6 +98,6 @@ def test_image_encoder(benchmark, case_model, impl):
         median = benchmark.stats.stats.median
         _median_s[(case.name, impl)] = median
         info.update(img_s=case.batch / median, tflop_s=flops / median / 1e12)
-        if impl == "fast" and (case.name, "reference") in _median_s:
+        if impl != "reference" and (case.name, "reference") in _median_s:
             info["speedup"] = _median_s[(case.name, "reference")] / median
     benchmark.extra_info.update(info)

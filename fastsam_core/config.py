@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "math")
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "math")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ORIGINALS_MODES = ("keep", "offload", "drop")
 
@@ -33,9 +33,12 @@ class FastConfig:
             the model's own dtype if it is already bfloat16/float16, else bfloat16 when the model
             is on a CUDA device and float32 otherwise. So move the model to its device first,
             then optimize. Strings such as "bf16" or "float32" are accepted.
-        attention: attention backend. "auto" picks the fastest supported one; "sdpa" forces
-            `torch.nn.functional.scaled_dot_product_attention` with the relative-position bias
-            as its mask; "math" is the explicit softmax(q k^T + bias) v in the compute dtype.
+        attention: attention backend. "auto": on CUDA, per shape, whichever of the fused
+            Triton kernel and SDPA measured faster on first use; elsewhere SDPA. "triton"
+            forces the fused kernel (falling back to SDPA, with a warning, where it cannot
+            run); "sdpa" forces `F.scaled_dot_product_attention` with the relative-position
+            bias as its mask; "math" is the explicit softmax(q k^T + bias) v in the compute
+            dtype. FASTSAM_DISABLE_TRITON=1 turns the kernel off.
         compile: None (eager) or a `torch.compile` mode for the fast modules.
         originals: what happens to the replaced reference modules when the dtype changes (when
             it does not, the fast modules share the reference parameters and nothing is copied).

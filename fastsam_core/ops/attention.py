@@ -10,17 +10,33 @@ with `pos_h[i, m] = rel_pos_h[i - m + h - 1]` (likewise for w). The two bias ter
 (B x heads x N x h and x w); only their broadcast sum is N x N.
 
 Backends:
-    "sdpa": the bias is built once in the compute dtype and passed as the mask of
-            `F.scaled_dot_product_attention` (fused softmax with fp32 statistics).
-    "math": explicit scores in the compute dtype, softmax (fp32 statistics), `@ v`.
+    "triton": the fused kernel of fastsam_core.kernels.rel_pos_attention (no N x N tensor at
+              all), through the custom op `torch.ops.fastsam.rel_pos_attention` so that
+              torch.compile(fullgraph=True) traces through it.
+    "auto":   the same custom op, which on first use of a shape times the kernel's launch
+              configurations and SDPA on the real inputs and keeps the fastest.
+    "sdpa":   the bias is built once in the compute dtype and passed as the mask of
+              `F.scaled_dot_product_attention` (fused softmax with fp32 statistics).
+    "math":   explicit scores in the compute dtype, softmax (fp32 statistics), `@ v`.
+Inputs the kernel does not support, or a kernel disabled with FASTSAM_DISABLE_TRITON=1, take
+the SDPA path (with one warning when "triton" was asked for).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "math")
+from fastsam_core.kernels import rel_pos_attention as kernel
+from fastsam_core.kernels.tuning import Tuner
+
+BACKENDS = ("auto", "triton", "sdpa", "math")
+DISABLE_ENV = "FASTSAM_DISABLE_TRITON"
+TUNER = Tuner("rel_pos_attention")
+KERNEL_FALLBACKS: dict[str, int] = {}  # reason -> calls that asked for the kernel and got SDPA
 
 
 def rel_pos_index(size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -61,6 +77,17 @@ def rel_pos_bias(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
     return bias.reshape(b, heads, h * w, h * w)
 
 
+def kernel_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "0") not in ("", "0")
+
+
+def kernel_unsupported(q: torch.Tensor, grid: tuple[int, int]) -> str | None:
+    """None if the Triton kernel can run on these inputs, else why not."""
+    if kernel_disabled():
+        return f"disabled by {DISABLE_ENV}"
+    return kernel.supports(q, grid[1])
+
+
 def rel_pos_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,16 +105,29 @@ def rel_pos_attention(
         pos_h, pos_w: gathered tables (see `rel_pos_terms`), or both None for no bias.
         grid: (h, w) token grid of q and k.
         scale: softmax scale applied to q . k (not to the bias terms).
-        backend: "sdpa" or "math".
+        backend: one of BACKENDS.
 
     Returns:
-        B x heads x N x d in the dtype of q.
+        B x heads x N x d in the dtype of q (strides may differ between backends).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    bias = None
-    if pos_h is not None:
-        bias = rel_pos_bias(*rel_pos_terms(q, pos_h, pos_w, grid))
+    terms = None if pos_h is None else rel_pos_terms(q, pos_h, pos_w, grid)
+    if backend in ("auto", "triton"):
+        reason = kernel_unsupported(q, grid)
+        if reason is None:
+            rel_h = rel_w = None
+            if terms is not None:
+                b, heads, n, _ = q.shape
+                rel_h = terms[0].reshape(b, heads, n, grid[0])  # B x heads x N x kh
+                rel_w = terms[1].reshape(b, heads, n, grid[1])  # B x heads x N x kw
+            return torch.ops.fastsam.rel_pos_attention(
+                q, k, v, rel_h, rel_w, grid[1], scale, backend == "auto"
+            )
+        if backend == "triton":
+            _note_fallback(reason)
+        backend = "sdpa"
+    bias = None if terms is None else rel_pos_bias(*terms)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     scores = torch.matmul(q * scale, k.transpose(-2, -1))  # B x heads x N x N
@@ -97,14 +137,97 @@ def rel_pos_attention(
     return torch.matmul(scores.softmax(dim=-1), v)
 
 
-def choose_backend(requested: str) -> tuple[str, str]:
-    """Resolve FastConfig.attention to a backend of this module, with the reason.
+@torch.library.custom_op("fastsam::rel_pos_attention", mutates_args=())
+def _rel_pos_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor | None,
+    rel_w: torch.Tensor | None,
+    key_grid_w: int,
+    scale: float,
+    sdpa_allowed: bool,
+) -> torch.Tensor:
+    """The fused kernel, with its launch configuration (or SDPA, if allowed) chosen by
+    measurement on first use of a shape; B x heads x N x d laid out as B x N x heads x d."""
+    if kernel.INTERPRETER:  # timing the interpreter would measure numpy, not the kernel
+        config = kernel.INTERPRETER_CONFIG
+    else:
+        config = _tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed)
+    if config is None:
+        bias = None if rel_h is None else _bias_from_terms(rel_h, rel_w, key_grid_w)
+        out = kernel.empty_output(q)
+        return out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale))
+    return kernel.rel_pos_attention_fwd(q, k, v, rel_h, rel_w, key_grid_w, scale, config)
+
+
+@_rel_pos_attention_op.register_fake
+def _(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
+    return kernel.empty_output(q)
+
+
+CANDIDATES = [
+    kernel.LaunchConfig(64, 64, 4, 2),
+    kernel.LaunchConfig(64, 64, 4, 3),
+    kernel.LaunchConfig(64, 32, 4, 3),
+    kernel.LaunchConfig(128, 64, 8, 2),
+    kernel.LaunchConfig(128, 32, 8, 3),
+    kernel.LaunchConfig(128, 128, 8, 2),
+]
+
+
+_BY_NAME = {c.as_key(): c for c in CANDIDATES}
+
+
+def _tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
+    """The measured-fastest LaunchConfig for this shape, or None when SDPA won."""
+    b, heads, n, d = q.shape
+    mode = "auto" if sdpa_allowed else "triton"
+    key = (f"n{n}_kw{key_grid_w}_d{d}_bh{b * heads}_{str(q.dtype)[6:]}"
+           f"_bias{rel_h is not None}_{mode}")
+    names = [*_BY_NAME, "sdpa"] if sdpa_allowed else list(_BY_NAME)
+    device = torch.cuda.get_device_name(q.device)
+    choice = TUNER.cached(device, key, names)
+    if choice is None:
+        bias = None if rel_h is None else _bias_from_terms(rel_h, rel_w, key_grid_w)
+        candidates = {
+            name: (lambda c=c: kernel.rel_pos_attention_fwd(q, k, v, rel_h, rel_w,
+                                                            key_grid_w, scale, c))
+            for name, c in _BY_NAME.items()
+        }
+        if sdpa_allowed:
+            candidates["sdpa"] = lambda: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, scale=scale)
+        reference = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        choice = TUNER.tune(device, key, candidates, reference)
+    return _BY_NAME.get(choice)  # None for "sdpa"
+
+
+def _bias_from_terms(rel_h: torch.Tensor, rel_w: torch.Tensor, key_grid_w: int) -> torch.Tensor:
+    """B x heads x N x N bias from the B x heads x N x kh / kw terms."""
+    b, heads, n, kh = rel_h.shape
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # B x heads x N x kh x kw
+    return bias.reshape(b, heads, n, kh * key_grid_w)
+
+
+def _note_fallback(reason: str) -> None:
+    if reason not in KERNEL_FALLBACKS:
+        warnings.warn(f"fastsam_core: Triton attention unavailable ({reason}); using SDPA",
+                      stacklevel=3)
+    KERNEL_FALLBACKS[reason] = KERNEL_FALLBACKS.get(reason, 0) + 1
+
+
+def choose_backend(requested: str, device: torch.device) -> tuple[str, str]:
+    """Resolve FastConfig.attention for a model on `device`, with the reason.
 
     Returns:
         (backend, reason).
     """
-    if requested == "auto":
-        return "sdpa", "auto: fused SDPA, bias as mask (no fp32 attention matrix)"
     if requested not in BACKENDS:
-        raise ValueError(f"attention must be 'auto' or one of {BACKENDS}, got {requested!r}")
-    return requested, "forced by FastConfig.attention"
+        raise ValueError(f"attention must be one of {BACKENDS}, got {requested!r}")
+    if requested != "auto":
+        return requested, "forced by FastConfig.attention"
+    if device.type == "cuda" and not kernel_disabled():
+        return "auto", "auto: Triton kernel or SDPA, whichever measured faster per shape"
+    why = f"{DISABLE_ENV} is set" if kernel_disabled() else "no CUDA device"
+    return "sdpa", f"auto: fused SDPA, bias as mask ({why}: no Triton kernel)"

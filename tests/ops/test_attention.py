@@ -44,7 +44,7 @@ def test_rel_pos_index_gathers_what_get_rel_pos_returns(size):
     assert torch.equal(table[rel_pos_index(size)], get_rel_pos(size, size, table))
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "math"])
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("batch, heads, dim", [(1, 2, 16), (3, 3, 32), (2, 1, 80)])
 def test_fp32(backend, grid, batch, heads, dim):
@@ -54,7 +54,7 @@ def test_fp32(backend, grid, batch, heads, dim):
     assert_close_fp32(out, reference(q, k, v, th, tw, grid, scale), tol.FP32_OP_REL_L2)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "math"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grid", [(6, 5), (14, 14)])
 def test_low_precision(backend, dtype, grid):
@@ -68,7 +68,7 @@ def test_low_precision(backend, dtype, grid):
     assert_lowp_parity(out, naive, exact)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "math"])
 def test_without_bias(backend):
     q, k, v, _, _ = inputs(2, 2, (5, 5), 16)
     out = rel_pos_attention(q, k, v, None, None, (5, 5), 0.25, backend)
@@ -86,6 +86,8 @@ def test_unknown_backend_raises():
     q, k, v, th, tw = inputs(1, 1, (4, 4), 16)
     with pytest.raises(ValueError, match="backend must be one of"):
         fast(q, k, v, th, tw, (4, 4), 0.25, "flash")
+    cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="attention must be"):
-        choose_backend("flash")
-    assert choose_backend("auto")[0] == "sdpa" and choose_backend("math")[0] == "math"
+        choose_backend("flash", cpu)
+    assert choose_backend("auto", cpu)[0] == "sdpa" and choose_backend("math", cpu)[0] == "math"
+    assert choose_backend("auto", torch.device("cuda"))[0] == "auto"

@@ -31,7 +31,12 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import adopt_module, adopt_parameter, module_device
-from fastsam_core.ops.attention import choose_backend, rel_pos_attention, rel_pos_index
+from fastsam_core.ops.attention import (
+    KERNEL_FALLBACKS,
+    choose_backend,
+    rel_pos_attention,
+    rel_pos_index,
+)
 from fastsam_core.report import StageReport, UnsupportedModule
 
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -49,7 +54,7 @@ class FastAttention(nn.Module):
         num_heads: number of heads; head dim d = C / num_heads.
         grid: (h, w) token grid the attention runs on (a window, or the whole image).
         rel_pos_h, rel_pos_w: (2h - 1) x d and (2w - 1) x d tables, or None.
-        backend: "sdpa" or "math" (see `fastsam_core.ops.attention`).
+        backend: one of `fastsam_core.ops.attention.BACKENDS`.
     """
 
     def __init__(
@@ -224,7 +229,7 @@ class FastImageEncoderViT(nn.Module):
         for i, blk in enumerate(ref.blocks):
             if type(blk) is not Block or type(blk.attn) is not Attention:
                 raise UnsupportedModule(f"blocks[{i}] is {type(blk).__qualname__}, not a Block")
-        backend, reason = choose_backend(config.attention)
+        backend, reason = choose_backend(config.attention, module_device(ref))
         stride = ref.patch_embed.proj.stride
         token_grid = (ref.img_size // stride[0], ref.img_size // stride[1])
         return cls(
@@ -364,11 +369,12 @@ class FastImageEncoderViT(nn.Module):
             if blocks:
                 attn = blocks[0].attn
                 bias = "rel-pos bias" if attn.use_rel_pos else "no rel-pos bias"
-                stages.append(StageReport(
-                    f"image_encoder.attention[{kind}]", attn.backend,
-                    f"{len(blocks)} blocks on {attn.grid[0]}x{attn.grid[1]} tokens, {bias}; "
-                    f"{self.attention_reason}",
-                ))
+                detail = (f"{len(blocks)} blocks on {attn.grid[0]}x{attn.grid[1]} tokens, {bias}; "
+                          f"{self.attention_reason}")
+                if attn.backend in ("auto", "triton") and KERNEL_FALLBACKS:
+                    detail += "; kernel fell back to SDPA: " + ", ".join(KERNEL_FALLBACKS)
+                stages.append(StageReport(f"image_encoder.attention[{kind}]", attn.backend,
+                                          detail))
         neck = ("fused", "1x1 conv as matmul, LayerNorm2d as layer_norm") if self.fused_neck \
             else ("reference", "not the reference neck layout")
         stages.append(StageReport("image_encoder.neck", *neck))

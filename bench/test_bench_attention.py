@@ -1,0 +1,91 @@
+"""pytest-benchmark: SAM's rel-pos attention, fused Triton kernel vs SDPA with the bias
+materialized vs SDPA without bias (the floor a fused kernel can approach).
+
+On CUDA: the four real shapes (vit_b / vit_h, global at batch 8, windowed at batch 8 x 25
+windows), bf16. On CPU: one small shape in fp32, the kernel through the Triton interpreter
+(its time means nothing there; the case only keeps the suite from rotting).
+
+Every case starts from q, k, v and the gathered position tables, so the bias terms' cost is
+included where a backend needs them.
+
+    pytest bench/test_bench_attention.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastsam_core.benchmark import default_device, env_info, synchronize
+from fastsam_core.kernels.rel_pos_attention import flops
+from fastsam_core.ops.attention import rel_pos_attention
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int  # images x windows
+    heads: int
+    grid: tuple[int, int]
+    dim: int
+    dtype: torch.dtype
+    rounds: int
+
+
+DEVICE = default_device()
+if DEVICE.type == "cuda":
+    SHAPES = [
+        Shape("vit_b-global-bs8", 8, 12, (64, 64), 64, torch.bfloat16, 20),
+        Shape("vit_b-window-bs8x25", 200, 12, (14, 14), 64, torch.bfloat16, 20),
+        Shape("vit_h-global-bs8", 8, 16, (64, 64), 80, torch.bfloat16, 20),
+        Shape("vit_h-window-bs8x25", 200, 16, (14, 14), 80, torch.bfloat16, 20),
+    ]
+else:
+    SHAPES = [Shape("small-window-7x7", 4, 2, (7, 7), 32, torch.float32, 2)]
+
+IMPLS = ["sdpa_bias", "triton", "sdpa_nobias"]  # sdpa_bias first: the speedup baseline
+_median_s: dict[tuple[str, str], float] = {}
+
+
+def inputs(shape: Shape):
+    gen = torch.Generator().manual_seed(0)
+    n = shape.grid[0] * shape.grid[1]
+    q, k, v = (torch.randn(shape.batch, shape.heads, n, shape.dim, generator=gen)
+               for _ in range(3))
+    pos_h = torch.randn(shape.grid[0], shape.grid[0], shape.dim, generator=gen) * 0.1
+    pos_w = torch.randn(shape.grid[1], shape.grid[1], shape.dim, generator=gen) * 0.1
+    return [t.to(DEVICE, shape.dtype) for t in (q, k, v, pos_h, pos_w)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[s.name for s in SHAPES])
+def test_attention(benchmark, shape, impl):
+    q, k, v, pos_h, pos_w = inputs(shape)
+    scale = shape.dim**-0.5
+    benchmark.group = f"attention {shape.name}"
+
+    def run():
+        with torch.inference_mode():
+            if impl == "sdpa_nobias":
+                F.scaled_dot_product_attention(q, k, v, scale=scale)
+            else:
+                backend = "triton" if impl == "triton" else "sdpa"
+                rel_pos_attention(q, k, v, pos_h, pos_w, shape.grid, scale, backend)
+        synchronize(DEVICE)
+
+    run()  # first use: the kernel's launch configuration is measured and cached here
+    benchmark.pedantic(run, rounds=shape.rounds, warmup_rounds=1, iterations=1)
+    n = shape.grid[0] * shape.grid[1]
+    info = dict(env_info(DEVICE), impl=impl, dtype=str(shape.dtype).replace("torch.", ""),
+                batch=shape.batch, heads=shape.heads, tokens=n, head_dim=shape.dim)
+    if benchmark.stats is not None:
+        median = benchmark.stats.stats.median
+        _median_s[(shape.name, impl)] = median
+        info.update(ms=median * 1e3,
+                    tflop_s=flops(shape.batch * shape.heads, n, shape.dim) / median / 1e12)
+        if impl != "sdpa_bias" and (shape.name, "sdpa_bias") in _median_s:
+            info["speedup_vs_sdpa_bias"] = _median_s[(shape.name, "sdpa_bias")] / median
+    benchmark.extra_info.update(info)

@@ -1,0 +1,249 @@
+"""The fused rel-pos attention kernel: on the CPU through TRITON_INTERPRET=1 (root conftest),
+on the GPU compiled (tests marked `cuda`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fastsam_core
+from fastsam_core import FastConfig
+from fastsam_core.kernels import rel_pos_attention as kernel
+from fastsam_core.kernels.tuning import Tuner
+from fastsam_core.ops import attention as ops
+from tests import tolerances as tol
+from tests.conftest import image_batch, small_sam
+from tests.parity import assert_close_fp32, assert_lowp_parity, in_dtype
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CONFIG = kernel.INTERPRETER_CONFIG if kernel.INTERPRETER else kernel.LaunchConfig()
+
+
+def problem(batch, heads, grid, dim, dtype, seed=0):
+    """q, k, v (B x heads x N x d) and the bias terms rel_h / rel_w (B x heads x N x kh/kw)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen) for _ in range(3))
+    rel_h = torch.randn(batch, heads, n, grid[0], generator=gen)
+    rel_w = torch.randn(batch, heads, n, grid[1], generator=gen)
+    return [t.to(DEVICE, dtype) for t in (q, k, v, rel_h, rel_w)]
+
+
+def launch(q, k, v, rel_h, rel_w, grid, poison=True):
+    out = kernel.empty_output(q)
+    if poison:  # every element must be written: NaN anywhere unwritten fails the comparison
+        out.fill_(float("nan"))
+    return kernel.rel_pos_attention_fwd(q, k, v, rel_h, rel_w, grid[1], q.shape[-1] ** -0.5,
+                                        CONFIG, out=out)
+
+
+def reference(q, k, v, rel_h, rel_w, grid):
+    return kernel.rel_pos_attention_ref(q, k, v, rel_h, rel_w, grid[1], q.shape[-1] ** -0.5)
+
+
+# Windows 4x4, 6x5 and 7x7 (30 and 49 tokens: not multiples of the 32-token tiles), a 14x14
+# window, head dims 16, 64 and 80 (vit_h: BLOCK_D 128 with the d axis masked), batch 1 and 3.
+SHAPES = [
+    (1, 2, (4, 4), 16),
+    (3, 2, (6, 5), 16),
+    (1, 3, (7, 7), 64),
+    (3, 1, (7, 7), 80),
+    (1, 2, (14, 14), 80),
+    (2, 1, (5, 9), 32),
+]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("batch, heads, grid, dim", SHAPES)
+def test_fp32(batch, heads, grid, dim, with_bias):
+    q, k, v, rh, rw = problem(batch, heads, grid, dim, torch.float32)
+    if not with_bias:
+        rh = rw = None
+    out = launch(q, k, v, rh, rw, grid)
+    assert_close_fp32(out, reference(q, k, v, rh, rw, grid), tol.FP32_OP_REL_L2)
+
+
+@pytest.mark.parametrize("batch, heads, grid, dim", SHAPES)
+def test_fp16(batch, heads, grid, dim):
+    q, k, v, rh, rw = problem(batch, heads, grid, dim, torch.float16)
+    out = launch(q, k, v, rh, rw, grid)
+    assert out.dtype == torch.float16
+    naive = reference(q, k, v, rh, rw, grid)
+    exact = reference(*(t.double() for t in (q, k, v, rh, rw)), grid)
+    assert_lowp_parity(out, naive, exact)
+
+
+@pytest.mark.parametrize("batch, heads, grid, dim", SHAPES[:3])
+def test_bf16_with_the_interpreters_upcast(batch, heads, grid, dim):
+    """bf16 through UPCAST_DOT in the interpreter (its bf16 tl.dot is wrong); compiled on CUDA."""
+    q, k, v, rh, rw = problem(batch, heads, grid, dim, torch.bfloat16)
+    out = launch(q, k, v, rh, rw, grid)
+    naive = reference(q, k, v, rh, rw, grid)
+    exact = reference(*(t.double() for t in (q, k, v, rh, rw)), grid)
+    assert_lowp_parity(out, naive, exact)
+
+
+def test_strided_inputs_as_the_encoder_passes_them():
+    """q, k, v as views into one B x N x 3 x heads x d qkv tensor (not contiguous)."""
+    b, n, heads, d, grid = 2, 30, 3, 16, (6, 5)
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(b, n, 3, heads, d, generator=gen).to(DEVICE)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    rh = torch.randn(b, heads, n, grid[0], generator=gen).to(DEVICE)
+    rw = torch.randn(b, heads, n, grid[1], generator=gen).to(DEVICE)
+    out = launch(q, k, v, rh, rw, grid)
+    assert_close_fp32(out, reference(q, k, v, rh, rw, grid), tol.FP32_OP_REL_L2)
+    assert out.transpose(1, 2).is_contiguous()  # B x N x heads x d: free reshape to B x N x C
+
+
+# The interpreter runs each program in Python: one image keeps these to a few seconds.
+@torch.inference_mode()
+@pytest.mark.parametrize("name", ["win5-padded", "no-rel-pos"])
+def test_whole_encoder_with_triton_attention(name):
+    sam = small_sam(name)
+    x = image_batch(batch=1)
+    expected = sam.image_encoder(x)
+    fastsam_core.optimize(sam, FastConfig(attention="triton"))
+    rep = fastsam_core.report(sam)
+    assert rep.path_of("image_encoder.attention[global]") == "triton"
+    assert_close_fp32(sam.image_encoder(x), expected, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+def test_encoder_fp16_with_triton_attention():
+    sam = small_sam("win5-padded")
+    x = image_batch(batch=1)
+    naive = in_dtype(sam.image_encoder, torch.float16)(x.half())
+    exact = in_dtype(sam.image_encoder, torch.float64)(x.double())
+    fastsam_core.optimize(sam, FastConfig(attention="triton", dtype=torch.float16))
+    assert_lowp_parity(sam.image_encoder(x), naive, exact)
+
+
+def test_compile_fullgraph_traces_the_custom_op():
+    """torch.compile(fullgraph=True) through torch.ops.fastsam.rel_pos_attention (aot_eager
+    backend: the trace is what is under test, Inductor on CPU costs minutes)."""
+    q, k, v, rh, rw = problem(2, 2, (6, 5), 16, torch.float32)
+
+    def attend(q, k, v, rh, rw):
+        return torch.ops.fastsam.rel_pos_attention(q, k, v, rh, rw, 5, 0.25, False) * 2
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    expected = kernel.rel_pos_attention_ref(q, k, v, rh, rw, 5, 0.25) * 2
+    assert_close_fp32(compiled(q, k, v, rh, rw), expected, tol.FP32_OP_REL_L2)
+
+
+@torch.inference_mode()
+def test_compile_fullgraph_traces_the_encoder_with_triton_attention():
+    sam = small_sam()
+    x = image_batch(batch=1)
+    expected = sam.image_encoder(x)
+    fastsam_core.optimize(sam, FastConfig(attention="triton"))
+    fast = sam.image_encoder
+    compiled = torch.compile(fast._forward_fast, backend="aot_eager", fullgraph=True)
+    assert_close_fp32(compiled(x), expected, tol.FP32_STAGE_REL_L2)
+
+
+def test_disable_env_and_unsupported_inputs_fall_back_to_sdpa(monkeypatch):
+    q, k, v, rh, rw = problem(1, 2, (4, 4), 16, torch.float32)
+    pos = torch.randn(4, 4, 16)
+    expected = ops.rel_pos_attention(q, k, v, pos, pos, (4, 4), 0.25, "sdpa")
+    monkeypatch.setenv(ops.DISABLE_ENV, "1")
+    monkeypatch.setattr(ops, "KERNEL_FALLBACKS", {})
+    with pytest.warns(UserWarning, match="FASTSAM_DISABLE_TRITON"):
+        out = ops.rel_pos_attention(q, k, v, pos, pos, (4, 4), 0.25, "triton")
+    assert torch.equal(out, expected)
+    assert ops.choose_backend("auto", torch.device("cuda"))[0] == "sdpa"
+    monkeypatch.delenv(ops.DISABLE_ENV)
+    assert "float64" in kernel.supports(q.double(), 4)
+    assert "multiple of the grid width" in kernel.supports(q, 5)
+
+
+class TestTuner:
+    """The measured choice, with fake timings (timing the interpreter would measure numpy)."""
+
+    def candidates(self, q, k, v, rh, rw, grid):
+        good = [kernel.LaunchConfig(32, 32, 1, 1), kernel.LaunchConfig(16, 16, 1, 1)]
+        cands = {c.as_key(): (lambda c=c: kernel.rel_pos_attention_fwd(
+            q, k, v, rh, rw, grid[1], 0.25, c)) for c in good}
+        cands["broken"] = lambda: torch.zeros_like(q)  # fastest, but wrong
+        cands["crashes"] = lambda: 1 / 0
+        return cands
+
+    def test_only_candidates_matching_the_reference_are_timed_and_chosen(self, tmp_path,
+                                                                          monkeypatch):
+        monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+        q, k, v, rh, rw = problem(1, 2, (6, 5), 16, torch.float32)
+        speed = {"m32_n32_w1_s1": 2.0, "m16_n16_w1_s1": 1.0, "broken": 0.1}
+        timed = []
+
+        def timer(fn):
+            name = next(n for n, f in cands.items() if f is fn)
+            timed.append(name)
+            return speed[name]
+
+        cands = self.candidates(q, k, v, rh, rw, (6, 5))
+        tuner = Tuner("test_kernel", timer=timer)
+        reference = kernel.rel_pos_attention_ref(q, k, v, rh, rw, 5, 0.25)
+        assert tuner.tune("gpu0", "shape", cands, reference) == "m16_n16_w1_s1"
+        assert sorted(timed) == ["m16_n16_w1_s1", "m32_n32_w1_s1"]
+        stored = json.loads((tmp_path / "test_kernel.json").read_text())
+        assert stored["gpu0"]["shape"]["choice"] == "m16_n16_w1_s1"
+        fresh = Tuner("test_kernel", timer=timer)  # a new process: from the disk cache
+        assert fresh.cached("gpu0", "shape", list(cands)) == "m16_n16_w1_s1"
+        assert fresh.cached("gpu0", "shape", ["m32_n32_w1_s1"]) is None  # no longer offered
+        assert fresh.cached("gpu1", "shape", list(cands)) is None  # another GPU
+
+    def test_shipped_table_answers_before_the_user_cache(self, tmp_path, monkeypatch):
+        import fastsam_core.kernels.tuning as tuning
+
+        shipped = tmp_path / "shipped"
+        shipped.mkdir()
+        (shipped / "k.json").write_text(json.dumps({"H200": {"s": {"choice": "a"}}}))
+        monkeypatch.setattr(tuning, "SHIPPED_DIR", shipped)
+        monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path / "user"))
+        assert Tuner("k").cached("H200", "s", ["a", "b"]) == "a"
+
+    def test_no_matching_candidate_raises(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+        q = torch.ones(1, 1, 4, 16)
+        tuner = Tuner("none", timer=lambda fn: 1.0)
+        with pytest.raises(RuntimeError, match="no candidate matched"):
+            tuner.tune("gpu", "s", {"zero": lambda: torch.zeros_like(q)}, q)
+
+    def test_shipped_table_is_valid_json(self):
+        import fastsam_core.kernels.tuning as tuning
+
+        for path in tuning.SHIPPED_DIR.glob("*.json"):
+            json.loads(path.read_text())
+
+
+cuda = pytest.mark.cuda
+
+
+@cuda
+@pytest.mark.parametrize(
+    "grid, batch_heads, dim",
+    [((64, 64), (8, 16), 80), ((14, 14), (200, 16), 80),  # vit_h global, windowed (bs 8)
+     ((64, 64), (8, 12), 64), ((14, 14), (200, 12), 64)],  # vit_b
+)
+def test_real_shapes_bf16_on_cuda(grid, batch_heads, dim):
+    q, k, v, rh, rw = problem(batch_heads[0], batch_heads[1], grid, dim, torch.bfloat16)
+    out = launch(q, k, v, rh, rw, grid)
+    naive = reference(q, k, v, rh, rw, grid)
+    exact = reference(*(t.double() for t in (q, k, v, rh, rw)), grid)
+    assert_lowp_parity(out, naive, exact)
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_tuned_op_on_cuda(backend, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+    q, k, v, rh, rw = problem(2, 4, (14, 14), 80, torch.bfloat16)
+    out = torch.ops.fastsam.rel_pos_attention(q, k, v, rh, rw, 14, 80**-0.5, backend == "auto")
+    naive = reference(q, k, v, rh, rw, (14, 14))
+    exact = reference(*(t.double() for t in (q, k, v, rh, rw)), (14, 14))
+    assert_lowp_parity(out, naive, exact)
+    assert ops.TUNER.last_measurements  # measured on first use
