@@ -21,9 +21,9 @@ import torch
 import fastsam_core
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import default_device, encoder_flops, env_info, synchronize
-from fastsam_core.ops import attention
 from fastsam_core.models.convert import adopt_module
 from fastsam_core.models.sam.reference import build_sam
+from fastsam_core.ops import attention
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,18 @@ from torch import nn
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import module_device, module_dtype
 from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
+from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
+from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
 from fastsam_core.report import Report, StageReport, UnsupportedModule
 
 _STATE = "_fastsam_state"
 # The module, not the function `segment_anything.build_sam` that shadows it on the package.
 builders = importlib.import_module("segment_anything.build_sam")
 _SUPPORTED = "segment_anything.modeling.Sam or segment_anything.SamPredictor"
-_REFERENCE_STAGES = {
-    "prompt_encoder": "no fast version yet",
-    "mask_decoder": "no fast version yet",
+_STAGES = {  # attribute of Sam -> its fast replacement
+    "image_encoder": FastImageEncoderViT,
+    "prompt_encoder": FastPromptEncoder,
+    "mask_decoder": FastMaskDecoder,
 }
 
 
@@ -86,13 +89,14 @@ def optimize(model: Sam | SamPredictor, config: FastConfig | None = None) -> Sam
     encoder = sam.image_encoder
     dtype = config.resolve_dtype(module_device(encoder), module_dtype(encoder))
     state = _State(config=config, dtype=dtype)
-    try:
-        fast = FastImageEncoderViT.from_reference(encoder, config, dtype)
-    except UnsupportedModule as err:
-        warnings.warn(f"fastsam_core: image_encoder kept as the reference: {err}", stacklevel=2)
-        state.kept.append(StageReport("image_encoder", "reference", str(err)))
-    else:
-        _replace(state, sam, "image_encoder", fast)
+    for name, fast_class in _STAGES.items():
+        try:
+            fast = fast_class.from_reference(getattr(sam, name), config, dtype)
+        except UnsupportedModule as err:
+            warnings.warn(f"fastsam_core: {name} kept as the reference: {err}", stacklevel=2)
+            state.kept.append(StageReport(name, "reference", str(err)))
+        else:
+            _replace(state, sam, name, fast)
     sam.__dict__[_STATE] = state
     return model
 
@@ -142,13 +146,13 @@ def report(model: Sam | SamPredictor) -> Report:
     sam = _sam_of(model)
     state: _State | None = sam.__dict__.get(_STATE)
     if state is None:
-        stages = [StageReport(s, "reference", "not optimized")
-                  for s in ("image_encoder", *_REFERENCE_STAGES)]
+        stages = [StageReport(s, "reference", "not optimized") for s in _STAGES]
         return Report(model=f"{type(sam).__name__} (not optimized)", stages=stages)
     stages = list(state.kept)
     for r in state.replacements:
         stages.extend(r.fast.describe())
-    stages.extend(StageReport(s, "reference", why) for s, why in _REFERENCE_STAGES.items())
+    order = list(_STAGES)
+    stages.sort(key=lambda s: order.index(s.stage.split(".")[0]))
     dtype = str(state.dtype).replace("torch.", "")
     return Report(model=f"{type(sam).__name__}, {dtype}, {state.config}", stages=stages)
 
@@ -190,10 +194,14 @@ def _sam_of(model: object) -> Sam:
                     f"{type(model).__qualname__}")
 
 
-def _replace(state: _State, owner: nn.Module, name: str, fast: FastImageEncoderViT) -> None:
-    """Swap `owner.<name>` for `fast`, handling the original per FastConfig.originals."""
+def _replace(state: _State, owner: nn.Module, name: str, fast: nn.Module) -> None:
+    """Swap `owner.<name>` for `fast`, handling the original per FastConfig.originals.
+
+    A fast module that shares any tensor with its original (same dtype) keeps the original
+    in place whatever the mode: moving or freeing it would move or free the shared tensors.
+    """
     original = getattr(owner, name)
-    shared = state.dtype == module_dtype(original)
+    shared = _shares_tensors(fast, original)
     mode = state.config.originals
     load_hook = None
     if shared or mode == "keep":
@@ -202,13 +210,18 @@ def _replace(state: _State, owner: nn.Module, name: str, fast: FastImageEncoderV
         original.to("cpu")
     else:  # "drop": free the parameters; restore() rebuilds them from the fast weights
         original.to("meta")
-    if not shared and mode != "drop":
+    if shared or mode != "drop":
         load_hook = fast.register_load_state_dict_pre_hook(
             functools.partial(_load_into_original, original)
         )
     fast.train(original.training)
     setattr(owner, name, fast)
     state.replacements.append(_Replacement(owner, name, original, fast, shared, load_hook))
+
+
+def _shares_tensors(a: nn.Module, b: nn.Module) -> bool:
+    ids = {id(t) for t in (*a.parameters(), *a.buffers())}
+    return any(id(t) in ids for t in (*b.parameters(), *b.buffers()))
 
 
 def _load_into_original(original: nn.Module, fast: nn.Module, state_dict: dict, prefix: str,

@@ -131,7 +131,10 @@ def test_report_names_each_stage_path_and_reason(sam):
     assert rep.path_of("image_encoder") == "fast"
     assert rep.path_of("image_encoder.attention[windowed]") == "math"
     assert rep.path_of("image_encoder.attention[global]") == "math"
-    assert rep.path_of("mask_decoder") == "reference"
+    assert rep.path_of("prompt_encoder") == "fast" and rep.path_of("mask_decoder") == "fast"
+    order = ["image_encoder", "prompt_encoder", "mask_decoder"]
+    stages = [s.stage.split(".")[0] for s in rep.stages]
+    assert stages == sorted(stages, key=order.index) and set(stages) == set(order)
     text = str(rep)
     assert "forced by FastConfig.attention" in text and "compile: eager" in text
 

@@ -64,7 +64,7 @@ def _rel_pos_attention_fwd(
     V,  # B x heads x N x d values
     RH,  # B x heads x N x kh: rel_h[i, key row], any float dtype (unused without HAS_BIAS)
     RW,  # B x heads x N x kw: rel_w[i, key column]
-    O,  # B x heads x N x d output (any strides), written once per element
+    Out,  # B x heads x N x d output (any strides), written once per element
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -136,9 +136,9 @@ def _rel_pos_attention_fwd(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on \
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on \
         + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
 
 def empty_output(q: torch.Tensor) -> torch.Tensor:

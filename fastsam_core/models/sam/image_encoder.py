@@ -15,8 +15,6 @@ output dtype, and differ in how they compute:
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
@@ -30,7 +28,9 @@ from segment_anything.modeling.image_encoder import (
 from torch import nn
 
 from fastsam_core.config import FastConfig
+from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, adopt_parameter, module_device
+from fastsam_core.models.fallback import ReferenceFallback
 from fastsam_core.ops.attention import (
     KERNEL_FALLBACKS,
     choose_backend,
@@ -171,7 +171,7 @@ class FastBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class FastImageEncoderViT(nn.Module):
+class FastImageEncoderViT(ReferenceFallback):
     """SAM's ViT image encoder, built from a reference `ImageEncoderViT`.
 
     Same parameter names as the reference (`patch_embed`, `pos_embed`, `blocks`, `neck`), so
@@ -195,6 +195,7 @@ class FastImageEncoderViT(nn.Module):
         compile_mode: str | None = None,
     ) -> None:
         super().__init__()
+        self.stage = "image encoder"
         self.img_size = img_size
         self.patch_embed = patch_embed
         self.pos_embed = pos_embed
@@ -203,14 +204,8 @@ class FastImageEncoderViT(nn.Module):
         self.fused_neck = _is_reference_neck(neck)
         self.attention_reason = attention_reason
         self.compile_mode = compile_mode
-        self.compile_status = "pending first call" if compile_mode else "eager"
-        self.fallbacks: dict[str, int] = {}
-        self._compiled = None
-        if compile_mode is not None:
-            self._compiled = torch.compile(
-                self._forward_fast, mode=compile_mode, fullgraph=True, dynamic=False
-            )
-        self.__dict__["_reference"] = None  # kept outside the module tree
+        self._run_fast = LazyCompiled(self._forward_fast, compile_mode, "image encoder",
+                                      fullgraph=True, dynamic=False)
 
     @classmethod
     def from_reference(
@@ -242,44 +237,17 @@ class FastImageEncoderViT(nn.Module):
             compile_mode=config.compile,
         )
 
-    def set_reference(self, ref: nn.Module | None) -> None:
-        """The reference encoder to fall back to (None: no fallback). Not a submodule."""
-        self.__dict__["_reference"] = ref
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: B x 3 x img_size x img_size float -> B x out_chans x H/16 x W/16, x's dtype."""
-        fallback = self._check_input(x)
-        if fallback is None and self.training:
-            fallback = "the model is in training mode"
-        if fallback is None and torch.is_grad_enabled():
-            if x.requires_grad or any(p.requires_grad for p in self.parameters()):
-                fallback = "autograd is recording (use torch.inference_mode() or no_grad())"
+        fallback = self._check_input(x) or self.inference_only_reason(x)
         if fallback is not None:
-            return self._run_reference(x, fallback)
+            return self.run_reference(fallback, x)
         with torch.autocast(x.device.type, enabled=False):
             y = self._run_fast(x.to(self.patch_embed.proj.weight.dtype))
         out = y.to(x.dtype)
         if out is y and self.compile_mode in _CUDAGRAPH_MODES and x.is_cuda:
             out = out.clone()  # CUDA-graph outputs are overwritten by the next replay
         return out
-
-    def _run_fast(self, x: torch.Tensor) -> torch.Tensor:
-        if self._compiled is None:
-            return self._forward_fast(x)
-        if self.compile_status == "pending first call":
-            try:
-                y = self._compiled(x)
-            except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
-                self._compiled = None
-                self.compile_status = f"failed, running eager ({type(err).__name__}: {err})"[:300]
-                warnings.warn(
-                    f"fastsam_core: torch.compile of the image encoder {self.compile_status}",
-                    stacklevel=3,
-                )
-                return self._forward_fast(x)
-            self.compile_status = "compiled"
-            return y
-        return self._compiled(x)
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
@@ -337,32 +305,13 @@ class FastImageEncoderViT(nn.Module):
             )
         return None
 
-    def _run_reference(self, x: torch.Tensor, why: str) -> torch.Tensor:
-        ref = self.__dict__["_reference"]
-        if ref is None:
-            raise RuntimeError(
-                f"fastsam_core: {why}, which the fast image encoder does not support, and the "
-                "reference encoder was not kept (FastConfig.originals); call "
-                "fastsam_core.restore(model) first"
-            )
-        if why not in self.fallbacks:
-            warnings.warn(f"fastsam_core: {why}: running the reference image encoder",
-                          stacklevel=3)
-        self.fallbacks[why] = self.fallbacks.get(why, 0) + 1
-        if ref.training != self.training:
-            ref.train(self.training)
-        if module_device(ref) != x.device:
-            ref.to(x.device)  # the model was moved after optimize(): move the original too
-        return ref(x)
-
     def describe(self) -> list[StageReport]:
         """Which path each part of the encoder takes, and why."""
         dtype = str(self.patch_embed.proj.weight.dtype).replace("torch.", "")
-        fallbacks = ", ".join(f"{why}: {n}x" for why, n in self.fallbacks.items())
         stages = [StageReport(
             "image_encoder", "fast",
-            f"ViT, {len(self.blocks)} blocks, {dtype}, compile: {self.compile_status}"
-            + (f"; reference fallbacks: {fallbacks}" if fallbacks else ""),
+            f"ViT, {len(self.blocks)} blocks, {dtype}, compile: {self._run_fast.status}"
+            + self.fallback_summary(),
         )]
         for kind, blocks in (("windowed", [b for b in self.blocks if b.window_size > 0]),
                              ("global", [b for b in self.blocks if b.window_size == 0])):

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 
 import fastsam_core
 from fastsam_core import FastConfig
+from fastsam_core.models.compiled import LazyCompiled
 from tests import tolerances as tol
 from tests.conftest import image_batch, small_sam
 from tests.parity import assert_close_fp32
@@ -21,9 +23,9 @@ def test_compiled_encoder_matches_reference():
     x = image_batch()
     expected = sam.image_encoder(x)
     fastsam_core.optimize(sam, FastConfig(compile="default"))
-    assert sam.image_encoder.compile_status == "pending first call"
+    assert sam.image_encoder._run_fast.status == "pending first call"
     assert_close_fp32(sam.image_encoder(x), expected, tol.FP32_STAGE_REL_L2)
-    assert sam.image_encoder.compile_status == "compiled"
+    assert sam.image_encoder._run_fast.status == "compiled"
     assert "compile: compiled" in str(fastsam_core.report(sam))
     assert_close_fp32(sam.image_encoder(x), expected, tol.FP32_STAGE_REL_L2)
 
@@ -39,9 +41,32 @@ def test_compile_failure_falls_back_to_eager_once():
     def broken_compiler(_):
         raise RuntimeError("no C++ compiler")
 
-    fast._compiled = broken_compiler  # what a failing backend raises on the first call
+    fast._run_fast.compiled = broken_compiler  # what a failing backend raises on first call
     with pytest.warns(UserWarning, match="failed, running eager"):
         out = fast(x)
     assert_close_fp32(out, expected, tol.FP32_STAGE_REL_L2)
-    assert fast._compiled is None and "no C++ compiler" in fast.compile_status
+    assert fast._run_fast.compiled is None and "no C++ compiler" in fast._run_fast.status
     assert "failed, running eager" in str(fastsam_core.report(sam))
+
+
+def test_mask_decoder_compiles_once_for_all_prompt_counts():
+    """The predictor's decoder path under torch.compile(dynamic=True): prompt counts 1..64
+    and 1 or 3 points per prompt give at most two graphs (size 1 is specialized), counted
+    with CompileCounter (the eager backend: Inductor on 2 cores would take minutes)."""
+    sam = small_sam()
+    fastsam_core.optimize(sam)
+    decoder = sam.mask_decoder
+    counter = CompileCounter()
+    decoder._decode_dense = LazyCompiled(decoder.decode, "default", "mask decoder",
+                                         backend=counter, dynamic=True)
+    image = torch.randn(1, 256, 16, 16)
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        for k in (1, 2, 3, 5, 8, 13, 21, 34, 55, 64):
+            for p in (1, 3):
+                points = (torch.rand(k, p, 2) * 256, torch.ones(k, p, dtype=torch.int))
+                sparse, dense = sam.prompt_encoder(points, None, None)
+                masks, iou = decoder(image, image_pe, sparse, dense, True)
+                assert masks.shape == (k, 3, 64, 64)
+    assert decoder._decode_dense.status == "compiled"
+    assert counter.frame_count <= 2, counter.frame_count

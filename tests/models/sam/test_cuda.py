@@ -49,5 +49,28 @@ def test_compiled_encoder_on_cuda():
     exact = in_dtype(sam.image_encoder, torch.float64)(x.double())
     fastsam_core.optimize(sam, FastConfig(compile="max-autotune-no-cudagraphs"))
     out = sam.image_encoder(x)
-    assert sam.image_encoder.compile_status == "compiled"
+    assert sam.image_encoder._run_fast.status == "compiled"
     assert_lowp_parity(out, naive, exact)
+
+
+@torch.inference_mode()
+def test_prompt_path_has_no_host_sync():
+    sam = build_sam("vit_b", 1024, depth=2, global_attn_indexes=(1,)).cuda()
+    fastsam_core.optimize(sam)
+    boxes = torch.tensor([[100.0, 120.0, 400.0, 500.0]] * 16, device="cuda")
+    points = (torch.rand(16, 2, 2, device="cuda") * 1024,
+              torch.ones(16, 2, dtype=torch.int, device="cuda"))
+    embedding = torch.randn(1, 256, 64, 64, device="cuda")
+
+    def run():
+        sparse, dense = sam.prompt_encoder(points, boxes, None)
+        return sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense,
+                                True)
+
+    run()  # warm-up: lazy initialization and the cached dense PE
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        masks, iou = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert masks.shape == (16, 3, 256, 256) and iou.dtype == torch.float32

@@ -1,0 +1,176 @@
+"""Fast SAM prompt encoder.
+
+Replaces `segment_anything.modeling.prompt_encoder.PromptEncoder`. Same parameters and
+buffers, same outputs (fp32, as the reference returns), but:
+
+- no boolean-mask assignment (`embedding[labels == -1] = ...` synchronizes with the host on a
+  GPU): labels select their embeddings arithmetically;
+- the dense positional encoding (`get_dense_pe`) is computed once per device and kept, and
+  recomputed when new weights are loaded;
+- the mask downscaling convolutions run in the compute dtype, the random-Fourier positional
+  encoding in fp32 (its high frequencies need it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.prompt_encoder import PromptEncoder
+from torch import nn
+
+from fastsam_core.config import FastConfig
+from fastsam_core.models.convert import adopt_module
+from fastsam_core.models.fallback import ReferenceFallback
+from fastsam_core.report import StageReport, UnsupportedModule
+
+
+class FastPromptEncoder(ReferenceFallback):
+    """SAM's prompt encoder, built from a reference `PromptEncoder` (see the module docstring).
+
+    Outputs: sparse embeddings B x N x C and dense embeddings B x C x h x w, both fp32.
+    """
+
+    def __init__(self, ref: PromptEncoder, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.stage = "prompt encoder"
+        self.embed_dim = ref.embed_dim
+        self.input_image_size = ref.input_image_size
+        self.image_embedding_size = ref.image_embedding_size
+        self.mask_input_size = ref.mask_input_size
+        self.num_point_embeddings = ref.num_point_embeddings
+        self.pe_layer = ref.pe_layer  # a buffer only: kept in fp32, shared with the reference
+        self.point_embeddings = adopt_module(ref.point_embeddings, torch.float32)
+        self.not_a_point_embed = adopt_module(ref.not_a_point_embed, torch.float32)
+        self.mask_downscaling = adopt_module(ref.mask_downscaling, dtype)
+        self.no_mask_embed = adopt_module(ref.no_mask_embed, torch.float32)
+        self.fused_downscaling = _is_reference_downscaling(self.mask_downscaling)
+        self._dense_pe: torch.Tensor | None = None
+        self.register_load_state_dict_post_hook(lambda module, _: module.forget_dense_pe())
+
+    @classmethod
+    def from_reference(
+        cls, ref: PromptEncoder, config: FastConfig, dtype: torch.dtype
+    ) -> FastPromptEncoder:
+        if type(ref) is not PromptEncoder:
+            raise UnsupportedModule(f"{type(ref).__qualname__} is not segment_anything's "
+                                    "PromptEncoder")
+        return cls(ref, dtype)
+
+    def forget_dense_pe(self) -> None:
+        self._dense_pe = None
+
+    def get_dense_pe(self) -> torch.Tensor:
+        """Positional encoding of the image-embedding grid: 1 x C x h x w, fp32, cached."""
+        gauss = self.pe_layer.positional_encoding_gaussian_matrix
+        if self._dense_pe is None or self._dense_pe.device != gauss.device:
+            h, w = self.image_embedding_size
+            ys = (torch.arange(h, device=gauss.device, dtype=torch.float32) + 0.5) / h
+            xs = (torch.arange(w, device=gauss.device, dtype=torch.float32) + 0.5) / w
+            grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # h x w x 2
+            self._dense_pe = self.fourier(grid).permute(2, 0, 1).unsqueeze(0)
+        return self._dense_pe
+
+    def fourier(self, coords01: torch.Tensor) -> torch.Tensor:
+        """Random Fourier features of coordinates in [0, 1]: ... x 2 -> ... x C (fp32)."""
+        gauss = self.pe_layer.positional_encoding_gaussian_matrix
+        proj = (2 * math.pi) * ((2 * coords01.float() - 1) @ gauss)
+        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+
+    def pixel_pe(self, coords: torch.Tensor) -> torch.Tensor:
+        """Encode pixel coordinates (x, y) of the model input frame: ... x 2 -> ... x C."""
+        h, w = self.input_image_size
+        size = coords.new_tensor([w, h], dtype=torch.float32)
+        return self.fourier((coords.float() + 0.5) / size)
+
+    def embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        """Point tokens: B x P x 2 coords, B x P labels -> B x (P + pad) x C.
+
+        Label -1: padding (the "not a point" embedding only); 0: background; 1: foreground;
+        other labels keep the bare positional encoding, as in the reference.
+        """
+        if pad:
+            coords = F.pad(coords, (0, 0, 0, 1))  # the padding point at (0, 0)
+            labels = F.pad(labels, (0, 1), value=-1)
+        labels = labels[..., None]
+        pe = self.pixel_pe(coords) * (labels != -1)
+        return (pe
+                + (labels == -1) * self.not_a_point_embed.weight
+                + (labels == 0) * self.point_embeddings[0].weight
+                + (labels == 1) * self.point_embeddings[1].weight)
+
+    def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Box tokens: B x 4 (x0, y0, x1, y1) -> B x 2 x C (one per corner)."""
+        corners = self.pixel_pe(boxes.reshape(-1, 2, 2))
+        corner_embed = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
+        return corners + corner_embed
+
+    def embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """Mask inputs: B x 1 x 4h x 4w logits -> B x C x h x w (fp32)."""
+        weight = self.mask_downscaling[0].weight
+        x = masks.to(weight.dtype)
+        if not self.fused_downscaling:
+            return self.mask_downscaling(x).float()
+        conv1, norm1, act1, conv2, norm2, act2, conv3 = self.mask_downscaling
+        x = conv1(x)
+        x = act1(_layer_norm_2d(x, norm1))
+        x = conv2(x)
+        x = act2(_layer_norm_2d(x, norm2))
+        return conv3(x).float()
+
+    def forward(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same contract as the reference: sparse B x N x C, dense B x C x h x w (fp32)."""
+        tensors = [*(points or ()), boxes, masks]
+        why = self.inference_only_reason(*tensors)
+        if why is not None:
+            return self.run_reference(why, points, boxes, masks)
+        device = self.point_embeddings[0].weight.device
+        if points is not None:
+            bs = points[0].shape[0]
+        elif boxes is not None:
+            bs = boxes.shape[0]
+        elif masks is not None:
+            bs = masks.shape[0]
+        else:
+            bs = 1
+        parts = []
+        if points is not None:
+            parts.append(self.embed_points(points[0], points[1], pad=boxes is None))
+        if boxes is not None:
+            parts.append(self.embed_boxes(boxes))
+        if parts:
+            sparse = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        else:
+            sparse = torch.empty((bs, 0, self.embed_dim), device=device)
+        if masks is not None:
+            dense = self.embed_masks(masks)
+        else:
+            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                bs, -1, *self.image_embedding_size
+            )
+        return sparse, dense
+
+    def describe(self) -> list[StageReport]:
+        return [StageReport("prompt_encoder", "fast",
+                            "sync-free label selection, cached dense PE, fp32 Fourier features"
+                            + self.fallback_summary())]
+
+
+def _layer_norm_2d(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
+    """LayerNorm2d as F.layer_norm over channels: B x C x H x W -> B x C x H x W."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), norm.weight.shape, norm.weight, norm.bias, norm.eps)
+    return y.permute(0, 3, 1, 2)
+
+
+def _is_reference_downscaling(seq: nn.Module) -> bool:
+    """True for PromptEncoder.mask_downscaling: conv, LN2d, act, conv, LN2d, act, conv."""
+    kinds = [type(m) for m in seq] if isinstance(seq, nn.Sequential) else []
+    return len(kinds) == 7 and kinds[0] is nn.Conv2d and kinds[1] is LayerNorm2d \
+        and kinds[3] is nn.Conv2d and kinds[4] is LayerNorm2d and kinds[6] is nn.Conv2d

@@ -1,0 +1,217 @@
+"""Parity of the fast prompt encoder, two-way transformer and mask decoder with the reference,
+and the predictor's outputs with mask inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+import fastsam_core
+from fastsam_core import FastConfig
+from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
+from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
+from fastsam_core.models.sam.transformer import FastTwoWayTransformer, PromptGroups
+from tests import tolerances as tol
+from tests.conftest import small_sam
+from tests.models.sam.test_predictor_parity import smooth_image
+from tests.parity import (
+    assert_close_fp32,
+    assert_lowp_parity,
+    in_dtype,
+    mask_iou_outside_margin,
+)
+
+SIZE = 256  # small_sam's input size; its image embedding is 16 x 16, mask inputs 64 x 64
+
+
+def prompts(k=5, p=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    coords = torch.rand(k, p, 2, generator=gen) * SIZE
+    labels = torch.randint(-1, 2, (k, p), generator=gen)
+    boxes = torch.sort(torch.rand(k, 2, 2, generator=gen) * SIZE, dim=1).values.reshape(k, 4)
+    masks = torch.randn(k, 1, 64, 64, generator=gen) * 4
+    return coords, labels, boxes, masks
+
+
+KINDS = {
+    "points": lambda c, lab, b, m: ((c, lab), None, None),
+    "boxes": lambda c, lab, b, m: (None, b, None),
+    "points+boxes": lambda c, lab, b, m: ((c, lab), b, None),
+    "points+masks": lambda c, lab, b, m: ((c, lab), None, m),
+    "masks": lambda c, lab, b, m: (None, None, m),
+    "nothing": lambda c, lab, b, m: (None, None, None),
+}
+
+
+def fast_parts(sam, dtype=torch.float32):
+    config = FastConfig(dtype=dtype)
+    pe = FastPromptEncoder.from_reference(sam.prompt_encoder, config, dtype).eval()
+    dec = FastMaskDecoder.from_reference(sam.mask_decoder, config, dtype).eval()
+    return pe, dec
+
+
+def embedding(seed=1):
+    return torch.randn(1, 256, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_prompt_encoder_fp32(kind):
+    sam = small_sam()
+    pe, _ = fast_parts(sam)
+    args = KINDS[kind](*prompts())
+    sparse_ref, dense_ref = sam.prompt_encoder(*args)
+    sparse, dense = pe(*args)
+    assert sparse.dtype == dense.dtype == torch.float32
+    assert sparse.shape == sparse_ref.shape and dense.shape == dense_ref.shape
+    if sparse.numel():
+        assert_close_fp32(sparse, sparse_ref, tol.FP32_OP_REL_L2)
+    assert_close_fp32(dense, dense_ref, tol.FP32_OP_REL_L2)
+    assert_close_fp32(pe.get_dense_pe(), sam.prompt_encoder.get_dense_pe(), tol.FP32_OP_REL_L2)
+
+
+@torch.inference_mode()
+def test_prompt_encoder_mask_embedding_low_precision():
+    sam = small_sam()
+    pe, _ = fast_parts(sam, torch.bfloat16)
+    masks = prompts()[3]
+    out = pe(None, None, masks)[1]
+    naive = in_dtype(sam.prompt_encoder.mask_downscaling, torch.bfloat16)(masks.bfloat16())
+    exact = in_dtype(sam.prompt_encoder.mask_downscaling, torch.float64)(masks.double())
+    assert_lowp_parity(out, naive, exact)
+
+
+@torch.inference_mode()
+def test_dense_pe_is_recomputed_after_loading_weights():
+    sam, other = small_sam(), small_sam(seed=5)
+    pe, _ = fast_parts(sam)
+    before = pe.get_dense_pe()
+    pe.load_state_dict(other.prompt_encoder.state_dict())
+    after = pe.get_dense_pe()
+    assert not torch.equal(before, after)
+    assert_close_fp32(after, other.prompt_encoder.get_dense_pe(), tol.FP32_OP_REL_L2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("kind", ["points", "boxes", "points+boxes", "points+masks"])
+def test_mask_decoder_fp32(kind, multimask):
+    sam = small_sam()
+    pe, dec = fast_parts(sam)
+    sparse, dense = sam.prompt_encoder(*KINDS[kind](*prompts()))
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    masks_ref, iou_ref = sam.mask_decoder(embedding(), image_pe, sparse, dense, multimask)
+    masks, iou = dec(embedding(), image_pe, sparse, dense, multimask)
+    assert masks.shape == masks_ref.shape == (5, 3 if multimask else 1, 64, 64)
+    assert_close_fp32(masks, masks_ref, tol.FP32_STAGE_REL_L2)
+    assert_close_fp32(iou, iou_ref, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["points+boxes", "points+masks"])
+def test_mask_decoder_bf16(kind):
+    sam = small_sam()
+    _, dec = fast_parts(sam, torch.bfloat16)
+    sparse, dense = sam.prompt_encoder(*KINDS[kind](*prompts()))
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    args = (embedding(), image_pe, sparse, dense)
+    masks, iou = dec(*args, True)
+    assert masks.dtype == torch.float32
+    naive = in_dtype(sam.mask_decoder, torch.bfloat16)(*(a.bfloat16() for a in args), True)
+    exact = in_dtype(sam.mask_decoder, torch.float64)(*(a.double() for a in args), True)
+    assert_lowp_parity(masks, naive[0], exact[0])
+    assert_lowp_parity(iou, naive[1], exact[1])
+
+
+@torch.inference_mode()
+def test_two_way_transformer_per_image_equals_reference_repeat():
+    """One image, K prompts: the image side kept once per image (no repeat) gives the
+    reference's output, where the image was repeated per prompt."""
+    sam = small_sam()
+    ref = sam.mask_decoder.transformer
+    fast = FastTwoWayTransformer.from_reference(ref, torch.float32)
+    k, t = 4, 7
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 256, 16, 16, generator=gen)
+    pe = torch.randn(1, 256, 16, 16, generator=gen)
+    tokens = torch.randn(k, t, 256, generator=gen)
+    q_ref, k_ref = ref(image.expand(k, -1, -1, -1), pe.expand(k, -1, -1, -1), tokens)
+    groups = PromptGroups(torch.zeros(k, dtype=torch.long), n_images=1)
+    q, keys = fast(image.flatten(2).transpose(1, 2), pe.flatten(2).transpose(1, 2), tokens,
+                   groups)
+    assert_close_fp32(q, q_ref, tol.FP32_STAGE_REL_L2)
+    assert_close_fp32(keys, k_ref, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+def test_two_way_transformer_jagged_prompts_of_several_images():
+    """Prompts with different token counts on different images, in one jagged batch, against
+    the reference run prompt by prompt."""
+    sam = small_sam()
+    ref = sam.mask_decoder.transformer
+    fast = FastTwoWayTransformer.from_reference(ref, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 256, 16, 16, generator=gen)
+    pe = torch.randn(1, 256, 16, 16, generator=gen)
+    lengths = [[6, 6], [8], [7, 9, 7]]  # tokens per prompt, per image
+    tokens = [torch.randn(n, 256, generator=gen) for per_image in lengths for n in per_image]
+    image_index = torch.tensor([i for i, per_image in enumerate(lengths) for _ in per_image])
+    groups = PromptGroups(image_index, n_images=3, prompt_lengths=lengths)
+    queries, keys = fast(images.flatten(2).transpose(1, 2), pe.flatten(2).transpose(1, 2),
+                         groups.tokens(torch.cat(tokens)), groups)
+    assert queries.is_nested
+    for i, (tok, img) in enumerate(zip(tokens, image_index, strict=True)):
+        q_ref, k_ref = ref(images[img][None], pe, tok[None])
+        assert_close_fp32(queries[i], q_ref[0], tol.FP32_STAGE_REL_L2)
+        assert_close_fp32(keys[i], k_ref[0], tol.FP32_STAGE_REL_L2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_predictor_with_mask_input_and_batched_prompts(dtype):
+    """SamPredictor.predict with a mask input, and predict_torch with several boxes."""
+    sam = small_sam()
+    predictor = SamPredictor(sam)
+    image = smooth_image()
+    point = dict(point_coords=np.array([[70.0, 95.0]]), point_labels=np.array([1]))
+
+    def run():
+        predictor.set_image(image)
+        first = predictor.predict(**point, multimask_output=True, return_logits=True)
+        refined = predictor.predict(**point, mask_input=first[2][:1], multimask_output=False,
+                                    return_logits=True)
+        boxes = predictor.transform.apply_boxes_torch(
+            torch.tensor([[10.0, 20.0, 150.0, 160.0], [60.0, 30.0, 230.0, 170.0]]),
+            image.shape[:2])
+        with torch.no_grad():
+            many = predictor.predict_torch(None, None, boxes, multimask_output=True,
+                                           return_logits=True)
+        return [torch.as_tensor(x) for x in (*refined, *many)]
+
+    expected = run()
+    fastsam_core.optimize(sam, FastConfig(dtype=dtype))
+    assert fastsam_core.report(sam).path_of("mask_decoder") == "fast"
+    got = run()
+    for logits, ref in ((got[0], expected[0]), (got[3], expected[3])):
+        if dtype == torch.float32:
+            assert_close_fp32(logits, ref, tol.FP32_STAGE_REL_L2)
+        assert mask_iou_outside_margin(logits, ref) >= (
+            tol.MASK_IOU_FP32 if dtype == torch.float32 else tol.MASK_IOU_BF16)
+    if dtype == torch.float32:
+        assert_close_fp32(got[1], expected[1], tol.FP32_STAGE_REL_L2)  # scores
+        assert_close_fp32(got[4], expected[4], tol.FP32_STAGE_REL_L2)
+
+
+def test_decoder_falls_back_for_a_batch_of_images_and_autograd():
+    sam = small_sam()
+    fastsam_core.optimize(sam)
+    dec = sam.mask_decoder
+    sparse, dense = sam.prompt_encoder(None, prompts(k=2)[2], None)
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    with torch.no_grad(), pytest.warns(UserWarning, match="image_embeddings batch 2"):
+        with pytest.raises(RuntimeError):  # the reference cannot take it either
+            dec(embedding().expand(2, -1, -1, -1), image_pe, sparse, dense, True)
+    with pytest.warns(UserWarning, match="autograd is recording"):
+        masks, _ = dec(embedding(), image_pe, sparse, dense, True)
+    assert masks.requires_grad  # the reference ran, with autograd
