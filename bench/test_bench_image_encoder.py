@@ -2,10 +2,10 @@
 
 On CUDA: real sizes (vit_b, vit_h at 1024 px), batch 8, bf16; "fast" is the default config
 (attention "auto": the Triton kernel where it measured faster), "fast_sdpa" forces SDPA, and
-"fast" also records its cold start (first forward with an empty tuning cache, kernel tuning
-included). On CPU: a small encoder, so the suite runs in seconds and never rots. Fast cases
-record the speedup over the reference measured in the same run; `extra_info` carries device,
-versions, dtype, batch, img/s and TFLOP/s (FLOPs from torch.utils.flop_counter).
+the fast cases record their cold start (first forward with an empty tuning cache, kernel
+tuning included). On CPU: a small encoder, so the suite runs in seconds and never rots. The
+reference runs in the same dtype (the model converted with `.to(dtype)`). FLOPs from
+torch.utils.flop_counter. Conventions: bench/common.py.
 
     pytest bench/test_bench_image_encoder.py --benchmark-only
 """
@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import fastsam_core
+from bench.common import DEVICE, record, repeats
 from fastsam_core import FastConfig
-from fastsam_core.benchmark import default_device, encoder_flops, env_info, synchronize
+from fastsam_core.benchmark import encoder_flops, synchronize
 from fastsam_core.models.convert import adopt_module
 from fastsam_core.models.sam.reference import build_sam
 from fastsam_core.ops import attention
@@ -37,18 +38,16 @@ class Case:
     overrides: dict = field(default_factory=dict)
 
 
-DEVICE = default_device()
 if DEVICE.type == "cuda":
     CASES = [
         Case("vit_b-1024-bs8", "vit_b", 1024, 8, torch.bfloat16, rounds=10),
         Case("vit_h-1024-bs8", "vit_h", 1024, 8, torch.bfloat16, rounds=5),
     ]
+    IMPLS = ["reference", "fast", "fast_sdpa"]
 else:
     SMALL = dict(depth=4, embed_dim=128, num_heads=4, global_attn_indexes=(1, 3))
     CASES = [Case("small-256-bs2", "vit_b", 256, 2, torch.float32, rounds=3, overrides=SMALL)]
-IMPLS = ["reference", "fast", "fast_sdpa"] if DEVICE.type == "cuda" else ["reference", "fast"]
-
-_median_s: dict[tuple[str, str], float] = {}
+    IMPLS = ["reference", "fast"]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
@@ -63,7 +62,8 @@ def case_model(request):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_image_encoder(benchmark, case_model, impl, tmp_path, monkeypatch):
     case, sam, x, flops = case_model
-    benchmark.group = f"image_encoder {case.name}"
+    group = f"image_encoder {case.name}"
+    benchmark.group = group
     info = {}
     if impl == "reference":
         encoder = adopt_module(sam.image_encoder, case.dtype)  # naive .to(dtype)
@@ -77,7 +77,8 @@ def test_image_encoder(benchmark, case_model, impl, tmp_path, monkeypatch):
 
     def run():
         with torch.inference_mode():
-            encoder(inputs)
+            for _ in range(repeats(impl)):
+                encoder(inputs)
         synchronize(DEVICE)
 
     if DEVICE.type == "cuda":
@@ -90,14 +91,8 @@ def test_image_encoder(benchmark, case_model, impl, tmp_path, monkeypatch):
     finally:
         if impl != "reference":
             fastsam_core.restore(sam)
-    info.update(env_info(DEVICE), impl=impl, variant=case.variant, image_size=case.image_size,
-                batch=case.batch, dtype=str(case.dtype).replace("torch.", ""))
     if DEVICE.type == "cuda":
         info["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        median = benchmark.stats.stats.median
-        _median_s[(case.name, impl)] = median
-        info.update(img_s=case.batch / median, tflop_s=flops / median / 1e12)
-        if impl != "reference" and (case.name, "reference") in _median_s:
-            info["speedup"] = _median_s[(case.name, "reference")] / median
-    benchmark.extra_info.update(info)
+    record(benchmark, group, impl, items=case.batch, flops=flops, variant=case.variant,
+           image_size=case.image_size, batch=case.batch,
+           dtype=str(case.dtype).replace("torch.", ""), **info)

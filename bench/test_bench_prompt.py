@@ -20,29 +20,17 @@ import torch
 from segment_anything import SamPredictor
 
 import fastsam_core
-from fastsam_core.benchmark import default_device, env_info, synchronize
+from bench.common import DEVICE, record, repeats
+from fastsam_core.benchmark import synchronize
 from fastsam_core.models.sam.reference import build_sam
 from fastsam_core.pipelines import predict_batch
 
-DEVICE = default_device()
 CUDA = DEVICE.type == "cuda"
 IMAGE_SIZE = 1024 if CUDA else 256
 PROMPT_COUNTS = [1, 16, 64, 256] if CUDA else [1, 16, 64]
 BATCH_IMAGES = 8 if CUDA else 2
 MAX_PROMPTS = 64 if CUDA else 8
 SMALL_ENCODER = dict(depth=2, embed_dim=64, num_heads=4, global_attn_indexes=(1,))
-_median_s: dict[tuple[str, str], float] = {}
-
-
-def _record(benchmark, group: str, impl: str, **info: object) -> None:
-    info.update(env_info(DEVICE), impl=impl)
-    if benchmark.stats is not None:
-        median = benchmark.stats.stats.median
-        _median_s[(group, impl)] = median
-        info["ms"] = median * 1e3
-        if impl == "fast" and (group, "reference") in _median_s:
-            info["speedup"] = _median_s[(group, "reference")] / median
-    benchmark.extra_info.update(info)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +55,10 @@ def test_decoder_latency(benchmark, decoder_model, prompts, impl):
 
     def run():
         with torch.inference_mode():
-            sparse, dense = sam.prompt_encoder(None, boxes, None)
-            sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, True)
+            for _ in range(repeats(impl)):
+                sparse, dense = sam.prompt_encoder(None, boxes, None)
+                sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense,
+                                 True)
         synchronize(DEVICE)
 
     try:
@@ -78,7 +68,7 @@ def test_decoder_latency(benchmark, decoder_model, prompts, impl):
             fastsam_core.restore(sam)
     dtype = str(sam.mask_decoder.iou_token.weight.dtype if impl == "reference"
                 else fastsam_core.FastConfig().resolve_dtype(DEVICE, torch.float32))
-    _record(benchmark, group, impl, prompts=prompts, image_size=IMAGE_SIZE,
+    record(benchmark, group, impl, prompts=prompts, image_size=IMAGE_SIZE,
             dtype=dtype.replace("torch.", ""))
 
 
@@ -124,7 +114,8 @@ def test_predict_batch(benchmark, batch_model, impl):
         synchronize(DEVICE)
 
     def fast():
-        predict_batch(sam, images, prompts)
+        for _ in range(repeats(impl)):
+            predict_batch(sam, images, prompts)
         synchronize(DEVICE)
 
     if impl == "fast":
@@ -135,5 +126,5 @@ def test_predict_batch(benchmark, batch_model, impl):
     finally:
         if impl == "fast":
             fastsam_core.restore(sam)
-    _record(benchmark, group, impl, images=BATCH_IMAGES,
+    record(benchmark, group, impl, items=BATCH_IMAGES, images=BATCH_IMAGES,
             prompts=sum(len(p["boxes"]) for p in prompts), image_size=IMAGE_SIZE)

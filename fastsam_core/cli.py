@@ -34,12 +34,139 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--runs", type=int, default=3)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", default=None, help="also write the result to this file")
-    args = parser.parse_args(argv)
-    return _bench(args, parser)
+    bench.set_defaults(run=_bench)
+
+    gate = commands.add_parser(
+        "gate",
+        help="run bench/ and fail on a performance regression against this device's baseline",
+        description="Run the pytest-benchmark suites and compare them with the baseline "
+        "committed for this device in BASELINES/<device>/: absolute medians (pytest-benchmark "
+        "--benchmark-compare-fail) and fast/reference speedup ratios. Exit status 1 on a "
+        "regression. Extra arguments after -- go to pytest (e.g. -- -k image_encoder).",
+    )
+    gate.add_argument("paths", nargs="*", default=["bench"], help="bench files or folders")
+    gate.add_argument("--save", action="store_true", help="record a new baseline instead")
+    gate.add_argument("--baselines", default="bench/baselines")
+    gate.add_argument("--abs-tolerance", type=float, default=25.0,
+                      help="allowed slowdown of a median, percent (default 25)")
+    gate.add_argument("--ratio-tolerance", type=float, default=15.0,
+                      help="allowed drop of a speedup ratio, percent (default 15)")
+    gate.set_defaults(run=_gate)
+
+    prof = commands.add_parser(
+        "profile",
+        help="torch.profiler trace and markdown summary of one stage",
+        description="Profile one stage of a random-weight SAM optimized with the given "
+        "config: writes a gzipped Chrome/Perfetto trace and a markdown summary (step time, "
+        "img/s, TFLOP/s against the device ceiling, time per part, top ops and kernels).",
+    )
+    prof.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    prof.add_argument("--stage", default="image_encoder",
+                      choices=["image_encoder", "prompt", "predictor"])
+    prof.add_argument("--batch", type=int, default=1,
+                      help="images per step (prompt stage: box prompts per step)")
+    prof.add_argument("--image-size", type=int, default=None)
+    prof.add_argument("--dtype", default=None)
+    prof.add_argument("--device", default=None)
+    prof.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS)
+    prof.add_argument("--compile", default=None, choices=COMPILE_MODES)
+    prof.add_argument("--active", type=int, default=3, help="profiled steps")
+    prof.add_argument("--out", default="profiles/out")
+    prof.set_defaults(run=_profile)
+
+    check = commands.add_parser(
+        "check",
+        help="compare the fast path with the reference on your weights and images",
+        description="Load your checkpoint, run the reference (fp32) and the fast path (per "
+        "--dtype) on your images with grid-point and box prompts, print mask IoU, score "
+        "differences and speedup. Exit status 1 when agreement is below the documented "
+        "thresholds (fastsam_core.check.MIN_MEAN_IOU).",
+    )
+    check.add_argument("images", nargs="+", help="image files (anything Pillow reads)")
+    check.add_argument("--model", default="vit_h", choices=["vit_b", "vit_l", "vit_h"])
+    check.add_argument("--checkpoint", required=True, help="the model's state_dict (.pth)")
+    check.add_argument("--dtype", action="append", default=None,
+                       help="float32, bfloat16 or float16; repeat for several (default: the "
+                       "device's default, bf16 on CUDA, fp32 on CPU)")
+    check.add_argument("--device", default=None)
+    check.add_argument("--grid", type=int, default=4, help="grid x grid point prompts")
+    check.set_defaults(run=_check)
+
+    summary = commands.add_parser("summarize", help="table of a pytest-benchmark JSON file")
+    summary.add_argument("result", help="a --benchmark-json or --benchmark-save file")
+    summary.set_defaults(run=lambda args, parser: print(_summarize(args.result)) or 0)
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.extra = extra
+    return args.run(args, parser)
 
 
-def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from fastsam_core.benchmark import bench_image_encoder, default_device
+def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from fastsam_core.profiling import profile_stage
+
+    device, config, image_size = _setup(args, parser)
+    result = profile_stage(args.stage, args.model, image_size, args.batch, device, config,
+                           args.out, args.active, log=lambda m: print(f"[fastsam] {m}",
+                                                                      flush=True))
+    print(result.summary.read_text())
+    print(f"wrote {result.summary} and {result.trace}")
+    return 0
+
+
+def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import numpy as np
+    from PIL import Image
+    from segment_anything import sam_model_registry
+
+    from fastsam_core.benchmark import default_device
+    from fastsam_core.check import format_rows, run_check
+
+    device = torch.device(args.device) if args.device else default_device()
+    try:
+        dtypes = [FastConfig(dtype=d).dtype for d in args.dtype or []] or [
+            FastConfig().resolve_dtype(device, torch.float32)]
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    if args.grid < 1:
+        parser.error("--grid must be at least 1")
+    images = []
+    for path in args.images:
+        try:
+            images.append(np.array(Image.open(path).convert("RGB")))
+        except OSError as err:
+            parser.error(f"cannot read image {path}: {err}")
+    print(f"[fastsam] loading {args.model} from {args.checkpoint}", flush=True)
+    sam = sam_model_registry[args.model](checkpoint=args.checkpoint).to(device).eval()
+    rows = run_check(sam, images, dtypes, grid=args.grid,
+                     log=lambda m: print(f"[fastsam] {m}", flush=True))
+    print(f"\n{len(images)} image(s), {args.grid * args.grid} point prompts (3 masks) and 3 "
+          f"boxes each, on {device}")
+    print(format_rows(rows))
+    return 0 if all(r.passed for r in rows) else 1
+
+
+def _summarize(path: str) -> str:
+    from pathlib import Path
+
+    from fastsam_core.gate import summarize
+
+    return summarize(Path(path))
+
+
+def _gate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pathlib import Path
+
+    from fastsam_core.gate import run_gate
+
+    return run_gate(args.paths, Path(args.baselines), args.save, args.abs_tolerance,
+                    args.ratio_tolerance / 100, args.extra)
+
+
+def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Device, FastConfig and image size from the shared options (errors via parser)."""
+    from fastsam_core.benchmark import default_device
 
     try:
         device = torch.device(args.device) if args.device else default_device()
@@ -48,18 +175,25 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(err))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    for name in ("batch", "runs"):
-        if getattr(args, name) < 1:
+    for name in ("batch", "runs", "active"):
+        if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.image_size is not None and args.image_size < 16:
         parser.error("--image-size must be at least 16")
-    dtype = config.resolve_dtype(device, torch.float32)
     image_size = args.image_size
     if image_size is None:
         image_size = 1024 if device.type == "cuda" else CPU_DEFAULT_IMAGE_SIZE
         if device.type != "cuda":
             print(f"[fastsam] CPU default: {image_size} px so the run takes about a minute; "
                   "--image-size 1024 for SAM's real size")
+    return device, config, image_size
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from fastsam_core.benchmark import bench_image_encoder
+
+    device, config, image_size = _setup(args, parser)
+    dtype = config.resolve_dtype(device, torch.float32)
 
     result = bench_image_encoder(
         variant=args.model, image_size=image_size, batch=args.batch, dtype=dtype,

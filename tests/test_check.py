@@ -1,0 +1,81 @@
+"""`fastsam check`: fast vs reference on the user's weights and images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from segment_anything import sam_model_registry
+
+import fastsam_core
+from fastsam_core import check
+from fastsam_core.cli import main
+from tests.conftest import small_sam
+from tests.models.sam.test_predictor_parity import smooth_image
+
+
+def test_run_check_fp32_and_bf16_agree_and_restore_the_model():
+    sam = small_sam()
+    images = [smooth_image(180, 240, 0), smooth_image(120, 100, 1)]
+    rows = check.run_check(sam, images, [torch.float32, torch.bfloat16], grid=2)
+    assert [r.dtype for r in rows] == [torch.float32, torch.bfloat16]
+    fp32, bf16 = rows
+    assert fp32.mean_iou >= check.MIN_MEAN_IOU[torch.float32] and fp32.passed
+    assert fp32.max_score_diff < 1e-4
+    assert bf16.mean_iou >= 0.98  # random weights: logits near 0 flip in bf16 (measured 0.991)
+    assert not fastsam_core.is_optimized(sam)
+    text = check.format_rows(rows)
+    assert "float32" in text and "bfloat16" in text and "speedup" in text
+
+
+def test_failing_agreement_is_reported():
+    row = check.CheckRow(torch.bfloat16, mean_iou=0.95, min_iou=0.5, max_score_diff=0.1,
+                         reference_ms=10.0, fast_ms=5.0)
+    assert not row.passed
+    assert "FAIL" in check.format_rows([row])
+
+
+def test_prompts_cover_grid_points_and_boxes():
+    prompts = check.prompts_for((100, 200), grid=3)
+    assert len(prompts) == 9 + 3
+    assert all(0 <= p["point_coords"][0, 0] < 200 for p in prompts[:9])
+    assert prompts[-1]["box"].tolist() == [20.0, 10.0, 180.0, 90.0]
+
+
+def test_cli_loads_checkpoint_and_images(tmp_path, monkeypatch, capsys):
+    """The CLI end to end; the registry's vit_b builder stands in for a small model (the real
+    one is 1024 px: minutes on this CPU)."""
+    torch.save(small_sam(seed=4).state_dict(), tmp_path / "weights.pth")
+    for i in range(2):
+        Image.fromarray(smooth_image(150, 200, i)).save(tmp_path / f"img{i}.png")
+
+    def build(checkpoint):
+        sam = small_sam()
+        sam.load_state_dict(torch.load(checkpoint))
+        return sam
+
+    monkeypatch.setitem(sam_model_registry, "vit_b", build)
+    status = main(["check", "--model", "vit_b", "--checkpoint", str(tmp_path / "weights.pth"),
+                   "--grid", "2", "--device", "cpu", str(tmp_path / "img0.png"),
+                   str(tmp_path / "img1.png")])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "2 image(s), 4 point prompts" in out and "float32" in out and " ok " in out
+
+
+def test_cli_rejects_unreadable_image(tmp_path, capsys):
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(SystemExit) as exc:
+        main(["check", "--checkpoint", "x.pth", str(tmp_path / "bad.png")])
+    assert exc.value.code == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_mask_iou():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    assert check.mask_iou(a, b) == pytest.approx(4 / 12)
+    assert check.mask_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0

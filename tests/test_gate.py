@@ -1,0 +1,75 @@
+"""`fastsam gate`: the regression gate over bench/ (pytest-benchmark compare + speedup ratios)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastsam_core.gate import compare_ratios, device_slug, latest_baseline, speedups
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_device_slug_is_a_folder_name():
+    slug = device_slug("cpu")
+    assert slug.startswith("cpu-") and "/" not in slug and " " not in slug
+
+
+def test_compare_ratios_flags_only_drops_beyond_tolerance():
+    rows = compare_ratios({"a": 1.9, "b": 1.0, "new": 3.0}, {"a": 2.0, "b": 2.0, "gone": 1.0},
+                          tolerance=0.15)
+    assert [(name, ok) for name, _, _, ok in rows] == [("a", True), ("b", False)]
+
+
+def test_speedups_and_latest_baseline(tmp_path):
+    folder = tmp_path / "Linux-CPython-3.11-64bit"
+    folder.mkdir()
+    for i, speed in ((1, 1.5), (2, 2.5)):
+        (folder / f"000{i}_baseline.json").write_text(json.dumps({"benchmarks": [
+            {"fullname": "f[fast]", "extra_info": {"speedup": speed}},
+            {"fullname": "f[reference]", "extra_info": {}}]}))
+    latest = latest_baseline(tmp_path)
+    assert latest.name == "0002_baseline.json"
+    assert speedups(latest) == {"f[fast]": 2.5}
+    assert latest_baseline(tmp_path / "missing") is None
+
+
+def gate(tmp_path, *args, repeat=1):
+    env = dict(os.environ, FASTSAM_BENCH_FAST_REPEAT=str(repeat))
+    cmd = [sys.executable, "-m", "fastsam_core", "gate", "bench/test_bench_image_encoder.py",
+           "--baselines", str(tmp_path), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_gate_passes_unchanged_and_fails_a_slowed_fast_path(tmp_path):
+    """The small image-encoder suite: save a baseline, rerun unchanged (passes), rerun with the
+    fast path doing its work 8 times per call (the speedup collapses: fails). Tolerances are
+    wide because this runs on a shared 2-core machine."""
+    saved = gate(tmp_path, "--save")
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    assert list(tmp_path.glob("*/*/0001_baseline.json"))
+    wide = ("--abs-tolerance", "400", "--ratio-tolerance", "60")
+    same = gate(tmp_path, *wide)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "ok " in same.stdout
+    slowed = gate(tmp_path, *wide, repeat=8)
+    assert slowed.returncode == 1, slowed.stdout + slowed.stderr
+    assert "FAIL" in slowed.stdout
+
+
+def test_gate_without_baseline_says_so(tmp_path):
+    done = gate(tmp_path, "--", "-k", "nothing_matches_this")
+    assert done.returncode != 0
+    assert "no baseline for this device" in done.stdout
+
+
+@pytest.mark.parametrize("args", [["--abs-tolerance", "x"]])
+def test_gate_rejects_bad_arguments(args):
+    done = subprocess.run([sys.executable, "-m", "fastsam_core", "gate", *args], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 2

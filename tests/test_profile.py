@@ -1,0 +1,41 @@
+"""`fastsam profile`: trace and summary of a stage (tiny sizes on the CPU)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from fastsam_core.cli import main
+from fastsam_core.profiling import ceiling_tflop_s, profile_stage
+
+
+@pytest.mark.parametrize("stage, parts", [
+    ("image_encoder", ["windowed_block", "global_block", "neck", "patch_embed"]),
+    ("prompt", ["prompt_encoder", "mask_decoder"]),
+])
+def test_profile_writes_trace_and_summary(tmp_path, stage, parts):
+    result = profile_stage(stage, "vit_b", 64, batch=2, device="cpu", out_dir=tmp_path,
+                           active=2)
+    text = result.summary.read_text()
+    assert f"# Profile: {stage}, SAM vit_b, 64 px, batch 2" in text
+    assert "TFLOP/s" in text and "commit" in text and "image_encoder" in text
+    for part in parts:
+        assert f"| {part} |" in text
+    assert "## Top ops and kernels by self CPU time" in text
+    with gzip.open(result.trace) as f:
+        assert "traceEvents" in json.load(f)
+    assert result.step_ms > 0
+
+
+def test_ceiling_is_known_for_the_h200_only():
+    assert ceiling_tflop_s("NVIDIA H200") == 790.0
+    assert ceiling_tflop_s("cpu x86_64 (2 threads)") is None
+
+
+def test_cli_profile(tmp_path, capsys):
+    assert main(["profile", "--stage", "predictor", "--image-size", "64", "--active", "1",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "# Profile: predictor" in out and "wrote" in out

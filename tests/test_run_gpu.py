@@ -1,0 +1,32 @@
+"""bench/run_gpu.sh, run on the CPU with a reduced selection: the files it leaves under $OUT
+(at most 8, at most two folders deep) and the summary table it prints last."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_runner_leaves_few_shallow_files_and_prints_the_summary(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable,
+               FASTSAM_RUNNER_BENCH="bench/test_bench_end_to_end.py",
+               FASTSAM_RUNNER_PROFILE="--model vit_b --image-size 128 --stage predictor")
+    done = subprocess.run(["bash", "bench/run_gpu.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert 4 <= len(files) <= 8
+    assert all(len(p.relative_to(out).parts) <= 3 for p in files)
+    assert all(p.stat().st_size < 16 * 2**20 for p in files)
+    names = {p.name for p in files}
+    assert "logs.tar.gz" in names and "0001_baseline.json" in names
+    assert any(n.endswith(".trace.json.gz") for n in names)
+    tail = done.stdout.strip().splitlines()
+    assert tail[-3].startswith("group") and "speedup" in tail[-3]
+    assert "fast" in tail[-2] and "reference" in tail[-1]
+    assert "tests    rc=0" in done.stdout and "profile  rc=0" in done.stdout
