@@ -48,7 +48,11 @@ git rev-parse HEAD >> "$WORK/logs/env.log" 2>/dev/null
 for stage in $stages; do
   case $stage in
     tests)
-      run tests "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rs ;;
+      # CUDA-marked tests, plus the kernel and op suites whole: on a GPU they run the
+      # compiled kernels (fp32 "ieee", fp16, bf16) instead of the interpreter
+      run tests "$PY" -m pytest tests/kernels tests/ops -q -p no:cacheprovider -rs
+      run cuda_tests "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rs \
+        --deselect tests/kernels --deselect tests/ops ;;
     bench)
       run bench "$PY" -m pytest ${FASTSAM_RUNNER_BENCH:-bench} --benchmark-only -q \
         -p no:cacheprovider --benchmark-storage="file://$OUT/baselines" \

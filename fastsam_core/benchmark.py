@@ -14,7 +14,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import adopt_module
 from fastsam_core.models.sam.reference import build_encoder, build_sam
+from fastsam_core.numerics import rel_l2
 from fastsam_core.patch import optimize, report
+
+__all__ = ["rel_l2"]  # re-exported: tests and tools import it from here too
 
 
 def default_device() -> torch.device:
@@ -71,12 +74,6 @@ def encoder_flops(
     with FlopCounterMode(display=False) as counter:
         encoder(x)
     return counter.get_total_flops()
-
-
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected||, in float64."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from segment_anything import SamPredictor
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 from torch import nn
 
@@ -23,12 +23,16 @@ from fastsam_core.models.convert import module_device, module_dtype
 from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
 from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
 from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
+from fastsam_core.pipelines.amg import DEFAULT_MAX_CHUNK_BYTES, FastAutomaticMaskGenerator
 from fastsam_core.report import Report, StageReport, UnsupportedModule
 
 _STATE = "_fastsam_state"
 # The module, not the function `segment_anything.build_sam` that shadows it on the package.
 builders = importlib.import_module("segment_anything.build_sam")
-_SUPPORTED = "segment_anything.modeling.Sam or segment_anything.SamPredictor"
+_SUPPORTED = ("segment_anything.modeling.Sam, segment_anything.SamPredictor or "
+              "segment_anything.SamAutomaticMaskGenerator")
+_SWAPPED = "_fastsam_swapped_class"  # on a mask generator whose class optimize() swapped
+Optimizable = Sam | SamPredictor | SamAutomaticMaskGenerator
 _STAGES = {  # attribute of Sam -> its fast replacement
     "image_encoder": FastImageEncoderViT,
     "prompt_encoder": FastPromptEncoder,
@@ -54,12 +58,14 @@ class _State:
     kept: list[StageReport] = field(default_factory=list)  # stages left to the reference
 
 
-def optimize(model: Sam | SamPredictor, config: FastConfig | None = None) -> Sam | SamPredictor:
+def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizable:
     """Replace the reference modules of `model` with fast ones, in place.
 
     Args:
-        model: a segment_anything `Sam`, or a `SamPredictor` (its model is optimized). Move it
-            to its device first: the default dtype depends on where it is (FastConfig.dtype).
+        model: a segment_anything `Sam`, a `SamPredictor` (its model is optimized) or a
+            `SamAutomaticMaskGenerator` (its model is optimized, and the generator becomes a
+            `FastAutomaticMaskGenerator`, same settings and results). Move the model to its
+            device first: the default dtype depends on where it is (FastConfig.dtype).
         config: FastConfig; None for the defaults.
 
     Returns:
@@ -73,6 +79,12 @@ def optimize(model: Sam | SamPredictor, config: FastConfig | None = None) -> Sam
     if not isinstance(config, FastConfig):
         raise TypeError(f"config must be a fastsam_core.FastConfig, got {type(config).__name__}")
     sam = _sam_of(model)
+    if type(model) is SamAutomaticMaskGenerator:
+        optimize(sam, config)
+        model.__class__ = FastAutomaticMaskGenerator
+        model.max_chunk_bytes = DEFAULT_MAX_CHUNK_BYTES
+        model.__dict__[_SWAPPED] = SamAutomaticMaskGenerator
+        return model
     state: _State | None = sam.__dict__.get(_STATE)
     if state is not None:
         if state.config == config:
@@ -101,8 +113,9 @@ def optimize(model: Sam | SamPredictor, config: FastConfig | None = None) -> Sam
     return model
 
 
-def restore(model: Sam | SamPredictor) -> Sam | SamPredictor:
-    """Put back every original module of an optimized model (the same objects).
+def restore(model: Optimizable) -> Optimizable:
+    """Put back every original module of an optimized model (the same objects); a mask
+    generator gets its own class back.
 
     With FastConfig.originals "keep" or "offload", or when the dtype did not change, the
     parameters are the original ones, so outputs are bit-identical to before `optimize()`. An
@@ -113,6 +126,9 @@ def restore(model: Sam | SamPredictor) -> Sam | SamPredictor:
         ValueError: `model` is not optimized.
     """
     sam = _sam_of(model)
+    if _SWAPPED in getattr(model, "__dict__", {}):
+        model.__class__ = model.__dict__.pop(_SWAPPED)
+        del model.max_chunk_bytes
     state: _State | None = sam.__dict__.get(_STATE)
     if state is None:
         raise ValueError("model is not optimized (fastsam_core.optimize was not applied to it)")
@@ -136,12 +152,12 @@ def restore(model: Sam | SamPredictor) -> Sam | SamPredictor:
     return model
 
 
-def is_optimized(model: Sam | SamPredictor) -> bool:
+def is_optimized(model: Optimizable) -> bool:
     """True if `optimize()` was applied to `model` and not undone by `restore()`."""
     return _STATE in _sam_of(model).__dict__
 
 
-def report(model: Sam | SamPredictor) -> Report:
+def report(model: Optimizable) -> Report:
     """Which path each stage of `model` takes and why. `print(report(model))` shows a table."""
     sam = _sam_of(model)
     state: _State | None = sam.__dict__.get(_STATE)
@@ -186,6 +202,8 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
 
 
 def _sam_of(model: object) -> Sam:
+    if isinstance(model, SamAutomaticMaskGenerator):
+        model = model.predictor
     if isinstance(model, SamPredictor):
         model = model.model
     if isinstance(model, Sam):

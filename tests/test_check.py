@@ -23,7 +23,7 @@ def test_run_check_fp32_and_bf16_agree_and_restore_the_model():
     fp32, bf16 = rows
     assert fp32.mean_iou >= check.MIN_MEAN_IOU[torch.float32] and fp32.passed
     assert fp32.max_score_diff < 1e-4
-    assert bf16.mean_iou >= 0.98  # random weights: logits near 0 flip in bf16 (measured 0.991)
+    assert bf16.passed, bf16  # the documented threshold (check.MIN_MEAN_IOU)
     assert not fastsam_core.is_optimized(sam)
     text = check.format_rows(rows)
     assert "float32" in text and "bfloat16" in text and "speedup" in text

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from fastsam_core.cli import main
+from tests import tolerances as tol
 
 
 def test_bench_prints_times_speedup_and_parity(capsys, tmp_path):
@@ -19,7 +20,7 @@ def test_bench_prints_times_speedup_and_parity(capsys, tmp_path):
     assert "SAM vit_b image encoder, random weights, 64 px, batch 1, float32" in out
     assert "speedup:" in out and "reference" in out and "fast" in out
     result = json.loads(out_file.read_text())
-    assert result["fast_error"] < 1e-4 and result["reference_error"] == 0.0
+    assert result["fast_error"] <= tol.FP32_STAGE_REL_L2 and result["reference_error"] == 0.0
     assert result["gflop_per_image"] > 0 and result["speedup"] > 0
 
 

@@ -22,3 +22,14 @@ MASK_IOU_INT8 = 0.98  # int8 weights and activations move logits further
 # random-weight models put many logits near zero, where any rounding flips the sign. The
 # margin is relative to the standard deviation of the reference logits of that mask.
 MASK_LOGIT_MARGIN = 0.05
+
+# Automatic mask generation, fp32, fast generator vs the reference generator: each reference
+# mask must have a fast counterpart (same point, same crop) within these.
+AMG_MASK_IOU = 0.99  # fp32 logits differ by ~1e-6: only pixels at the threshold may flip
+AMG_BBOX_PX = 1  # a flipped edge pixel moves a box edge by at most one pixel
+AMG_AREA_REL = 0.01  # likewise for the area
+AMG_SCORE_ABS = 1e-3  # predicted IoU and stability score (the latter counts pixels near +-offset)
+# A mask whose reference score lies within this of a filter threshold, or whose box IoU with
+# another mask lies within this of an NMS threshold, may be kept by one generator only: such
+# cases are counted and reported, not failed.
+AMG_BORDERLINE_EPS = 1e-3

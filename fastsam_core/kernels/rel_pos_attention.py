@@ -85,8 +85,9 @@ def _rel_pos_attention_fwd(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // heads
-    h = pid_bh % heads
+    # int64: b * stride_qb exceeds 2**31 for large batches (qkv views: stride_qb = N * 3C)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < n_tokens

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from fastsam_core.numerics import rel_l2
+
 # Relative L2 distance a candidate's output may have from the reference output (the same math
 # through SDPA, in the same dtype): a few units of the dtype's rounding after a softmax-weighted
 # sum, far below what a wrong tile (garbage or unwritten rows) produces.
@@ -60,6 +62,10 @@ class Tuner:
     def cache_file(self) -> Path:
         return cache_dir() / f"{self.name}.json"
 
+    def cache_entries(self) -> int:
+        """Choices stored in the per-user cache file (all devices)."""
+        return sum(len(keys) for keys in _read(self.cache_file()).values())
+
     def cached(self, device: str, key: str, names: list[str]) -> str | None:
         """A choice made earlier (this process, the shipped table, the user cache), if it is
         still one of `names`; else None."""
@@ -95,8 +101,7 @@ class Tuner:
                 out = run()
             except Exception:  # noqa: BLE001 - e.g. out of shared memory: not a candidate
                 continue
-            err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
-            if err <= tolerance:  # NaN fails this comparison too
+            if rel_l2(out, reference) <= tolerance:  # NaN fails this comparison too
                 timings[name] = self.timer(run)
         self.tuning_seconds += time.perf_counter() - start
         self.last_measurements = timings

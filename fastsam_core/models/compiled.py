@@ -7,12 +7,16 @@ from collections.abc import Callable
 
 import torch
 
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes with CUDA graphs
+
 
 class LazyCompiled:
     """`fn` through `torch.compile(mode=...)`, compiled on the first call.
 
     If that first call fails (no C++ compiler, an unsupported op, ...), `fn` runs eagerly from
-    then on and the failure is reported once, by warning and in `status`.
+    then on and the failure is reported once, by warning and in `status`. Under modes that
+    use CUDA graphs, outputs are copied out of the graph's memory pool, which the next replay
+    overwrites.
 
     Args:
         fn: the function to compile.
@@ -27,14 +31,15 @@ class LazyCompiled:
         self.what = what
         self.status = "pending first call" if mode else "eager"
         self.compiled = torch.compile(fn, mode=mode, **options) if mode else None
+        self.cudagraphs = mode in CUDAGRAPH_MODES
 
     def __call__(self, *args: object) -> object:
         if self.compiled is None:
             return self.fn(*args)
         if self.status != "pending first call":
-            return self.compiled(*args)
+            return self._own(self.compiled(*args))
         try:
-            out = self.compiled(*args)
+            out = self._own(self.compiled(*args))
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
             self.compiled = None
             self.status = f"failed, running eager ({type(err).__name__}: {err})"[:300]
@@ -43,3 +48,9 @@ class LazyCompiled:
             return self.fn(*args)
         self.status = "compiled"
         return out
+
+    def _own(self, out: object) -> object:
+        if not self.cudagraphs:
+            return out
+        return torch.utils._pytree.tree_map_only(
+            torch.Tensor, lambda t: t.clone() if t.is_cuda else t, out)

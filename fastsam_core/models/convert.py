@@ -47,3 +47,11 @@ def module_dtype(module: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to `device` without blocking the host: through pinned memory and a
+    non-blocking copy on CUDA (a pageable copy would wait for all queued GPU work)."""
+    if tensor.device == device or device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -18,25 +18,32 @@ Backends:
     "sdpa":   the bias is built once in the compute dtype and passed as the mask of
               `F.scaled_dot_product_attention` (fused softmax with fp32 statistics).
     "math":   explicit scores in the compute dtype, softmax (fp32 statistics), `@ v`.
-Inputs the kernel does not support, or a kernel disabled with FASTSAM_DISABLE_TRITON=1, take
-the SDPA path (with one warning when "triton" was asked for).
+Inputs the kernel does not support, a kernel disabled with FASTSAM_DISABLE_TRITON=1, a machine
+without Triton, or a shape where no launch configuration matched the reference take the SDPA
+path (with one warning when "triton" was asked for).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from fastsam_core.kernels import rel_pos_attention as kernel
+from fastsam_core.config import ATTENTION_BACKENDS as BACKENDS
 from fastsam_core.kernels.tuning import Tuner
 
-BACKENDS = ("auto", "triton", "sdpa", "math")
+try:
+    from fastsam_core.kernels import rel_pos_attention as kernel
+except ImportError:  # no Triton on this platform: the SDPA and math paths still work
+    kernel = None
+
 DISABLE_ENV = "FASTSAM_DISABLE_TRITON"
 TUNER = Tuner("rel_pos_attention")
-KERNEL_FALLBACKS: dict[str, int] = {}  # reason -> calls that asked for the kernel and got SDPA
+KERNEL_VERSION = 1  # part of every tuning key: bump when the kernel's code changes
+KERNEL_FALLBACKS: dict[str, int] = {}  # reason -> calls (this process) that wanted the kernel
 
 
 def rel_pos_index(size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -61,20 +68,20 @@ def rel_pos_terms(
         grid: (h, w).
 
     Returns:
-        rel_h: B x heads x h x w x h, rel_w: B x heads x h x w x w.
+        rel_h: B x heads x N x h (query i, key row), rel_w: B x heads x N x w (key column).
     """
     h, w = grid
     q_grid = q.unflatten(2, (h, w))  # B x heads x h x w x d
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, pos_h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, pos_w)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, pos_h).flatten(2, 3)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, pos_w).flatten(2, 3)
     return rel_h, rel_w
 
 
 def rel_pos_bias(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
-    """Broadcast sum of the two bias terms: B x heads x N x N in their dtype."""
-    b, heads, h, w, _ = rel_h.shape
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # B x heads x h x w x h x w
-    return bias.reshape(b, heads, h * w, h * w)
+    """B x heads x N x N bias in the terms' dtype: bias[i, j] = rel_h[i, row(j)] +
+    rel_w[i, col(j)], key j at (j // w, j % w)."""
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # B x heads x N x kh x kw
+    return bias.flatten(-2)
 
 
 def kernel_disabled() -> bool:
@@ -83,6 +90,8 @@ def kernel_disabled() -> bool:
 
 def kernel_unsupported(q: torch.Tensor, grid: tuple[int, int]) -> str | None:
     """None if the Triton kernel can run on these inputs, else why not."""
+    if kernel is None:
+        return "Triton is not installed"
     if kernel_disabled():
         return f"disabled by {DISABLE_ENV}"
     return kernel.supports(q, grid[1])
@@ -112,22 +121,17 @@ def rel_pos_attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    terms = None if pos_h is None else rel_pos_terms(q, pos_h, pos_w, grid)
+    rel_h, rel_w = (None, None) if pos_h is None else rel_pos_terms(q, pos_h, pos_w, grid)
     if backend in ("auto", "triton"):
         reason = kernel_unsupported(q, grid)
         if reason is None:
-            rel_h = rel_w = None
-            if terms is not None:
-                b, heads, n, _ = q.shape
-                rel_h = terms[0].reshape(b, heads, n, grid[0])  # B x heads x N x kh
-                rel_w = terms[1].reshape(b, heads, n, grid[1])  # B x heads x N x kw
             return torch.ops.fastsam.rel_pos_attention(
                 q, k, v, rel_h, rel_w, grid[1], scale, backend == "auto"
             )
-        if backend == "triton":
-            _note_fallback(reason)
+        if backend == "triton" and not torch.compiler.is_compiling():
+            note_fallback(reason)
         backend = "sdpa"
-    bias = None if terms is None else rel_pos_bias(*terms)
+    bias = None if rel_h is None else rel_pos_bias(rel_h, rel_w)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     scores = torch.matmul(q * scale, k.transpose(-2, -1))  # B x heads x N x N
@@ -135,6 +139,13 @@ def rel_pos_attention(
         scores = scores + bias
     # softmax of a low-precision tensor accumulates in fp32 and returns the input dtype.
     return torch.matmul(scores.softmax(dim=-1), v)
+
+
+def _sdpa_into_layout(q, k, v, rel_h, rel_w, scale):
+    """The SDPA path with the custom op's output layout."""
+    bias = None if rel_h is None else rel_pos_bias(rel_h, rel_w)
+    return kernel.empty_output(q).copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                                scale=scale))
 
 
 @torch.library.custom_op("fastsam::rel_pos_attention", mutates_args=())
@@ -155,10 +166,9 @@ def _rel_pos_attention_op(
     else:
         config = _tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed)
     if config is None:
-        bias = None if rel_h is None else _bias_from_terms(rel_h, rel_w, key_grid_w)
-        out = kernel.empty_output(q)
-        return out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale))
-    return kernel.rel_pos_attention_fwd(q, k, v, rel_h, rel_w, key_grid_w, scale, config)
+        return _sdpa_into_layout(q, k, v, rel_h, rel_w, scale)
+    return kernel.rel_pos_attention_fwd(q, k, v, rel_h, rel_w, key_grid_w, scale, config,
+                                        out=kernel.empty_output(q))
 
 
 @_rel_pos_attention_op.register_fake
@@ -166,51 +176,54 @@ def _(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
     return kernel.empty_output(q)
 
 
-CANDIDATES = [
-    kernel.LaunchConfig(64, 64, 4, 2),
-    kernel.LaunchConfig(64, 64, 4, 3),
-    kernel.LaunchConfig(64, 32, 4, 3),
-    kernel.LaunchConfig(128, 64, 8, 2),
-    kernel.LaunchConfig(128, 32, 8, 3),
-    kernel.LaunchConfig(128, 128, 8, 2),
-]
+if kernel is not None:
+    CANDIDATES = [
+        kernel.LaunchConfig(64, 64, 4, 2),
+        kernel.LaunchConfig(64, 64, 4, 3),
+        kernel.LaunchConfig(64, 32, 4, 3),
+        kernel.LaunchConfig(128, 64, 8, 2),
+        kernel.LaunchConfig(128, 32, 8, 3),
+        kernel.LaunchConfig(128, 128, 8, 2),
+    ]
+    _BY_NAME = {c.as_key(): c for c in CANDIDATES}
 
 
-_BY_NAME = {c.as_key(): c for c in CANDIDATES}
+def tuning_key(q: torch.Tensor, key_grid_w: int, has_bias: bool, sdpa_allowed: bool) -> str:
+    """What a launch choice is valid for: shape (batch x heads bucketed to a power of two),
+    dtype, bias, mode, kernel and Triton versions."""
+    import triton
+
+    b, heads, n, d = q.shape
+    bucket = 2 ** math.ceil(math.log2(b * heads))
+    return (f"n{n}_kw{key_grid_w}_d{d}_bh{bucket}_{str(q.dtype)[6:]}_bias{has_bias}_"
+            f"{'auto' if sdpa_allowed else 'triton'}_v{KERNEL_VERSION}_triton{triton.__version__}")
 
 
 def _tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
-    """The measured-fastest LaunchConfig for this shape, or None when SDPA won."""
-    b, heads, n, d = q.shape
-    mode = "auto" if sdpa_allowed else "triton"
-    key = (f"n{n}_kw{key_grid_w}_d{d}_bh{b * heads}_{str(q.dtype)[6:]}"
-           f"_bias{rel_h is not None}_{mode}")
+    """The measured-fastest LaunchConfig for this shape, or None for SDPA (it won, or no
+    launch configuration matched the reference)."""
+    key = tuning_key(q, key_grid_w, rel_h is not None, sdpa_allowed)
     names = [*_BY_NAME, "sdpa"] if sdpa_allowed else list(_BY_NAME)
     device = torch.cuda.get_device_name(q.device)
     choice = TUNER.cached(device, key, names)
     if choice is None:
-        bias = None if rel_h is None else _bias_from_terms(rel_h, rel_w, key_grid_w)
         candidates = {
             name: (lambda c=c: kernel.rel_pos_attention_fwd(q, k, v, rel_h, rel_w,
                                                             key_grid_w, scale, c))
             for name, c in _BY_NAME.items()
         }
-        if sdpa_allowed:
-            candidates["sdpa"] = lambda: F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, scale=scale)
-        reference = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        choice = TUNER.tune(device, key, candidates, reference)
+        if sdpa_allowed:  # timed as it would run: bias built, output in the op's layout
+            candidates["sdpa"] = lambda: _sdpa_into_layout(q, k, v, rel_h, rel_w, scale)
+        reference = _sdpa_into_layout(q, k, v, rel_h, rel_w, scale)
+        try:
+            choice = TUNER.tune(device, key, candidates, reference)
+        except RuntimeError as err:  # no configuration matched: the correct path instead
+            note_fallback(str(err))
+            return None
     return _BY_NAME.get(choice)  # None for "sdpa"
 
 
-def _bias_from_terms(rel_h: torch.Tensor, rel_w: torch.Tensor, key_grid_w: int) -> torch.Tensor:
-    """B x heads x N x N bias from the B x heads x N x kh / kw terms."""
-    b, heads, n, kh = rel_h.shape
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # B x heads x N x kh x kw
-    return bias.reshape(b, heads, n, kh * key_grid_w)
-
-
-def _note_fallback(reason: str) -> None:
+def note_fallback(reason: str) -> None:
     if reason not in KERNEL_FALLBACKS:
         warnings.warn(f"fastsam_core: Triton attention unavailable ({reason}); using SDPA",
                       stacklevel=3)
@@ -227,7 +240,8 @@ def choose_backend(requested: str, device: torch.device) -> tuple[str, str]:
         raise ValueError(f"attention must be one of {BACKENDS}, got {requested!r}")
     if requested != "auto":
         return requested, "forced by FastConfig.attention"
-    if device.type == "cuda" and not kernel_disabled():
+    if device.type == "cuda" and kernel is not None and not kernel_disabled():
         return "auto", "auto: Triton kernel or SDPA, whichever measured faster per shape"
-    why = f"{DISABLE_ENV} is set" if kernel_disabled() else "no CUDA device"
+    why = ("Triton is not installed" if kernel is None else
+           f"{DISABLE_ENV} is set" if kernel_disabled() else "no CUDA device")
     return "sdpa", f"auto: fused SDPA, bias as mask ({why}: no Triton kernel)"

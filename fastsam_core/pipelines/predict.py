@@ -16,7 +16,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from fastsam_core.config import FastConfig
-from fastsam_core.models.convert import module_dtype
+from fastsam_core.models.convert import module_dtype, to_device
 from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
 from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
 
@@ -55,24 +55,18 @@ def predict_batch(
         raise ValueError(f"images has {len(images)} entries but prompts has {len(prompts)}")
     for i, image in enumerate(images):
         _check_image(i, image)
-    prompt_encoder, decoder = _fast_prompt_path(sam)
+    prompt_encoder, decoder = fast_prompt_path(sam)
     device = sam.device
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     parsed = [_parse_prompts(i, p, prompt_encoder.mask_input_size) for i, p in enumerate(prompts)]
 
     with torch.no_grad():
-        inputs, input_sizes = [], []
-        for image in images:
-            resized = torch.as_tensor(transform.apply_image(image), device=device)
-            input_sizes.append(tuple(resized.shape[:2]))
-            inputs.append(sam.preprocess(resized.permute(2, 0, 1).float()))  # 3 x S x S
-        embeddings = sam.image_encoder(torch.stack(inputs))  # n_img x C x h x w
-
-        sparse, dense = [], []
+        sparse, dense = [], []  # prompts first: their small copies never wait for the encoder
         for image, p in zip(images, parsed, strict=True):
             s, d = _embed(prompt_encoder, transform, image.shape[:2], p, device)
             sparse.append(s)
             dense.append(d)
+        embeddings, input_sizes = encode_images(sam, images, transform)
         if all(d is None for d in dense):
             mask_embed = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
             dense_all = mask_embed.expand(1, -1, *prompt_encoder.image_embedding_size)
@@ -97,7 +91,24 @@ def predict_batch(
     return results
 
 
-def _fast_prompt_path(sam: Sam) -> tuple[FastPromptEncoder, FastMaskDecoder]:
+def encode_images(
+    sam: Sam, images: Sequence[np.ndarray], transform: ResizeLongestSide
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """One image-encoder call for `images`, transformed as `SamPredictor.set_image` does.
+
+    Returns:
+        n_img x C x h x w embeddings, and each image's size after resizing (the model input
+        before padding).
+    """
+    inputs, input_sizes = [], []
+    for image in images:
+        resized = torch.as_tensor(transform.apply_image(image), device=sam.device)
+        input_sizes.append(tuple(resized.shape[:2]))
+        inputs.append(sam.preprocess(resized.permute(2, 0, 1).float()))  # 3 x S x S
+    return sam.image_encoder(torch.stack(inputs)), input_sizes
+
+
+def fast_prompt_path(sam: Sam) -> tuple[FastPromptEncoder, FastMaskDecoder]:
     """The model's fast prompt encoder and decoder, or fast views sharing its weights."""
     fast = []
     for ref, fast_class in ((sam.prompt_encoder, FastPromptEncoder),
@@ -163,11 +174,13 @@ def _embed(prompt_encoder: FastPromptEncoder, transform: ResizeLongestSide,
         return torch.empty(0, 0, prompt_encoder.embed_dim, device=device), None
     points = boxes = masks = None
     if "point_coords" in p:
-        coords = transform.apply_coords_torch(p["point_coords"].to(device), original_size)
-        points = (coords, p["point_labels"].to(device, torch.int))
+        coords = transform.apply_coords_torch(to_device(p["point_coords"], device),
+                                              original_size)
+        points = (coords, to_device(p["point_labels"].int(), device))
     if "boxes" in p:
-        boxes = transform.apply_boxes_torch(p["boxes"].to(device, torch.float), original_size)
+        boxes = transform.apply_boxes_torch(to_device(p["boxes"].float(), device),
+                                            original_size)
     if "mask_input" in p:
-        masks = p["mask_input"].to(device, torch.float)
+        masks = to_device(p["mask_input"].float(), device)
     sparse, dense = prompt_encoder(points, boxes, masks)
     return sparse, dense if masks is not None else None

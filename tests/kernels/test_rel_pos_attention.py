@@ -103,8 +103,8 @@ def test_strided_inputs_as_the_encoder_passes_them():
 @torch.inference_mode()
 @pytest.mark.parametrize("name", ["win5-padded", "no-rel-pos"])
 def test_whole_encoder_with_triton_attention(name):
-    sam = small_sam(name)
-    x = image_batch(batch=1)
+    sam = small_sam(name).to(DEVICE)  # on a GPU machine: the compiled kernel, fp32 ("ieee")
+    x = image_batch(batch=1).to(DEVICE)
     expected = sam.image_encoder(x)
     fastsam_core.optimize(sam, FastConfig(attention="triton"))
     rep = fastsam_core.report(sam)
@@ -114,8 +114,8 @@ def test_whole_encoder_with_triton_attention(name):
 
 @torch.inference_mode()
 def test_encoder_fp16_with_triton_attention():
-    sam = small_sam("win5-padded")
-    x = image_batch(batch=1)
+    sam = small_sam("win5-padded").to(DEVICE)
+    x = image_batch(batch=1).to(DEVICE)
     naive = in_dtype(sam.image_encoder, torch.float16)(x.half())
     exact = in_dtype(sam.image_encoder, torch.float64)(x.double())
     fastsam_core.optimize(sam, FastConfig(attention="triton", dtype=torch.float16))
@@ -137,8 +137,8 @@ def test_compile_fullgraph_traces_the_custom_op():
 
 @torch.inference_mode()
 def test_compile_fullgraph_traces_the_encoder_with_triton_attention():
-    sam = small_sam()
-    x = image_batch(batch=1)
+    sam = small_sam().to(DEVICE)
+    x = image_batch(batch=1).to(DEVICE)
     expected = sam.image_encoder(x)
     fastsam_core.optimize(sam, FastConfig(attention="triton"))
     fast = sam.image_encoder
@@ -247,3 +247,18 @@ def test_tuned_op_on_cuda(backend, tmp_path, monkeypatch):
     exact = reference(*(t.double() for t in (q, k, v, rh, rw)), (14, 14))
     assert_lowp_parity(out, naive, exact)
     assert ops.TUNER.last_measurements  # measured on first use
+
+
+@cuda
+@pytest.mark.parametrize("config", ops.CANDIDATES if ops.kernel is not None else [],
+                         ids=lambda c: c.as_key())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_tuning_candidate_on_cuda(config, dtype):
+    """Each launch configuration the tuner may pick, on the vit_h shapes (d = 80)."""
+    for batch, grid in ((2, (64, 64)), (50, (14, 14))):
+        q, k, v, rh, rw = problem(batch, 16, grid, 80, dtype)
+        out = kernel.rel_pos_attention_fwd(q, k, v, rh, rw, grid[1], 80**-0.5, config)
+        naive = reference(q, k, v, rh, rw, grid)
+        exact = reference(*(t.double() for t in (q, k, v, rh, rw)), grid)
+        assert_lowp_parity(out, naive, exact)
+

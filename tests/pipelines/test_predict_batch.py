@@ -156,3 +156,24 @@ def test_under_inference_mode():
 def test_bad_input_names_the_image_and_key(images, prompts, match):
     with pytest.raises(ValueError, match=match):
         predict_batch(small_sam(), images, prompts)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference_on_cuda(dtype):
+    """The jagged decoder path compiled for the GPU (SDPA on nested tensors there)."""
+    sam = small_sam().cuda()
+    images, prompts = batch()
+    expected = reference(sam, images, prompts, True)
+    fastsam_core.optimize(sam, FastConfig(dtype=dtype))
+    got = predict_batch(sam, images, prompts)
+    for result, ref in zip(got, expected, strict=True):
+        if ref is None:
+            continue
+        masks_as_logits = result["masks"].float() - 0.5
+        if dtype == torch.float32:
+            assert_close_fp32(result["low_res_logits"], ref[2], tol.FP32_STAGE_REL_L2)
+            assert mask_iou_outside_margin(masks_as_logits, ref[0]) >= tol.MASK_IOU_FP32
+        else:
+            assert mask_iou_outside_margin(masks_as_logits, ref[0]) >= tol.MASK_IOU_BF16
+

@@ -31,6 +31,7 @@ from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, adopt_parameter, module_device
 from fastsam_core.models.fallback import ReferenceFallback
+from fastsam_core.models.sam.common import layer_norm_2d
 from fastsam_core.ops.attention import (
     KERNEL_FALLBACKS,
     choose_backend,
@@ -38,8 +39,6 @@ from fastsam_core.ops.attention import (
     rel_pos_index,
 )
 from fastsam_core.report import StageReport, UnsupportedModule
-
-_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class FastAttention(nn.Module):
@@ -203,7 +202,6 @@ class FastImageEncoderViT(ReferenceFallback):
         self.neck = neck
         self.fused_neck = _is_reference_neck(neck)
         self.attention_reason = attention_reason
-        self.compile_mode = compile_mode
         self._run_fast = LazyCompiled(self._forward_fast, compile_mode, "image encoder",
                                       fullgraph=True, dynamic=False)
 
@@ -244,10 +242,7 @@ class FastImageEncoderViT(ReferenceFallback):
             return self.run_reference(fallback, x)
         with torch.autocast(x.device.type, enabled=False):
             y = self._run_fast(x.to(self.patch_embed.proj.weight.dtype))
-        out = y.to(x.dtype)
-        if out is y and self.compile_mode in _CUDAGRAPH_MODES and x.is_cuda:
-            out = out.clone()  # CUDA-graph outputs are overwritten by the next replay
-        return out
+        return y.to(x.dtype)
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
@@ -272,9 +267,7 @@ class FastImageEncoderViT(ReferenceFallback):
         x = F.layer_norm(x, norm1.weight.shape, norm1.weight, norm1.bias, norm1.eps)
         # B x H x W x out -> B x out x H x W (channels-last memory) for the 3x3 conv
         x = F.conv2d(x.permute(0, 3, 1, 2), conv2.weight, None, conv2.stride, conv2.padding)
-        x = F.layer_norm(x.permute(0, 2, 3, 1), norm2.weight.shape, norm2.weight, norm2.bias,
-                         norm2.eps)
-        return x.permute(0, 3, 1, 2).contiguous()  # B x out x H x W
+        return layer_norm_2d(x, norm2).contiguous()  # B x out x H x W
 
     def _check_input(self, x: torch.Tensor) -> str | None:
         """Raise on input the reference cannot take; return a reason to fall back, or None."""
@@ -321,7 +314,8 @@ class FastImageEncoderViT(ReferenceFallback):
                 detail = (f"{len(blocks)} blocks on {attn.grid[0]}x{attn.grid[1]} tokens, {bias}; "
                           f"{self.attention_reason}")
                 if attn.backend in ("auto", "triton") and KERNEL_FALLBACKS:
-                    detail += "; kernel fell back to SDPA: " + ", ".join(KERNEL_FALLBACKS)
+                    detail += ("; kernel fell back to SDPA (this process): "
+                               + ", ".join(KERNEL_FALLBACKS))
                 stages.append(StageReport(f"image_encoder.attention[{kind}]", attn.backend,
                                           detail))
         neck = ("fused", "1x1 conv as matmul, LayerNorm2d as layer_norm") if self.fused_neck \

@@ -20,8 +20,9 @@ from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
-from fastsam_core.models.convert import adopt_module
+from fastsam_core.models.convert import adopt_module, to_device
 from fastsam_core.models.fallback import ReferenceFallback
+from fastsam_core.models.sam.common import layer_norm_2d
 from fastsam_core.models.sam.transformer import FastTwoWayTransformer, PromptGroups
 from fastsam_core.report import StageReport, UnsupportedModule
 
@@ -120,13 +121,13 @@ class FastMaskDecoder(ReferenceFallback):
             return (image_embeddings.new_empty(0, n_out, 4 * h, 4 * w),
                     image_embeddings.new_empty(0, n_out))
         if len(kept) < len(sparse):
-            image_embeddings = image_embeddings[kept]
+            image_embeddings = image_embeddings[to_device(torch.tensor(kept), device)]
             sparse = [sparse[i] for i in kept]
         # sizes are known on the host: the jagged structure costs no device-to-host sync
         counts = [s.shape[0] for s in sparse]
         image_index = torch.repeat_interleave(torch.arange(len(sparse)), torch.tensor(counts))
         groups = PromptGroups(
-            image_index.to(device), n_images=len(sparse),
+            to_device(image_index, device), n_images=len(sparse),
             prompt_lengths=[[s.shape[1] + 1 + self.num_mask_tokens] * s.shape[0] for s in sparse],
         )
         token_rows = [self.prompt_tokens(s.to(self.dtype)).flatten(0, 1) for s in sparse]
@@ -189,10 +190,7 @@ class FastMaskDecoder(ReferenceFallback):
         if not (len(seq) == 5 and type(seq[1]) is LayerNorm2d):
             return seq(x)
         up1, norm, act1, up2, act2 = seq
-        x = up1(x)
-        x = F.layer_norm(x.permute(0, 2, 3, 1), norm.weight.shape, norm.weight, norm.bias,
-                         norm.eps).permute(0, 3, 1, 2)
-        return act2(up2(act1(x)))
+        return act2(up2(act1(layer_norm_2d(up1(x), norm))))
 
     def hypernetworks(self, tokens: torch.Tensor) -> torch.Tensor:
         """The M mask tokens through their own 3-layer MLPs at once: K x M x C -> K x M x C/8."""

@@ -24,6 +24,7 @@ from torch import nn
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import adopt_module
 from fastsam_core.models.fallback import ReferenceFallback
+from fastsam_core.models.sam.common import layer_norm_2d
 from fastsam_core.report import StageReport, UnsupportedModule
 
 
@@ -80,10 +81,15 @@ class FastPromptEncoder(ReferenceFallback):
         return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
 
     def pixel_pe(self, coords: torch.Tensor) -> torch.Tensor:
-        """Encode pixel coordinates (x, y) of the model input frame: ... x 2 -> ... x C."""
+        """Encode pixel coordinates (x, y) of the model input frame: ... x 2 -> ... x C.
+
+        The shift to pixel centres and the normalization run in the dtype of `coords` (float64
+        from numpy, in the mask generator), then fp32, in the reference's order.
+        """
         h, w = self.input_image_size
-        size = coords.new_tensor([w, h], dtype=torch.float32)
-        return self.fourier((coords.float() + 0.5) / size)
+        xy = (coords if coords.is_floating_point() else coords.float()) + 0.5
+        # divide by Python numbers: a tensor [w, h] would be a host-to-device copy per call
+        return self.fourier(torch.stack((xy[..., 0] / w, xy[..., 1] / h), dim=-1))
 
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """Point tokens: B x P x 2 coords, B x P labels -> B x (P + pad) x C.
@@ -115,9 +121,9 @@ class FastPromptEncoder(ReferenceFallback):
             return self.mask_downscaling(x).float()
         conv1, norm1, act1, conv2, norm2, act2, conv3 = self.mask_downscaling
         x = conv1(x)
-        x = act1(_layer_norm_2d(x, norm1))
+        x = act1(layer_norm_2d(x, norm1))
         x = conv2(x)
-        x = act2(_layer_norm_2d(x, norm2))
+        x = act2(layer_norm_2d(x, norm2))
         return conv3(x).float()
 
     def forward(
@@ -161,12 +167,6 @@ class FastPromptEncoder(ReferenceFallback):
         return [StageReport("prompt_encoder", "fast",
                             "sync-free label selection, cached dense PE, fp32 Fourier features"
                             + self.fallback_summary())]
-
-
-def _layer_norm_2d(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
-    """LayerNorm2d as F.layer_norm over channels: B x C x H x W -> B x C x H x W."""
-    y = F.layer_norm(x.permute(0, 2, 3, 1), norm.weight.shape, norm.weight, norm.bias, norm.eps)
-    return y.permute(0, 3, 1, 2)
 
 
 def _is_reference_downscaling(seq: nn.Module) -> bool:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 from torch import nn
 
-from fastsam_core.models.convert import adopt_module
+from fastsam_core.models.convert import adopt_module, to_device
 from fastsam_core.report import UnsupportedModule
 
 
@@ -228,10 +228,9 @@ class PromptGroups:
         if prompt_lengths is not None:  # per image, the token count of each of its prompts
             flat = [n for per_image in prompt_lengths for n in per_image]
             totals = [sum(per_image) for per_image in prompt_lengths]
-            offsets = torch.tensor(
-                [0, *itertools.accumulate(flat), 0, *itertools.accumulate(totals)],
-                device=image_index.device,
-            )  # one host-to-device copy for both
+            offsets = to_device(torch.tensor(  # one host-to-device copy for both
+                [0, *itertools.accumulate(flat), 0, *itertools.accumulate(totals)]),
+                image_index.device)
             self.prompt_offsets = offsets[: len(flat) + 1]
             self.image_offsets = offsets[len(flat) + 1:]
             self.prompt_seqlens = (min(flat), max(flat))

@@ -1,0 +1,14 @@
+"""Helpers shared by the fast SAM modules."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+
+
+def layer_norm_2d(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
+    """The reference `LayerNorm2d` as `F.layer_norm` over channels (fp32 statistics for
+    low-precision inputs): B x C x H x W -> B x C x H x W."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), norm.weight.shape, norm.weight, norm.bias, norm.eps)
+    return y.permute(0, 3, 1, 2)

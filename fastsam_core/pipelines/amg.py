@@ -1,0 +1,216 @@
+"""Automatic mask generation ("segment everything"), fast and memory-bounded.
+
+Replaces the mask-generation core of `segment_anything.SamAutomaticMaskGenerator`
+(`_generate_masks`, `_process_crop`, `_process_batch`); its `generate()` (small-region removal,
+output modes, the annotation records) runs unchanged on our results, so the constructor
+arguments and the output are the reference's. Differences, all exact in fp32:
+
+- all crops of an image go through the image encoder in one batch;
+- point batches are large (`points_per_batch`, default 256) and decoded through the fast
+  prompt path;
+- the predicted-IoU filter runs before any upsampling (it does not depend on the masks);
+  the stability score, binarization and boxes of the survivors are computed on the device
+  from full-resolution logits made by the reference's own upsampling, a bounded chunk of
+  masks at a time (`max_chunk_bytes`), and only their low-resolution logits are kept;
+- after NMS, the kept masks are upsampled again, chunk by chunk, and run-length encoded on the
+  device, with one device-to-host copy per image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.modeling import Sam
+from segment_anything.utils.amg import (
+    MaskData,
+    batched_mask_to_box,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    uncrop_boxes_xyxy,
+    uncrop_points,
+)
+from torchvision.ops.boxes import batched_nms, box_area
+
+from fastsam_core.pipelines.predict import encode_images, fast_prompt_path
+
+DEFAULT_MAX_CHUNK_BYTES = 1 << 30  # full-resolution logits + masks upsampled at once: 1 GiB
+ENCODER_BATCH = 8  # crops per image-encoder call
+
+
+class FastAutomaticMaskGenerator(SamAutomaticMaskGenerator):
+    """`SamAutomaticMaskGenerator` with a fast, memory-bounded core (see the module docstring).
+
+    Args:
+        model: a segment_anything `Sam`, optimized or not.
+        points_per_batch: grid points decoded per mask-decoder call (default 256; the results
+            do not depend on it).
+        max_chunk_bytes: at most this many bytes of full-resolution fp32 logits plus boolean
+            masks exist at once (default 1 GiB; at least one mask is always processed).
+        **kwargs: every other argument of `SamAutomaticMaskGenerator`, same meaning.
+    """
+
+    def __init__(self, model: Sam, points_per_batch: int = 256,
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, **kwargs: Any) -> None:
+        if max_chunk_bytes < 1:
+            raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
+        if points_per_batch < 1:
+            raise ValueError(f"points_per_batch must be positive, got {points_per_batch}")
+        super().__init__(model, points_per_batch=points_per_batch, **kwargs)
+        self.max_chunk_bytes = max_chunk_bytes
+
+    @torch.no_grad()
+    def _generate_masks(self, image: np.ndarray) -> MaskData:
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes(
+            orig_size, self.crop_n_layers, self.crop_overlap_ratio
+        )
+        crops = [image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in crop_boxes]
+        sam = self.predictor.model
+        data = MaskData()
+        sizes = []  # per crop: (model input size, crop size)
+        for start in range(0, len(crops), ENCODER_BATCH):
+            embeddings, input_sizes = encode_images(sam, crops[start:start + ENCODER_BATCH],
+                                                    self.predictor.transform)
+            for j, (embedding, input_size) in enumerate(zip(embeddings, input_sizes,
+                                                            strict=True)):
+                i = start + j
+                sizes.append((input_size, crops[i].shape[:2]))
+                crop_data = self._crop_candidates(embedding[None], input_size, sizes[i][1],
+                                                  crop_boxes[i], layer_idxs[i], orig_size)
+                crop_data["crop_index"] = torch.full_like(crop_data["iou_preds"], i,
+                                                          dtype=torch.long)
+                data.cat(crop_data)
+
+        if len(crop_boxes) > 1:
+            scores = 1 / box_area(data["crop_boxes"])
+            keep = batched_nms(data["boxes"].float(), scores.to(data["boxes"].device),
+                               torch.zeros_like(scores), iou_threshold=self.crop_nms_thresh)
+            data.filter(keep)
+        data["rles"] = self._encode_rles(data, crop_boxes, sizes, orig_size)
+        del data["low_res"], data["crop_index"]
+        data.to_numpy()
+        return data
+
+    def _crop_candidates(self, embedding: torch.Tensor, input_size: tuple[int, int],
+                         crop_size: tuple[int, int], crop_box: list[int], layer_idx: int,
+                         orig_size: tuple[int, int]) -> MaskData:
+        """Decode the crop's grid points, filter, NMS: the crop's surviving masks, kept as
+        low-resolution logits with their scores and boxes (in image coordinates)."""
+        sam = self.predictor.model
+        device = sam.device
+        prompt_encoder, decoder = fast_prompt_path(sam)
+        image_pe = prompt_encoder.get_dense_pe()
+        points_scale = np.array(crop_size)[None, ::-1]
+        points_for_image = self.point_grids[layer_idx] * points_scale
+        orig_h, orig_w = orig_size
+        data = MaskData()
+        for start in range(0, len(points_for_image), self.points_per_batch):
+            points = points_for_image[start:start + self.points_per_batch]
+            coords = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size),
+                                     device=device)
+            labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
+            sparse, dense = prompt_encoder((coords[:, None, :], labels), None, None)
+            low_res, iou_preds = decoder(embedding, image_pe, sparse, dense, True)
+            batch = MaskData(
+                low_res=low_res.flatten(0, 1),  # (points x 3) x 256 x 256
+                iou_preds=iou_preds.flatten(0, 1),
+                points=torch.as_tensor(points.repeat(low_res.shape[1], axis=0), device=device),
+            )
+            if self.pred_iou_thresh > 0.0:  # exact before upsampling: scores only
+                batch.filter(batch["iou_preds"] > self.pred_iou_thresh)
+            batch["stability_score"], batch["boxes"] = self._score_and_box(
+                batch["low_res"], input_size, crop_size)
+            keep = ~is_box_near_crop_edge(batch["boxes"], crop_box, [0, 0, orig_w, orig_h])
+            if self.stability_score_thresh > 0.0:
+                keep &= batch["stability_score"] >= self.stability_score_thresh
+            batch.filter(keep)
+            data.cat(batch)
+        keep = batched_nms(data["boxes"].float(), data["iou_preds"],
+                           torch.zeros_like(data["iou_preds"]), iou_threshold=self.box_nms_thresh)
+        data.filter(keep)
+        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = uncrop_points(data["points"], crop_box)
+        data["crop_boxes"] = torch.tensor(crop_box, device=device).expand(len(keep), 4)
+        return data
+
+    def _chunk(self, size: tuple[int, int]) -> int:
+        """Masks per upsampling chunk under max_chunk_bytes (fp32 logits + bool mask)."""
+        return max(1, self.max_chunk_bytes // (5 * size[0] * size[1]))
+
+    def _upsampled(self, low_res: torch.Tensor, input_size: tuple[int, int],
+                   crop_size: tuple[int, int]):
+        """Full-resolution logits of `low_res` (M x 256 x 256), a bounded chunk at a time,
+        through the reference's `Sam.postprocess_masks`."""
+        sam = self.predictor.model
+        chunk = self._chunk(crop_size)
+        for start in range(0, low_res.shape[0], chunk):
+            part = low_res[start:start + chunk, None]  # m x 1 x 256 x 256
+            yield sam.postprocess_masks(part, input_size, crop_size)[:, 0]  # m x H x W
+
+    def _score_and_box(self, low_res: torch.Tensor, input_size: tuple[int, int],
+                       crop_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stability scores (M) and XYXY boxes (M x 4, crop coordinates) of the masks."""
+        threshold = self.predictor.model.mask_threshold
+        scores, boxes = [low_res.new_empty(0)], [low_res.new_empty(0, 4, dtype=torch.long)]
+        for logits in self._upsampled(low_res, input_size, crop_size):
+            scores.append(calculate_stability_score(logits, threshold,
+                                                    self.stability_score_offset))
+            boxes.append(batched_mask_to_box(logits > threshold))
+        return torch.cat(scores), torch.cat(boxes)
+
+    def _encode_rles(self, data: MaskData, crop_boxes: list[list[int]],
+                     sizes: list[tuple], orig_size: tuple[int, int]) -> list[dict]:
+        """Uncompressed RLEs of the kept masks, in image coordinates: upsampled again per crop
+        and chunk, encoded on the device, copied to the host once."""
+        crop_index = data["crop_index"].cpu().numpy()  # which crop made each kept mask
+        h, w = orig_size
+        threshold = self.predictor.model.mask_threshold
+        firsts, changes, order = [], [], []
+        done = 0
+        for crop in np.unique(crop_index):
+            members = np.flatnonzero(crop_index == crop)
+            order.extend(members)
+            (x0, y0, _, _), (input_size, crop_size) = crop_boxes[crop], sizes[crop]
+            pad = (x0, w - x0 - crop_size[1], y0, h - y0 - crop_size[0])
+            low_res = data["low_res"][torch.as_tensor(members, device=data["low_res"].device)]
+            for logits in self._upsampled(low_res, input_size, crop_size):
+                masks = torch.nn.functional.pad(logits > threshold, pad)  # m x h x w
+                first, change = _rle_changes(masks)
+                change[:, 0] += done
+                done += masks.shape[0]
+                firsts.append(first)
+                changes.append(change)
+        if not firsts:
+            return []
+        first = torch.cat(firsts).cpu().numpy()
+        change = torch.cat(changes).cpu().numpy()
+        rles = _rles_from_changes(first, change, h, w)
+        out: list[dict] = [{}] * len(rles)
+        for rle, index in zip(rles, order, strict=True):
+            out[index] = rle
+        return out
+
+
+def _rle_changes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First pixel and change positions of M x h x w boolean masks in column-major order.
+
+    Returns:
+        first: M bool; changes: N x 2 (mask, index i where pixel i + 1 differs from pixel i).
+    """
+    flat = masks.transpose(1, 2).flatten(1)  # Fortran order, as COCO's RLE
+    return flat[:, 0], (flat[:, 1:] ^ flat[:, :-1]).nonzero()
+
+
+def _rles_from_changes(first: np.ndarray, changes: np.ndarray, h: int, w: int) -> list[dict]:
+    """COCO uncompressed RLEs from the `_rle_changes` of all masks (host side)."""
+    bounds = np.searchsorted(changes[:, 0], np.arange(len(first) + 1))
+    rles = []
+    for i, starts_on in enumerate(first):
+        edges = np.concatenate([[0], changes[bounds[i]:bounds[i + 1], 1] + 1, [h * w]])
+        rles.append({"size": [h, w], "counts": ([0] if starts_on else []) + np.diff(edges)
+                     .tolist()})
+    return rles

@@ -1,0 +1,151 @@
+"""FastAutomaticMaskGenerator against segment_anything's SamAutomaticMaskGenerator (fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.utils.amg import rle_to_mask
+
+import fastsam_core
+from fastsam_core.pipelines import FastAutomaticMaskGenerator
+from tests import tolerances as tol
+from tests.conftest import small_sam
+from tests.models.sam.test_predictor_parity import smooth_image
+
+# Random weights give near-zero predicted IoUs and masks spanning the whole image (so every
+# box is the image and any NMS below 1 keeps one mask): these settings keep tens of masks
+# (see the test output) through the score filters; NMS is then a no-op.
+SETTINGS = dict(points_per_side=6, pred_iou_thresh=-0.05, stability_score_thresh=0.3,
+                stability_score_offset=0.05, box_nms_thresh=1.0, crop_nms_thresh=1.0)
+
+
+def box_iou(a, b) -> float:
+    ax0, ay0, aw, ah = a
+    bx0, by0, bw, bh = b
+    ix = max(0.0, min(ax0 + aw, bx0 + bw) - max(ax0, bx0))
+    iy = max(0.0, min(ay0 + ah, by0 + bh) - max(ay0, by0))
+    inter = ix * iy
+    union = aw * ah + bw * bh - inter
+    return inter / union if union else 0.0
+
+
+def to_mask(segmentation) -> np.ndarray:
+    if isinstance(segmentation, np.ndarray):
+        return segmentation
+    if isinstance(segmentation.get("counts"), list):
+        return rle_to_mask(segmentation)
+    return mask_utils.decode(segmentation).astype(bool)
+
+
+def borderline(ann, others, settings) -> bool:
+    eps = tol.AMG_BORDERLINE_EPS
+    if abs(ann["predicted_iou"] - settings.get("pred_iou_thresh", 0.88)) < eps:
+        return True
+    if abs(ann["stability_score"] - settings.get("stability_score_thresh", 0.95)) < eps:
+        return True
+    cuts = [settings.get("box_nms_thresh", 0.7), settings.get("crop_nms_thresh", 0.7)]
+    return any(abs(box_iou(ann["bbox"], o["bbox"]) - cut) < eps for o in others
+               if o is not ann for cut in cuts)
+
+
+def compare(ref: list[dict], got: list[dict], settings: dict) -> int:
+    """Assert every mask of one side has its counterpart on the other, within tolerances;
+    returns the number of borderline masks kept by one side only."""
+    unmatched = 0
+    for side, other in ((ref, got), (got, ref)):
+        for ann in side:
+            same_prompt = [o for o in other if o["point_coords"] == ann["point_coords"]
+                           and o["crop_box"] == ann["crop_box"]]
+            mask = to_mask(ann["segmentation"])
+            best, best_iou = None, -1.0
+            for o in same_prompt:
+                m = to_mask(o["segmentation"])
+                union = np.logical_or(mask, m).sum()
+                iou = np.logical_and(mask, m).sum() / union if union else 1.0
+                if iou > best_iou:
+                    best, best_iou = o, iou
+            if best is None or best_iou < tol.AMG_MASK_IOU:
+                assert borderline(ann, ref + got, settings), (ann["bbox"], ann["predicted_iou"],
+                                                              ann["stability_score"])
+                unmatched += 1
+                continue
+            assert max(abs(a - b) for a, b in zip(ann["bbox"], best["bbox"],
+                                                  strict=True)) <= tol.AMG_BBOX_PX
+            assert abs(ann["area"] - best["area"]) <= tol.AMG_AREA_REL * max(ann["area"], 1)
+            assert abs(ann["predicted_iou"] - best["predicted_iou"]) <= tol.AMG_SCORE_ABS
+            assert abs(ann["stability_score"] - best["stability_score"]) <= tol.AMG_SCORE_ABS
+    return unmatched
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    dict(crop_n_layers=1, crop_n_points_downscale_factor=2),
+    dict(output_mode="uncompressed_rle"),
+    dict(output_mode="coco_rle", min_mask_region_area=40),
+], ids=["binary", "crops", "uncompressed_rle", "coco_rle+small_regions"])
+def test_same_masks_as_the_reference(extra, capsys):
+    sam = small_sam(seed=3)
+    image = smooth_image(160, 200, 5)
+    settings = {**SETTINGS, **extra}
+    ref = SamAutomaticMaskGenerator(sam, **settings).generate(image)
+    got = FastAutomaticMaskGenerator(sam, **settings).generate(image)
+    assert len(ref) >= 5, "settings should keep several masks"
+    assert set(got[0]) == set(ref[0])
+    assert type(got[0]["segmentation"]) is type(ref[0]["segmentation"])
+    borderline_cases = compare(ref, got, settings)
+    with capsys.disabled():
+        print(f"\n[amg parity {extra}] reference {len(ref)} masks, fast {len(got)}, "
+              f"borderline (kept by one side only): {borderline_cases}")
+
+
+def test_optimize_a_reference_generator_in_place():
+    sam = small_sam(seed=3)
+    image = smooth_image(160, 200, 5)
+    generator = SamAutomaticMaskGenerator(sam, **SETTINGS)
+    ref = generator.generate(image)
+    assert fastsam_core.optimize(generator) is generator
+    assert isinstance(generator, FastAutomaticMaskGenerator) and fastsam_core.is_optimized(sam)
+    got = generator.generate(image)
+    compare(ref, got, SETTINGS)
+    fastsam_core.restore(generator)
+    assert type(generator) is SamAutomaticMaskGenerator and not fastsam_core.is_optimized(sam)
+    assert not hasattr(generator, "max_chunk_bytes")
+
+
+def test_results_do_not_depend_on_point_batch_or_chunk_size():
+    sam = small_sam(seed=3)
+    fastsam_core.optimize(sam)
+    image = smooth_image(160, 200, 5)
+    a = FastAutomaticMaskGenerator(sam, **SETTINGS).generate(image)
+    b = FastAutomaticMaskGenerator(sam, points_per_batch=7, max_chunk_bytes=1,
+                                   **{k: v for k, v in SETTINGS.items()}).generate(image)
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x["segmentation"], y["segmentation"])
+        assert x["bbox"] == y["bbox"] and x["point_coords"] == y["point_coords"]
+
+
+def test_chunk_size_respects_the_memory_budget():
+    gen = FastAutomaticMaskGenerator(small_sam(), max_chunk_bytes=1 << 30)
+    h, w = 2160, 3840  # a 4k image: fp32 logits + bool mask = 5 bytes per pixel
+    chunk = gen._chunk((h, w))
+    assert chunk * 5 * h * w <= 1 << 30 < (chunk + 1) * 5 * h * w
+    assert FastAutomaticMaskGenerator(small_sam(), max_chunk_bytes=10)._chunk((h, w)) == 1
+
+
+def test_nothing_survives():
+    sam = small_sam()
+    got = FastAutomaticMaskGenerator(sam, points_per_side=4, pred_iou_thresh=0.99).generate(
+        smooth_image(100, 120, 1))
+    assert got == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_chunk_bytes=0), "max_chunk_bytes"),
+    (dict(points_per_batch=0), "points_per_batch"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FastAutomaticMaskGenerator(small_sam(), **kwargs)

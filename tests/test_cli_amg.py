@@ -1,0 +1,45 @@
+"""`fastsam amg`: COCO-RLE JSON and a PNG overlay per image."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+import fastsam_core.cli as cli
+from fastsam_core.cli import main
+from tests.conftest import small_sam
+from tests.models.sam.test_predictor_parity import smooth_image
+
+
+def test_amg_writes_json_and_overlay(tmp_path, monkeypatch, capsys):
+    # a random small SAM in place of the shipped tiny one, with thresholds that keep masks
+    monkeypatch.setattr(cli, "_tiny_sam", lambda parser: small_sam(seed=3))
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(smooth_image(160, 200, i)).save(paths[-1])
+    out = tmp_path / "out"
+    assert main(["amg", *map(str, paths), "--out", str(out), "--points-per-side", "4",
+                 "--pred-iou-thresh", "-1", "--stability-score-thresh", "0",
+                 "--box-nms-thresh", "1.0"]) == 0
+    for path in paths:
+        result = json.loads((out / f"{path.stem}.json").read_text())
+        assert result["height"] == 160 and result["width"] == 200
+        assert result["annotations"], "thresholds chosen to keep masks"
+        ann = result["annotations"][0]
+        rle = dict(ann["segmentation"], counts=ann["segmentation"]["counts"].encode())
+        assert mask_utils.decode(rle).sum() == ann["area"]
+        overlay = np.array(Image.open(out / f"{path.stem}.png"))
+        assert overlay.shape == (160, 200, 3)
+        assert not np.array_equal(overlay, np.array(Image.open(path)))
+    assert "wrote 2 JSON and PNG file pairs" in capsys.readouterr().out
+
+
+def test_amg_needs_a_checkpoint_for_real_models(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["amg", "x.png", "--out", str(tmp_path), "--model", "vit_h"])
+    assert exc.value.code == 2 and "needs --checkpoint" in capsys.readouterr().err
