@@ -14,6 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+from sam2.modeling.sam2_base import SAM2Base
+from sam2.sam2_image_predictor import SAM2ImagePredictor
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 from torch import nn
@@ -23,21 +26,38 @@ from fastsam_core.models.convert import module_device, module_dtype
 from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
 from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
 from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
+from fastsam_core.models.sam2.image_encoder import FastSam2ImageEncoder
 from fastsam_core.pipelines.amg import DEFAULT_MAX_CHUNK_BYTES, FastAutomaticMaskGenerator
 from fastsam_core.report import Report, StageReport, UnsupportedModule
 
 _STATE = "_fastsam_state"
 # The module, not the function `segment_anything.build_sam` that shadows it on the package.
 builders = importlib.import_module("segment_anything.build_sam")
-_SUPPORTED = ("segment_anything.modeling.Sam, segment_anything.SamPredictor or "
-              "segment_anything.SamAutomaticMaskGenerator")
+sam2_builders = importlib.import_module("sam2.build_sam")
+_SUPPORTED = ("segment_anything's Sam, SamPredictor, SamAutomaticMaskGenerator and sam2's "
+              "SAM2Base (SAM2VideoPredictor included), SAM2ImagePredictor, "
+              "SAM2AutomaticMaskGenerator")
 _SWAPPED = "_fastsam_swapped_class"  # on a mask generator whose class optimize() swapped
-Optimizable = Sam | SamPredictor | SamAutomaticMaskGenerator
-_STAGES = {  # attribute of Sam -> its fast replacement
-    "image_encoder": FastImageEncoderViT,
-    "prompt_encoder": FastPromptEncoder,
-    "mask_decoder": FastMaskDecoder,
+Optimizable = (Sam | SamPredictor | SamAutomaticMaskGenerator | SAM2Base | SAM2ImagePredictor
+               | SAM2AutomaticMaskGenerator)
+_STAGES = {  # attribute of the model -> its fast replacement (None: the reference, for now)
+    Sam: {
+        "image_encoder": FastImageEncoderViT,
+        "prompt_encoder": FastPromptEncoder,
+        "mask_decoder": FastMaskDecoder,
+    },
+    SAM2Base: {
+        "image_encoder": FastSam2ImageEncoder,
+        "sam_prompt_encoder": None,
+        "sam_mask_decoder": None,
+        "memory_attention": None,
+        "memory_encoder": None,
+    },
 }
+
+
+def _stages(model: nn.Module) -> dict:
+    return _STAGES[Sam if isinstance(model, Sam) else SAM2Base]
 
 
 @dataclass
@@ -101,7 +121,10 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
     encoder = sam.image_encoder
     dtype = config.resolve_dtype(module_device(encoder), module_dtype(encoder))
     state = _State(config=config, dtype=dtype)
-    for name, fast_class in _STAGES.items():
+    for name, fast_class in _stages(sam).items():
+        if fast_class is None:
+            state.kept.append(StageReport(name, "reference", "no fast version yet"))
+            continue
         try:
             fast = fast_class.from_reference(getattr(sam, name), config, dtype)
         except UnsupportedModule as err:
@@ -162,12 +185,12 @@ def report(model: Optimizable) -> Report:
     sam = _sam_of(model)
     state: _State | None = sam.__dict__.get(_STATE)
     if state is None:
-        stages = [StageReport(s, "reference", "not optimized") for s in _STAGES]
+        stages = [StageReport(s, "reference", "not optimized") for s in _stages(sam)]
         return Report(model=f"{type(sam).__name__} (not optimized)", stages=stages)
     stages = list(state.kept)
     for r in state.replacements:
         stages.extend(r.fast.describe())
-    order = list(_STAGES)
+    order = list(_stages(sam))
     stages.sort(key=lambda s: order.index(s.stage.split(".")[0]))
     dtype = str(state.dtype).replace("torch.", "")
     return Report(model=f"{type(sam).__name__}, {dtype}, {state.config}", stages=stages)
@@ -175,38 +198,62 @@ def report(model: Optimizable) -> Report:
 
 @contextlib.contextmanager
 def patched(config: FastConfig | None = None) -> Iterator[None]:
-    """Within the block, every SAM built by segment_anything's builders comes out optimized.
+    """Within the block, every model built by the reference builders comes out optimized.
 
-    Covers `sam_model_registry[...]`, `build_sam`, `build_sam_vit_h/l/b`, also when they were
-    imported before the block, by wrapping the builder they all call
-    (`segment_anything.build_sam._build_sam`). Undone on exit, also when the body raises;
-    models built inside stay optimized. Nested blocks: the innermost config wins. Not
-    thread-safe: the patch is process-wide while the block runs.
+    segment_anything: `sam_model_registry[...]`, `build_sam`, `build_sam_vit_h/l/b`, through
+    the builder they all call (`segment_anything.build_sam._build_sam`). sam2: `build_sam2`,
+    `build_sam2_hf` and `build_sam2_video_predictor` (its image parts), through the checkpoint
+    loader they share (`sam2.build_sam._load_checkpoint`): the model is optimized when the
+    builder puts it in eval mode, after moving it to its device (models built with
+    mode="train" are left alone). Names imported before the block are covered too. Undone on
+    exit, also when the body raises; models built inside stay optimized. Nested blocks: the
+    innermost config wins. Not thread-safe: the patch is process-wide while the block runs.
     """
     config = FastConfig() if config is None else config
     if not isinstance(config, FastConfig):
         raise TypeError(f"config must be a fastsam_core.FastConfig, got {type(config).__name__}")
-    current = builders._build_sam
-    base = getattr(current, "_fastsam_base", current)
+    sam_current = builders._build_sam
+    sam_base = getattr(sam_current, "_fastsam_base", sam_current)
+    sam2_current = sam2_builders._load_checkpoint
+    sam2_base = getattr(sam2_current, "_fastsam_base", sam2_current)
+    active = [True]
 
-    @functools.wraps(base)
+    @functools.wraps(sam_base)
     def build_optimized(*args, **kwargs):
-        return optimize(base(*args, **kwargs), config)
+        return optimize(sam_base(*args, **kwargs), config)
 
-    build_optimized._fastsam_base = base
+    @functools.wraps(sam2_base)
+    def load_then_optimize_on_eval(model, ckpt_path):
+        sam2_base(model, ckpt_path)
+
+        def eval_then_optimize():  # the builder's last step, after model.to(device)
+            del model.eval  # this instance override: once only
+            model.train(False)
+            if active[0]:
+                optimize(model, config)
+            return model
+
+        model.eval = eval_then_optimize
+
+    build_optimized._fastsam_base = sam_base
+    load_then_optimize_on_eval._fastsam_base = sam2_base
     builders._build_sam = build_optimized
+    sam2_builders._load_checkpoint = load_then_optimize_on_eval
     try:
         yield
     finally:
-        builders._build_sam = current
+        active[0] = False
+        builders._build_sam = sam_current
+        sam2_builders._load_checkpoint = sam2_current
 
 
-def _sam_of(model: object) -> Sam:
-    if isinstance(model, SamAutomaticMaskGenerator):
+def _sam_of(model: object) -> Sam | SAM2Base:
+    """The model inside a predictor or mask generator (either package)."""
+    if isinstance(model, (SamAutomaticMaskGenerator, SAM2AutomaticMaskGenerator)):
         model = model.predictor
-    if isinstance(model, SamPredictor):
+    if isinstance(model, (SamPredictor, SAM2ImagePredictor)):
         model = model.model
-    if isinstance(model, Sam):
+    if isinstance(model, (Sam, SAM2Base)):
         return model
     raise TypeError(f"fastsam_core supports {_SUPPORTED}; got {type(model).__module__}."
                     f"{type(model).__qualname__}")

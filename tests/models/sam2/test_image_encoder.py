@@ -1,0 +1,200 @@
+"""Parity of the fast SAM 2 image encoder (Hiera trunk + FPN neck) with sam2's, and the
+SAM2ImagePredictor on an optimized model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sam2.build_sam import build_sam2
+from sam2.modeling.backbones.hieradet import Hiera
+from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
+from sam2.modeling.position_encoding import PositionEmbeddingSine
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+import fastsam_core
+from fastsam_core import FastConfig
+from fastsam_core.models.sam2.image_encoder import FastSam2ImageEncoder
+from tests import tolerances as tol
+from tests.models.sam.test_predictor_parity import smooth_image
+from tests.parity import (
+    assert_close_fp32,
+    assert_lowp_parity,
+    in_dtype,
+    mask_iou_outside_margin,
+)
+
+
+def randomize_pos_embeds(module: torch.nn.Module, seed: int = 0) -> None:
+    """sam2 starts pos_embed and pos_embed_window at zero: fill them so they matter."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "pos_embed" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def small_encoder(seed: int = 0, top_down=(2, 3), interp="nearest") -> ImageEncoder:
+    """A small Hiera (4 stages, q-pooling, windowed and global blocks) with its FPN neck."""
+    torch.manual_seed(seed)
+    trunk = Hiera(embed_dim=32, num_heads=1, stages=(1, 2, 3, 1), global_att_blocks=(4,),
+                  window_pos_embed_bkg_spatial_size=(7, 7), window_spec=(8, 4, 4, 2))
+    neck = FpnNeck(PositionEmbeddingSine(64), d_model=64,
+                   backbone_channel_list=trunk.channel_list, fpn_top_down_levels=top_down,
+                   fpn_interp_model=interp)
+    encoder = ImageEncoder(trunk, neck, scalp=1).eval()
+    randomize_pos_embeds(encoder, seed)
+    return encoder
+
+
+def small_sam2(seed: int = 0):
+    """sam2.1 hiera_t at 256 px (the quirks of design.md section 8), pos embeds filled."""
+    torch.manual_seed(seed)
+    model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu",
+                       hydra_overrides_extra=["++model.image_size=256"])
+    randomize_pos_embeds(model.image_encoder, seed)
+    return model
+
+
+def images(batch=2, size=128, seed=1):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def fast(encoder, dtype=torch.float32):
+    return FastSam2ImageEncoder.from_reference(encoder, FastConfig(), dtype).eval()
+
+
+def outputs(out: dict) -> list[torch.Tensor]:
+    return [out["vision_features"], *out["backbone_fpn"], *out["vision_pos_enc"]]
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("top_down, interp", [((2, 3), "nearest"), ((0, 1, 2, 3), "bilinear")])
+def test_encoder_fp32(top_down, interp):
+    ref = small_encoder(top_down=top_down, interp=interp)
+    x = images()
+    expected, got = ref(x), fast(ref)(x)
+    assert set(got) == set(expected)
+    for a, b in zip(outputs(got), outputs(expected), strict=True):
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_encoder_low_precision(dtype):
+    ref = small_encoder()
+    x = images()
+    got = fast(ref, dtype)(x)
+    assert got["vision_features"].dtype == torch.float32  # the input's dtype
+    naive = in_dtype(ref, dtype)(x.to(dtype))
+    exact = in_dtype(ref, torch.float64)(x.double())
+    for level in range(len(exact["backbone_fpn"])):
+        assert_lowp_parity(got["backbone_fpn"][level], naive["backbone_fpn"][level],
+                           exact["backbone_fpn"][level])
+
+
+@torch.inference_mode()
+def test_cached_position_embedding_is_the_references_and_follows_loaded_weights():
+    ref = small_encoder()
+    encoder = fast(ref)
+    hw = (32, 32)  # 128 px through the stride-4 patch embedding
+    assert_close_fp32(encoder.trunk.pos_embed_for(hw)[0], ref.trunk._get_pos_embed(hw)[0],
+                      tol.FP32_OP_REL_L2)
+    assert encoder.trunk.pos_embed_for(hw) is encoder.trunk.pos_embed_for(hw)  # cached
+    other = small_encoder(seed=5)
+    encoder.load_state_dict(other.state_dict())
+    assert_close_fp32(encoder.trunk.pos_embed_for(hw)[0], other.trunk._get_pos_embed(hw)[0],
+                      tol.FP32_OP_REL_L2)
+
+
+@torch.inference_mode()
+def test_neck_alone():
+    ref = small_encoder()
+    encoder = fast(ref)
+    x = images()
+    trunk_out = ref.trunk(x)
+    expected, expected_pos = ref.neck(trunk_out)
+    sizes = [t.shape[-2:] for t in trunk_out]
+    got, pos = encoder.neck(trunk_out, [encoder.neck.pos_for(tuple(s), x.device) for s in sizes])
+    for a, b in zip(got + pos, expected + expected_pos, strict=True):
+        assert_close_fp32(a, b, tol.FP32_OP_REL_L2)
+
+
+def test_state_dict_keys_are_the_references():
+    ref = small_encoder()
+    for dtype in (torch.float32, torch.bfloat16):
+        keys = fast(ref, dtype).state_dict()
+        assert list(keys) == list(ref.state_dict())
+        assert all(v.dtype == dtype for v in keys.values())
+
+
+@pytest.mark.parametrize("bad, error", [
+    (torch.randn(2, 4, 128, 128), "B x 3 x H x W"),
+    (torch.zeros(1, 3, 128, 128, dtype=torch.uint8), "normalized float"),
+])
+def test_bad_input(bad, error):
+    with torch.inference_mode(), pytest.raises(ValueError, match=error):
+        fast(small_encoder())(bad)
+
+
+PROMPTS = {
+    "point": dict(point_coords=np.array([[70.0, 95.0]]), point_labels=np.array([1])),
+    "box": dict(box=np.array([30.0, 40.0, 200.0, 150.0])),
+    "point and box": dict(point_coords=np.array([[120.0, 90.0]]), point_labels=np.array([1]),
+                          box=np.array([30.0, 40.0, 200.0, 150.0])),
+}
+
+
+def predictor_logits(predictor, image):
+    predictor.set_image(image)
+    return {name: predictor.predict(**p, multimask_output=True, return_logits=True)
+            for name, p in PROMPTS.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_image_predictor_on_optimized_model(dtype):
+    model = small_sam2()
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]  # 256 px (design.md, sec. 8)
+    image = smooth_image(180, 240)
+    expected = predictor_logits(predictor, image)
+    assert fastsam_core.optimize(predictor, FastConfig(dtype=dtype)) is predictor
+    assert fastsam_core.report(model).path_of("image_encoder") == "fast"
+    got = predictor_logits(predictor, image)
+    for name in PROMPTS:
+        logits, scores = (torch.as_tensor(a) for a in got[name][:2])
+        ref_logits, ref_scores = (torch.as_tensor(a) for a in expected[name][:2])
+        iou = mask_iou_outside_margin(logits, ref_logits)
+        if dtype == torch.float32:
+            assert_close_fp32(logits, ref_logits, tol.FP32_STAGE_REL_L2)
+            assert_close_fp32(scores, ref_scores, tol.FP32_STAGE_REL_L2)
+            assert iou >= tol.MASK_IOU_FP32, name
+        else:
+            assert iou >= tol.MASK_IOU_BF16, (name, iou)
+    fastsam_core.restore(predictor)
+    assert type(model.image_encoder) is ImageEncoder
+
+
+def test_patched_covers_sam2_builders_imported_before():
+    with fastsam_core.patched(FastConfig(attention="math")):
+        model = small_sam2()  # calls build_sam2, imported at the top of this file
+        train = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu",
+                           mode="train", hydra_overrides_extra=["++model.image_size=256"])
+    assert fastsam_core.is_optimized(model) and not model.training
+    assert "eval" not in model.__dict__  # the one-shot hook is gone
+    assert not fastsam_core.is_optimized(train)
+    train.eval()  # outside the block: nothing happens
+    assert not fastsam_core.is_optimized(train)
+    assert not fastsam_core.is_optimized(small_sam2())
+
+
+def test_unsupported_trunk_is_kept_with_a_warning():
+    model = small_sam2()
+
+    class OtherTrunk(Hiera):
+        pass
+
+    model.image_encoder.trunk.__class__ = OtherTrunk
+    with pytest.warns(UserWarning, match="image_encoder kept as the reference"):
+        fastsam_core.optimize(model)
+    assert fastsam_core.report(model).path_of("image_encoder") == "reference"
