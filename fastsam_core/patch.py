@@ -27,6 +27,7 @@ from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
 from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
 from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
 from fastsam_core.models.sam2.image_encoder import FastSam2ImageEncoder
+from fastsam_core.models.sam2.mask_decoder import FastSam2MaskDecoder
 from fastsam_core.pipelines.amg import DEFAULT_MAX_CHUNK_BYTES, FastAutomaticMaskGenerator
 from fastsam_core.report import Report, StageReport, UnsupportedModule
 
@@ -48,8 +49,8 @@ _STAGES = {  # attribute of the model -> its fast replacement (None: the referen
     },
     SAM2Base: {
         "image_encoder": FastSam2ImageEncoder,
-        "sam_prompt_encoder": None,
-        "sam_mask_decoder": None,
+        "sam_prompt_encoder": FastPromptEncoder,
+        "sam_mask_decoder": FastSam2MaskDecoder,
         "memory_attention": None,
         "memory_encoder": None,
     },
@@ -188,8 +189,9 @@ def report(model: Optimizable) -> Report:
         stages = [StageReport(s, "reference", "not optimized") for s in _stages(sam)]
         return Report(model=f"{type(sam).__name__} (not optimized)", stages=stages)
     stages = list(state.kept)
-    for r in state.replacements:
-        stages.extend(r.fast.describe())
+    for r in state.replacements:  # named after the attribute they replace
+        stages.extend(StageReport(r.name + s.stage[s.stage.find("."):] if "." in s.stage
+                                  else r.name, s.path, s.detail) for s in r.fast.describe())
     order = list(_stages(sam))
     stages.sort(key=lambda s: order.index(s.stage.split(".")[0]))
     dtype = str(state.dtype).replace("torch.", "")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from sam2.modeling.sam2_utils import LayerNorm2d as Sam2LayerNorm2d
 from segment_anything.modeling.common import LayerNorm2d
+
+LAYER_NORMS_2D = (LayerNorm2d, Sam2LayerNorm2d)  # the same channel LayerNorm in both packages
 
 
 def layer_norm_2d(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:

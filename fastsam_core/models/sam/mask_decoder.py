@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, to_device
 from fastsam_core.models.fallback import ReferenceFallback
-from fastsam_core.models.sam.common import layer_norm_2d
+from fastsam_core.models.sam.common import LAYER_NORMS_2D, layer_norm_2d
 from fastsam_core.models.sam.transformer import FastTwoWayTransformer, PromptGroups
 from fastsam_core.report import StageReport, UnsupportedModule
 
@@ -89,7 +88,7 @@ class FastMaskDecoder(ReferenceFallback):
         groups = PromptGroups(
             torch.zeros(k, dtype=torch.long, device=image_embeddings.device), n_images=1)
         tokens = self.prompt_tokens(sparse_prompt_embeddings.to(self.dtype))
-        masks, iou = self._decode_dense(image_embeddings, image_pe, tokens, dense, groups)
+        masks, iou, _ = self._decode_dense(image_embeddings, image_pe, tokens, dense, groups)
         return self.select(masks, iou, multimask_output, image_embeddings.dtype)
 
     def decode_batch(
@@ -128,17 +127,21 @@ class FastMaskDecoder(ReferenceFallback):
         image_index = torch.repeat_interleave(torch.arange(len(sparse)), torch.tensor(counts))
         groups = PromptGroups(
             to_device(image_index, device), n_images=len(sparse),
-            prompt_lengths=[[s.shape[1] + 1 + self.num_mask_tokens] * s.shape[0] for s in sparse],
+            prompt_lengths=[[s.shape[1] + self.n_output_tokens()] * s.shape[0] for s in sparse],
         )
         token_rows = [self.prompt_tokens(s.to(self.dtype)).flatten(0, 1) for s in sparse]
         tokens = groups.tokens(torch.cat(token_rows))  # sum(K_i) x j x C
-        masks, iou = self.decode(image_embeddings, image_pe, tokens, dense, groups)
+        masks, iou, _ = self.decode(image_embeddings, image_pe, tokens, dense, groups)
         return self.select(masks, iou, multimask_output, image_embeddings.dtype)
 
     def prompt_tokens(self, sparse: torch.Tensor) -> torch.Tensor:
         """K x T x C prompt embeddings -> K x (1 + M + T) x C with the IoU and mask tokens."""
-        out = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        out = torch.cat(self.output_token_weights(), dim=0)
         return torch.cat([out.expand(sparse.shape[0], -1, -1), sparse], dim=1)
+
+    def output_token_weights(self) -> list[torch.Tensor]:
+        """The learned tokens placed before each prompt's tokens: IoU, then the masks'."""
+        return [self.iou_token.weight, self.mask_tokens.weight]
 
     def decode(
         self,
@@ -146,51 +149,69 @@ class FastMaskDecoder(ReferenceFallback):
         image_pe: torch.Tensor,
         tokens: torch.Tensor,
         dense: torch.Tensor,
-        groups: PromptGroups,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        groups: PromptGroups | None,
+        high_res: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All mask tokens' masks and IoU predictions.
 
         Args:
-            image_embeddings: n_img x C x h x w.
+            image_embeddings: n_img x C x h x w, or K x C x h x w (one per prompt) when
+                `groups` is None.
             image_pe: 1 x C x h x w.
-            tokens: K x T x C (dense or jagged), IoU and mask tokens first.
+            tokens: K x T x C (dense or jagged), the output tokens first.
             dense: K x C x h x w per prompt, or 1 x C x h x w for all.
-            groups: prompt -> image.
+            groups: prompt -> image, or None for one image per prompt.
+            high_res: SAM 2's high-resolution features (s0: C/8 at 4h x 4w, s1: C/4 at
+                2h x 2w, batch 1 or K), added during upscaling; None for SAM.
 
         Returns:
-            masks K x (1 + M) x 4h x 4w and IoU K x (1 + M), in the compute dtype.
+            masks K x (1 + M) x 4h x 4w, IoU K x (1 + M), and the output tokens after the
+            transformer K x n_out x C, in the compute dtype.
         """
         n_img, c, h, w = image_embeddings.shape
-        k = groups.image_index.shape[0]
+        k = tokens.shape[0]
         # n_img x C x h x w -> n_img x HW x C, channels last from here on
         src = image_embeddings.to(self.dtype).flatten(2).transpose(1, 2)
         dense = dense.to(self.dtype).flatten(2).transpose(1, 2)  # (K or 1) x HW x C
         # per-prompt mask inputs make the image side per prompt (one prompt: either way)
-        if dense.shape[0] == k and k != 1:
+        if groups is not None and dense.shape[0] == k and k != 1:
             src, groups = groups.gather(src) + dense, None
         else:
             src = src + dense
         pe = image_pe.to(self.dtype).flatten(2).transpose(1, 2)  # 1 x HW x C
         hs, src = self.transformer(src, pe, tokens, groups)
 
-        if hs.is_nested:  # only the leading IoU and mask tokens are needed: K x (1 + M) x C
-            hs = _leading_rows(hs, 1 + self.num_mask_tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1: 1 + self.num_mask_tokens, :]
+        n_out = self.n_output_tokens()
+        if hs.is_nested:  # only the output tokens are needed: K x n_out x C
+            hs = _leading_rows(hs, n_out)
+        s = n_out - 1 - self.num_mask_tokens  # SAM 2's object-score token comes first
+        iou_token_out = hs[:, s, :]
+        mask_tokens_out = hs[:, s + 1: s + 1 + self.num_mask_tokens, :]
 
         # K x HW x C -> K x C x h x w -> K x C/8 x 4h x 4w
-        upscaled = self.upscale(src.transpose(1, 2).reshape(k, c, h, w))
+        upscaled = self.upscale(src.transpose(1, 2).reshape(k, c, h, w), high_res)
         hyper_in = self.hypernetworks(mask_tokens_out)  # K x M x C/8
         masks = (hyper_in @ upscaled.flatten(2)).unflatten(-1, upscaled.shape[-2:])
-        return masks, self.iou_prediction_head(iou_token_out)
+        return masks, self.iou_prediction_head(iou_token_out), hs[:, :n_out]
 
-    def upscale(self, x: torch.Tensor) -> torch.Tensor:
-        """output_upscaling: K x C x h x w -> K x C/8 x 4h x 4w."""
+    def n_output_tokens(self) -> int:
+        return sum(w.shape[0] for w in self.output_token_weights())
+
+    def upscale(self, x: torch.Tensor, high_res: list[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """output_upscaling (with SAM 2's high-res features added after each transposed
+        convolution): K x C x h x w -> K x C/8 x 4h x 4w."""
         seq = self.output_upscaling
-        if not (len(seq) == 5 and type(seq[1]) is LayerNorm2d):
+        if not (len(seq) == 5 and type(seq[1]) in LAYER_NORMS_2D):
             return seq(x)
         up1, norm, act1, up2, act2 = seq
-        return act2(up2(act1(layer_norm_2d(up1(x), norm))))
+        x = up1(x)
+        if high_res is not None:
+            x = x + high_res[1].to(x.dtype)
+        x = up2(act1(layer_norm_2d(x, norm)))
+        if high_res is not None:
+            x = x + high_res[0].to(x.dtype)
+        return act2(x)
 
     def hypernetworks(self, tokens: torch.Tensor) -> torch.Tensor:
         """The M mask tokens through their own 3-layer MLPs at once: K x M x C -> K x M x C/8."""

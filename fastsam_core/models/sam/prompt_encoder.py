@@ -17,14 +17,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.common import LayerNorm2d
+from sam2.modeling.sam.prompt_encoder import PromptEncoder as Sam2PromptEncoder
 from segment_anything.modeling.prompt_encoder import PromptEncoder
 from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import adopt_module
 from fastsam_core.models.fallback import ReferenceFallback
-from fastsam_core.models.sam.common import layer_norm_2d
+from fastsam_core.models.sam.common import LAYER_NORMS_2D, layer_norm_2d
 from fastsam_core.report import StageReport, UnsupportedModule
 
 
@@ -48,6 +48,8 @@ class FastPromptEncoder(ReferenceFallback):
         self.mask_downscaling = adopt_module(ref.mask_downscaling, dtype)
         self.no_mask_embed = adopt_module(ref.no_mask_embed, torch.float32)
         self.fused_downscaling = _is_reference_downscaling(self.mask_downscaling)
+        # sam2 labels box corners 2 and 3 (its predictor passes boxes as points)
+        self.corner_labels = isinstance(ref, Sam2PromptEncoder)
         self._dense_pe: torch.Tensor | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module.forget_dense_pe())
 
@@ -55,9 +57,9 @@ class FastPromptEncoder(ReferenceFallback):
     def from_reference(
         cls, ref: PromptEncoder, config: FastConfig, dtype: torch.dtype
     ) -> FastPromptEncoder:
-        if type(ref) is not PromptEncoder:
-            raise UnsupportedModule(f"{type(ref).__qualname__} is not segment_anything's "
-                                    "PromptEncoder")
+        if type(ref) not in (PromptEncoder, Sam2PromptEncoder):
+            raise UnsupportedModule(f"{type(ref).__qualname__} is not segment_anything's or "
+                                    "sam2's PromptEncoder")
         return cls(ref, dtype)
 
     def forget_dense_pe(self) -> None:
@@ -95,17 +97,22 @@ class FastPromptEncoder(ReferenceFallback):
         """Point tokens: B x P x 2 coords, B x P labels -> B x (P + pad) x C.
 
         Label -1: padding (the "not a point" embedding only); 0: background; 1: foreground;
-        other labels keep the bare positional encoding, as in the reference.
+        2 and 3 (sam2): top-left and bottom-right box corners; other labels keep the bare
+        positional encoding, as in the reference.
         """
         if pad:
             coords = F.pad(coords, (0, 0, 0, 1))  # the padding point at (0, 0)
             labels = F.pad(labels, (0, 1), value=-1)
         labels = labels[..., None]
         pe = self.pixel_pe(coords) * (labels != -1)
-        return (pe
-                + (labels == -1) * self.not_a_point_embed.weight
-                + (labels == 0) * self.point_embeddings[0].weight
-                + (labels == 1) * self.point_embeddings[1].weight)
+        out = (pe
+               + (labels == -1) * self.not_a_point_embed.weight
+               + (labels == 0) * self.point_embeddings[0].weight
+               + (labels == 1) * self.point_embeddings[1].weight)
+        if self.corner_labels:
+            out = (out + (labels == 2) * self.point_embeddings[2].weight
+                   + (labels == 3) * self.point_embeddings[3].weight)
+        return out
 
     def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """Box tokens: B x 4 (x0, y0, x1, y1) -> B x 2 x C (one per corner)."""
@@ -172,5 +179,5 @@ class FastPromptEncoder(ReferenceFallback):
 def _is_reference_downscaling(seq: nn.Module) -> bool:
     """True for PromptEncoder.mask_downscaling: conv, LN2d, act, conv, LN2d, act, conv."""
     kinds = [type(m) for m in seq] if isinstance(seq, nn.Sequential) else []
-    return len(kinds) == 7 and kinds[0] is nn.Conv2d and kinds[1] is LayerNorm2d \
-        and kinds[3] is nn.Conv2d and kinds[4] is LayerNorm2d and kinds[6] is nn.Conv2d
+    return len(kinds) == 7 and kinds[0] is nn.Conv2d and kinds[1] in LAYER_NORMS_2D \
+        and kinds[3] is nn.Conv2d and kinds[4] in LAYER_NORMS_2D and kinds[6] is nn.Conv2d

@@ -23,6 +23,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from sam2.modeling.sam.transformer import TwoWayAttentionBlock as Sam2TwoWayAttentionBlock
+from sam2.modeling.sam.transformer import TwoWayTransformer as Sam2TwoWayTransformer
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 from torch import nn
 
@@ -174,10 +176,11 @@ class FastTwoWayTransformer(nn.Module):
 
     @classmethod
     def from_reference(cls, ref: TwoWayTransformer, dtype: torch.dtype) -> FastTwoWayTransformer:
-        if type(ref) is not TwoWayTransformer or any(
-            type(b) is not TwoWayAttentionBlock for b in ref.layers
+        """From segment_anything's or sam2's TwoWayTransformer (the same architecture)."""
+        if type(ref) not in (TwoWayTransformer, Sam2TwoWayTransformer) or any(
+            type(b) not in (TwoWayAttentionBlock, Sam2TwoWayAttentionBlock) for b in ref.layers
         ):
-            raise UnsupportedModule(f"{type(ref).__qualname__} is not segment_anything's "
+            raise UnsupportedModule(f"{type(ref).__qualname__} is not the reference "
                                     "TwoWayTransformer")
         return cls(ref, dtype)
 

@@ -1,0 +1,107 @@
+"""Parity of the fast SAM 2 prompt encoder and mask decoder with sam2's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastsam_core import FastConfig
+from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
+from fastsam_core.models.sam2.mask_decoder import FastSam2MaskDecoder
+from tests import tolerances as tol
+from tests.models.sam2.test_image_encoder import small_sam2
+from tests.parity import assert_close_fp32, assert_lowp_parity, in_dtype
+
+SIZE = 256  # small_sam2: 16 x 16 image embedding, high-res features 64 x 64 and 32 x 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_sam2()
+
+
+def prompts(k=4, p=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    coords = torch.rand(k, p, 2, generator=gen) * SIZE
+    labels = torch.randint(-1, 4, (k, p), generator=gen)  # sam2 uses 2 and 3 for box corners
+    boxes = torch.sort(torch.rand(k, 2, 2, generator=gen) * SIZE, dim=1).values.reshape(k, 4)
+    masks = torch.randn(k, 1, 64, 64, generator=gen) * 4
+    return coords, labels, boxes, masks
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["points", "boxes", "masks", "all"])
+def test_prompt_encoder_fp32(model, kind):
+    ref = model.sam_prompt_encoder
+    fast = FastPromptEncoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    coords, labels, boxes, masks = prompts()
+    args = {"points": ((coords, labels), None, None), "boxes": (None, boxes, None),
+            "masks": (None, None, masks), "all": ((coords, labels), boxes, masks)}[kind]
+    for got, expected in zip(fast(*args), ref(*args), strict=True):
+        assert got.shape == expected.shape
+        if got.numel():
+            assert_close_fp32(got, expected, tol.FP32_OP_REL_L2)
+
+
+def decoder_inputs(model, k, repeat_image, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    b = 1 if repeat_image else k
+    image = torch.randn(b, 256, 16, 16, generator=gen)
+    high_res = [torch.randn(b, 32, 64, 64, generator=gen), torch.randn(b, 64, 32, 32,
+                                                                       generator=gen)]
+    coords, labels, boxes, masks = prompts(k)
+    sparse, dense = model.sam_prompt_encoder((coords, labels.clamp(0, 1)), None, masks)
+    return image, model.sam_prompt_encoder.get_dense_pe(), sparse, dense, high_res
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("repeat_image", [True, False])
+@pytest.mark.parametrize("multimask", [True, False])
+def test_mask_decoder_fp32(model, repeat_image, multimask):
+    ref = model.sam_mask_decoder
+    assert ref.pred_obj_scores and ref.use_high_res_features
+    assert ref.dynamic_multimask_via_stability  # sam2.1 with apply_postprocessing
+    fast = FastSam2MaskDecoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    image, pe, sparse, dense, high_res = decoder_inputs(model, 5, repeat_image)
+    expected = ref(image, pe, sparse, dense, multimask, repeat_image, high_res)
+    got = fast(image, pe, sparse, dense, multimask, repeat_image, high_res)
+    assert len(got) == len(expected) == 4
+    for name, a, b in zip(("masks", "iou", "tokens", "object scores"), got, expected,
+                          strict=True):
+        assert a.shape == b.shape, name
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+def test_dynamic_multimask_takes_both_branches(model):
+    """Single-mask output picks the single-mask token's mask when stable, else the best of
+    the three: with the threshold at 0 and at 1.01 both branches are exercised."""
+    fast = FastSam2MaskDecoder.from_reference(model.sam_mask_decoder, FastConfig(),
+                                              torch.float32).eval()
+    ref = model.sam_mask_decoder
+    image, pe, sparse, dense, high_res = decoder_inputs(model, 3, True)
+    for threshold in (0.0, 1.01):
+        ref.dynamic_multimask_stability_thresh = fast.dynamic_multimask_stability_thresh = \
+            threshold
+        try:
+            expected = ref(image, pe, sparse, dense, False, True, high_res)
+            got = fast(image, pe, sparse, dense, False, True, high_res)
+        finally:
+            ref.dynamic_multimask_stability_thresh = 0.98
+        assert_close_fp32(got[0], expected[0], tol.FP32_STAGE_REL_L2)
+        assert_close_fp32(got[1], expected[1], tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+def test_mask_decoder_bf16(model):
+    ref = model.sam_mask_decoder
+    fast = FastSam2MaskDecoder.from_reference(ref, FastConfig(), torch.bfloat16).eval()
+    image, pe, sparse, dense, high_res = decoder_inputs(model, 4, True)
+    got = fast(image, pe, sparse, dense, True, True, high_res)
+    low = [image.bfloat16(), pe.bfloat16(), sparse.bfloat16(), dense.bfloat16()]
+    naive = in_dtype(ref, torch.bfloat16)(*low, True, True, [h.bfloat16() for h in high_res])
+    exact = in_dtype(ref, torch.float64)(image.double(), pe.double(), sparse.double(),
+                                         dense.double(), True, True,
+                                         [h.double() for h in high_res])
+    for a, b, c in zip(got, naive, exact, strict=True):
+        assert_lowp_parity(a, b, c)
