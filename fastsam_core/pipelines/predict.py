@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from sam2.modeling.sam2_base import SAM2Base
+from sam2.sam2_image_predictor import SAM2ImagePredictor
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
@@ -19,20 +21,23 @@ from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import module_dtype, to_device
 from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
 from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
+from fastsam_core.pipelines.predict_sam2 import predict_batch_sam2
 
 PROMPT_KEYS = ("point_coords", "point_labels", "boxes", "mask_input")
 
 
 def predict_batch(
-    model: Sam | SamPredictor,
+    model: Sam | SamPredictor | SAM2Base | SAM2ImagePredictor,
     images: Sequence[np.ndarray],
     prompts: Sequence[dict],
     multimask_output: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
-    """Masks for the prompts of several images, as `SamPredictor.predict_torch` per image.
+    """Masks for the prompts of several images, as `SamPredictor.predict_torch` per image (for
+    SAM 2: as `SAM2ImagePredictor.predict` per image, with pixel coordinates).
 
     Args:
-        model: a segment_anything `Sam` (optimized or not) or a `SamPredictor`.
+        model: a segment_anything `Sam` or `SamPredictor`, or a sam2 `SAM2Base` or
+            `SAM2ImagePredictor` (optimized or not).
         images: H x W x 3 uint8 RGB arrays; sizes may differ.
         prompts: one dict per image, each key optional: `point_coords` K x P x 2 and
             `point_labels` K x P, `boxes` K x 4 (XYXY), in that image's pixel coordinates;
@@ -47,14 +52,18 @@ def predict_batch(
     Raises:
         ValueError: bad images or prompts, naming the image and the key.
     """
-    sam = model.model if isinstance(model, SamPredictor) else model
-    if not isinstance(sam, Sam):
-        raise TypeError(f"model must be a segment_anything Sam or SamPredictor, got "
-                        f"{type(model).__name__}")
+    sam = model.model if isinstance(model, (SamPredictor, SAM2ImagePredictor)) else model
+    if not isinstance(sam, (Sam, SAM2Base)):
+        raise TypeError(f"model must be a segment_anything Sam / SamPredictor or a sam2 "
+                        f"SAM2Base / SAM2ImagePredictor, got {type(model).__name__}")
     if len(images) != len(prompts):
         raise ValueError(f"images has {len(images)} entries but prompts has {len(prompts)}")
     for i, image in enumerate(images):
         _check_image(i, image)
+    if isinstance(sam, SAM2Base):
+        mask_size = sam.sam_prompt_encoder.mask_input_size
+        parsed = [_parse_prompts(i, p, mask_size) for i, p in enumerate(prompts)]
+        return predict_batch_sam2(sam, images, parsed, multimask_output)
     prompt_encoder, decoder = fast_prompt_path(sam)
     device = sam.device
     transform = ResizeLongestSide(sam.image_encoder.img_size)

@@ -98,7 +98,8 @@ class FastMaskDecoder(ReferenceFallback):
         sparse: list[torch.Tensor],
         dense: torch.Tensor,
         multimask_output: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        high_res: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         """Decode the prompts of several images in one call.
 
         Args:
@@ -107,20 +108,25 @@ class FastMaskDecoder(ReferenceFallback):
             sparse: per image, K_i x T_i x C prompt embeddings (K_i may be 0; T_i may differ).
             dense: sum(K_i) x C x h x w mask embeddings, or 1 x C x h x w for all prompts.
             multimask_output: as in `forward`.
+            high_res: SAM 2's high-resolution features, n_img in their batch.
 
         Returns:
-            masks sum(K_i) x M x 4h x 4w and IoU predictions sum(K_i) x M, prompts in image
-            order, in the dtype of image_embeddings.
+            what `forward` returns (SAM: masks sum(K_i) x M x 4h x 4w and IoU sum(K_i) x M),
+            prompts in image order, in the dtype of image_embeddings.
         """
         device = image_embeddings.device
         kept = [i for i, s in enumerate(sparse) if s.shape[0]]  # images with prompts
-        n_out = 3 if multimask_output else 1
         if not kept:
-            h, w = image_embeddings.shape[-2:]
-            return (image_embeddings.new_empty(0, n_out, 4 * h, 4 * w),
-                    image_embeddings.new_empty(0, n_out))
+            n, (h, w) = self.n_output_tokens(), image_embeddings.shape[-2:]
+            empty = image_embeddings.new_empty
+            return self.finish(empty(0, 1 + self.num_mask_tokens, 4 * h, 4 * w),
+                               empty(0, 1 + self.num_mask_tokens),
+                               empty(0, n, self.transformer_dim),
+                               multimask_output, image_embeddings.dtype)
         if len(kept) < len(sparse):
-            image_embeddings = image_embeddings[to_device(torch.tensor(kept), device)]
+            index = to_device(torch.tensor(kept), device)
+            image_embeddings = image_embeddings[index]
+            high_res = None if high_res is None else [f[index] for f in high_res]
             sparse = [sparse[i] for i in kept]
         # sizes are known on the host: the jagged structure costs no device-to-host sync
         counts = [s.shape[0] for s in sparse]
@@ -131,8 +137,16 @@ class FastMaskDecoder(ReferenceFallback):
         )
         token_rows = [self.prompt_tokens(s.to(self.dtype)).flatten(0, 1) for s in sparse]
         tokens = groups.tokens(torch.cat(token_rows))  # sum(K_i) x j x C
-        masks, iou, _ = self.decode(image_embeddings, image_pe, tokens, dense, groups)
-        return self.select(masks, iou, multimask_output, image_embeddings.dtype)
+        if high_res is not None and len(sparse) > 1:  # each prompt's image's features
+            high_res = [f[groups.image_index] for f in high_res]
+        masks, iou, out_tokens = self.decode(image_embeddings, image_pe, tokens, dense, groups,
+                                             high_res)
+        return self.finish(masks, iou, out_tokens, multimask_output, image_embeddings.dtype)
+
+    def finish(self, masks: torch.Tensor, iou: torch.Tensor, out_tokens: torch.Tensor,
+               multimask_output: bool, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """`decode`'s results as `forward` returns them."""
+        return self.select(masks, iou, multimask_output, dtype)
 
     def prompt_tokens(self, sparse: torch.Tensor) -> torch.Tensor:
         """K x T x C prompt embeddings -> K x (1 + M + T) x C with the IoU and mask tokens."""

@@ -110,11 +110,10 @@ class FastSam2MaskDecoder(FastMaskDecoder):
         tokens = self.prompt_tokens(sparse_prompt_embeddings.to(self.dtype))
         masks, iou, out_tokens = self._decode_dense(image_embeddings, image_pe, tokens, dense,
                                                     groups, high_res)
-        return self.select_sam2(masks, iou, out_tokens, multimask_output,
-                                image_embeddings.dtype)
+        return self.finish(masks, iou, out_tokens, multimask_output, image_embeddings.dtype)
 
-    def select_sam2(self, masks: torch.Tensor, iou: torch.Tensor, out_tokens: torch.Tensor,
-                    multimask_output: bool, dtype: torch.dtype):
+    def finish(self, masks: torch.Tensor, iou: torch.Tensor, out_tokens: torch.Tensor,
+               multimask_output: bool, dtype: torch.dtype):
         """The reference's output selection, on the device (no host sync)."""
         s = 1 if self.pred_obj_scores else 0
         mask_tokens = out_tokens[:, s + 1:]

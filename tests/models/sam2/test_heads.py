@@ -105,3 +105,54 @@ def test_mask_decoder_bf16(model):
                                          [h.double() for h in high_res])
     for a, b, c in zip(got, naive, exact, strict=True):
         assert_lowp_parity(a, b, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_predict_batch_matches_the_image_predictor_per_image(dtype):
+    """fastsam_core.pipelines.predict_batch on a SAM 2 model against SAM2ImagePredictor.predict
+    looped per image: different image sizes, prompt counts and prompt kinds."""
+    import numpy as np
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    import fastsam_core
+    from fastsam_core.pipelines import predict_batch
+    from tests.models.sam.test_predictor_parity import smooth_image
+    from tests.parity import mask_iou_outside_margin
+
+    model = small_sam2()
+    gen = np.random.default_rng(0)
+    images = [smooth_image(180, 240, 0), smooth_image(120, 150, 1), smooth_image(200, 200, 2)]
+    prompts = [
+        dict(point_coords=gen.uniform(0, 120, (2, 2, 2)), point_labels=np.array([[1, 0], [1, 1]])),
+        {},
+        dict(point_coords=gen.uniform(0, 150, (3, 1, 2)), point_labels=np.ones((3, 1)),
+             boxes=np.array([[10, 10, 90, 100], [0, 0, 149, 119], [40, 30, 140, 110.0]])),
+    ]
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]  # 256 px (design.md, sec. 8)
+    expected = []
+    for image, p in zip(images, prompts, strict=True):
+        if not p:
+            expected.append(None)
+            continue
+        predictor.set_image(image)
+        expected.append(predictor.predict(p.get("point_coords"), p.get("point_labels"),
+                                          p.get("boxes"), multimask_output=True,
+                                          return_logits=True))
+    fastsam_core.optimize(model, FastConfig(dtype=dtype))
+    got = predict_batch(model, images, prompts)
+    assert got[1]["masks"].shape == (0, 3, 120, 150)
+    for result, ref, image in zip(got, expected, images, strict=True):
+        if ref is None:
+            continue
+        logits, scores, low = (torch.as_tensor(a) for a in ref)
+        if logits.dim() == 3:  # the predictor drops K when it is 1
+            logits, scores, low = logits[None], scores[None], low[None]
+        assert result["masks"].shape == logits.shape == (len(logits), 3, *image.shape[:2])
+        iou = mask_iou_outside_margin(result["masks"].float() - 0.5, logits)
+        if dtype == torch.float32:
+            assert_close_fp32(result["low_res_logits"], low, tol.FP32_STAGE_REL_L2)
+            assert_close_fp32(result["iou_predictions"], scores, tol.FP32_STAGE_REL_L2)
+            assert iou >= tol.MASK_IOU_FP32
+        else:
+            assert iou >= tol.MASK_IOU_BF16, iou
