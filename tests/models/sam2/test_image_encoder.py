@@ -198,3 +198,20 @@ def test_unsupported_trunk_is_kept_with_a_warning():
     with pytest.warns(UserWarning, match="image_encoder kept as the reference"):
         fastsam_core.optimize(model)
     assert fastsam_core.report(model).path_of("image_encoder") == "reference"
+
+
+@torch.inference_mode()
+def test_encoder_traces_with_fullgraph():
+    """torch.compile(fullgraph=True) through the whole encoder (aot_eager: the trace is what
+    is under test; Inductor on this CPU would take minutes)."""
+    from fastsam_core.models.compiled import LazyCompiled
+
+    ref = small_encoder()
+    encoder = fast(ref)
+    encoder._run_fast = LazyCompiled(encoder._forward_fast, "default", "SAM 2 image encoder",
+                                     backend="aot_eager", fullgraph=True)
+    x = images()
+    got = encoder(x)
+    assert encoder._run_fast.status == "compiled"
+    for a, b in zip(outputs(got), outputs(ref(x)), strict=True):
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
