@@ -1,6 +1,7 @@
 """`fastsam check`: does the fast path agree with the reference on *your* weights and images?
 
     python -m fastsam_core check --model vit_h --checkpoint sam_vit_h.pth photo1.jpg photo2.png
+    python -m fastsam_core check --model sam2.1_hiera_l --checkpoint sam2.1_hiera_large.pt a.jpg
 
 For every image, the reference model (fp32, unmodified) and the same model optimized with each
 requested dtype answer the same prompts: a grid of single points (3 masks each) and boxes at
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sam2.modeling.sam2_base import SAM2Base
+from sam2.sam2_image_predictor import SAM2ImagePredictor
 from segment_anything import SamPredictor
 
 from fastsam_core.benchmark import synchronize
@@ -57,7 +60,7 @@ def prompts_for(shape: tuple[int, int], grid: int) -> list[dict]:
     return out
 
 
-def answers(predictor: SamPredictor, image: np.ndarray, prompts: list[dict],
+def answers(predictor: SamPredictor | SAM2ImagePredictor, image: np.ndarray, prompts: list[dict],
             device: torch.device) -> tuple[list, float]:
     """(masks, scores) per prompt, and the seconds `set_image` took."""
     synchronize(device)
@@ -85,7 +88,7 @@ def run_check(
 
     The first `set_image` of each path is a warm-up and is not timed."""
     device = next(sam.parameters()).device
-    predictor = SamPredictor(sam)
+    predictor = SAM2ImagePredictor(sam) if isinstance(sam, SAM2Base) else SamPredictor(sam)
     per_image_prompts = [prompts_for(img.shape[:2], grid) for img in images]
     with torch.inference_mode():
         predictor.set_image(images[0])  # warm-up

@@ -11,6 +11,8 @@ import torch
 from fastsam_core.config import ATTENTION_BACKENDS, COMPILE_MODES, FastConfig
 
 CPU_DEFAULT_IMAGE_SIZE = 512  # vit_b at 512 px: reference + fast in about a minute on 2 cores
+SAM2_CONFIGS = {f"{version}_hiera_{size}": f"configs/{version}/{version}_hiera_{size}.yaml"
+                for version in ("sam2", "sam2.1") for size in ("t", "s", "b+", "l")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         "thresholds (fastsam_core.check.MIN_MEAN_IOU).",
     )
     check.add_argument("images", nargs="+", help="image files (anything Pillow reads)")
-    check.add_argument("--model", default="vit_h", choices=["vit_b", "vit_l", "vit_h"])
-    check.add_argument("--checkpoint", required=True, help="the model's state_dict (.pth)")
+    check.add_argument("--model", default="vit_h", choices=["vit_b", "vit_l", "vit_h",
+                                                            *SAM2_CONFIGS])
+    check.add_argument("--checkpoint", required=True,
+                       help="SAM: the state_dict (.pth); SAM 2: sam2's checkpoint (.pt)")
     check.add_argument("--dtype", action="append", default=None,
                        help="float32, bfloat16 or float16; repeat for several (default: the "
                        "device's default, bf16 on CUDA, fp32 on CPU)")
@@ -160,7 +164,12 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except OSError as err:
             parser.error(f"cannot read image {path}: {err}")
     print(f"[fastsam] loading {args.model} from {args.checkpoint}", flush=True)
-    sam = sam_model_registry[args.model](checkpoint=args.checkpoint).to(device).eval()
+    if args.model in SAM2_CONFIGS:
+        from sam2.build_sam import build_sam2
+
+        sam = build_sam2(SAM2_CONFIGS[args.model], args.checkpoint, device=str(device))
+    else:
+        sam = sam_model_registry[args.model](checkpoint=args.checkpoint).to(device).eval()
     rows = run_check(sam, images, dtypes, grid=args.grid,
                      log=lambda m: print(f"[fastsam] {m}", flush=True))
     print(f"\n{len(images)} image(s), {args.grid * args.grid} point prompts (3 masks) and 3 "

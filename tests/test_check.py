@@ -79,3 +79,34 @@ def test_mask_iou():
     b[1:3] = True
     assert check.mask_iou(a, b) == pytest.approx(4 / 12)
     assert check.mask_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+
+
+def test_run_check_on_sam2(monkeypatch, tmp_path, capsys):
+    """SAM 2 through SAM2ImagePredictor, from the CLI with sam2's checkpoint format (the real
+    build_sam2 makes a 1024 px model: this stands in a 256 px hiera_t)."""
+    import sam2.build_sam
+
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    torch.save({"model": small_sam2(seed=2).state_dict()}, tmp_path / "sam2.pt")
+    Image.fromarray(smooth_image(150, 200, 0)).save(tmp_path / "img.png")
+
+    def build(config, ckpt_path, device="cuda", **kwargs):
+        assert config == "configs/sam2.1/sam2.1_hiera_t.yaml" and device == "cpu"
+        model = small_sam2()
+        model.load_state_dict(torch.load(ckpt_path)["model"])
+        return model
+
+    monkeypatch.setattr(sam2.build_sam, "build_sam2", build)
+    real_init = check.SAM2ImagePredictor.__init__
+
+    def predictor_256(self, model, **kwargs):  # the 1024 px feature sizes (design.md, sec. 8)
+        real_init(self, model, **kwargs)
+        self._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]
+
+    monkeypatch.setattr(check.SAM2ImagePredictor, "__init__", predictor_256)
+    status = main(["check", "--model", "sam2.1_hiera_t", "--checkpoint", str(tmp_path / "sam2.pt"),
+                   "--grid", "2", "--device", "cpu", str(tmp_path / "img.png")])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "float32" in out and " ok " in out
