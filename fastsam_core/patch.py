@@ -28,7 +28,11 @@ from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
 from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
 from fastsam_core.models.sam2.image_encoder import FastSam2ImageEncoder
 from fastsam_core.models.sam2.mask_decoder import FastSam2MaskDecoder
-from fastsam_core.pipelines.amg import DEFAULT_MAX_CHUNK_BYTES, FastAutomaticMaskGenerator
+from fastsam_core.pipelines.amg import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    FastAutomaticMaskGenerator,
+    FastSam2AutomaticMaskGenerator,
+)
 from fastsam_core.report import Report, StageReport, UnsupportedModule
 
 _STATE = "_fastsam_state"
@@ -39,6 +43,10 @@ _SUPPORTED = ("segment_anything's Sam, SamPredictor, SamAutomaticMaskGenerator a
               "SAM2Base (SAM2VideoPredictor included), SAM2ImagePredictor, "
               "SAM2AutomaticMaskGenerator")
 _SWAPPED = "_fastsam_swapped_class"  # on a mask generator whose class optimize() swapped
+_FAST_GENERATORS = {
+    SamAutomaticMaskGenerator: FastAutomaticMaskGenerator,
+    SAM2AutomaticMaskGenerator: FastSam2AutomaticMaskGenerator,
+}
 Optimizable = (Sam | SamPredictor | SamAutomaticMaskGenerator | SAM2Base | SAM2ImagePredictor
                | SAM2AutomaticMaskGenerator)
 _STAGES = {  # attribute of the model -> its fast replacement (None: the reference, for now)
@@ -83,10 +91,11 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
     """Replace the reference modules of `model` with fast ones, in place.
 
     Args:
-        model: a segment_anything `Sam`, a `SamPredictor` (its model is optimized) or a
-            `SamAutomaticMaskGenerator` (its model is optimized, and the generator becomes a
-            `FastAutomaticMaskGenerator`, same settings and results). Move the model to its
-            device first: the default dtype depends on where it is (FastConfig.dtype).
+        model: a segment_anything `Sam`, `SamPredictor` or `SamAutomaticMaskGenerator`, or a
+            sam2 `SAM2Base`, `SAM2ImagePredictor` or `SAM2AutomaticMaskGenerator`: the model
+            inside is optimized, and a mask generator becomes the fast one of its family
+            (same settings and results). Move the model to its device first: the default
+            dtype depends on where it is (FastConfig.dtype).
         config: FastConfig; None for the defaults.
 
     Returns:
@@ -100,11 +109,11 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
     if not isinstance(config, FastConfig):
         raise TypeError(f"config must be a fastsam_core.FastConfig, got {type(config).__name__}")
     sam = _sam_of(model)
-    if type(model) is SamAutomaticMaskGenerator:
+    if type(model) in _FAST_GENERATORS:
         optimize(sam, config)
-        model.__class__ = FastAutomaticMaskGenerator
+        model.__dict__[_SWAPPED] = type(model)
+        model.__class__ = _FAST_GENERATORS[type(model)]
         model.max_chunk_bytes = DEFAULT_MAX_CHUNK_BYTES
-        model.__dict__[_SWAPPED] = SamAutomaticMaskGenerator
         return model
     state: _State | None = sam.__dict__.get(_STATE)
     if state is not None:

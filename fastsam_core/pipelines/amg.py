@@ -1,9 +1,10 @@
 """Automatic mask generation ("segment everything"), fast and memory-bounded.
 
-Replaces the mask-generation core of `segment_anything.SamAutomaticMaskGenerator`
-(`_generate_masks`, `_process_crop`, `_process_batch`); its `generate()` (small-region removal,
-output modes, the annotation records) runs unchanged on our results, so the constructor
-arguments and the output are the reference's. Differences, all exact in fp32:
+Replaces the mask-generation core (`_generate_masks`, `_process_crop`, `_process_batch`) of
+`segment_anything.SamAutomaticMaskGenerator` and `sam2.automatic_mask_generator.
+SAM2AutomaticMaskGenerator`; their `generate()` (small-region removal, output modes, the
+annotation records) runs unchanged on our results, so the constructor arguments and the output
+are the reference's. Differences, all exact in fp32:
 
 - all crops of an image go through the image encoder in one batch;
 - point batches are large (`points_per_batch`, default 256) and decoded through the fast
@@ -18,10 +19,13 @@ arguments and the output are the reference's. Differences, all exact in fp32:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+from sam2.modeling.sam2_base import SAM2Base
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
@@ -36,31 +40,24 @@ from segment_anything.utils.amg import (
 from torchvision.ops.boxes import batched_nms, box_area
 
 from fastsam_core.pipelines.predict import encode_images, fast_prompt_path
+from fastsam_core.pipelines.predict_sam2 import _encode as encode_images_sam2
+from fastsam_core.pipelines.predict_sam2 import _fast_heads
 
 DEFAULT_MAX_CHUNK_BYTES = 1 << 30  # full-resolution logits + masks upsampled at once: 1 GiB
 ENCODER_BATCH = 8  # crops per image-encoder call
 
 
-class FastAutomaticMaskGenerator(SamAutomaticMaskGenerator):
-    """`SamAutomaticMaskGenerator` with a fast, memory-bounded core (see the module docstring).
+class _FastGeneration:
+    """The model-independent core; the model families supply `_encode`, `_decode`,
+    `_upsample` and `_threshold` (see the two generators below)."""
 
-    Args:
-        model: a segment_anything `Sam`, optimized or not.
-        points_per_batch: grid points decoded per mask-decoder call (default 256; the results
-            do not depend on it).
-        max_chunk_bytes: at most this many bytes of full-resolution fp32 logits plus boolean
-            masks exist at once (default 1 GiB; at least one mask is always processed).
-        **kwargs: every other argument of `SamAutomaticMaskGenerator`, same meaning.
-    """
+    max_chunk_bytes: int
 
-    def __init__(self, model: Sam, points_per_batch: int = 256,
-                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, **kwargs: Any) -> None:
+    def _check_fast_args(self, points_per_batch: int, max_chunk_bytes: int) -> None:
         if max_chunk_bytes < 1:
             raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
         if points_per_batch < 1:
             raise ValueError(f"points_per_batch must be positive, got {points_per_batch}")
-        super().__init__(model, points_per_batch=points_per_batch, **kwargs)
-        self.max_chunk_bytes = max_chunk_bytes
 
     @torch.no_grad()
     def _generate_masks(self, image: np.ndarray) -> MaskData:
@@ -69,61 +66,44 @@ class FastAutomaticMaskGenerator(SamAutomaticMaskGenerator):
             orig_size, self.crop_n_layers, self.crop_overlap_ratio
         )
         crops = [image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in crop_boxes]
-        sam = self.predictor.model
         data = MaskData()
-        sizes = []  # per crop: (model input size, crop size)
+        features = []  # per crop: what _decode and _upsample need
         for start in range(0, len(crops), ENCODER_BATCH):
-            embeddings, input_sizes = encode_images(sam, crops[start:start + ENCODER_BATCH],
-                                                    self.predictor.transform)
-            for j, (embedding, input_size) in enumerate(zip(embeddings, input_sizes,
-                                                            strict=True)):
-                i = start + j
-                sizes.append((input_size, crops[i].shape[:2]))
-                crop_data = self._crop_candidates(embedding[None], input_size, sizes[i][1],
-                                                  crop_boxes[i], layer_idxs[i], orig_size)
-                crop_data["crop_index"] = torch.full_like(crop_data["iou_preds"], i,
-                                                          dtype=torch.long)
-                data.cat(crop_data)
+            features.extend(self._encode(crops[start:start + ENCODER_BATCH]))
+        for i, (crop, crop_box) in enumerate(zip(crops, crop_boxes, strict=True)):
+            crop_data = self._crop_candidates(features[i], crop.shape[:2], crop_box,
+                                              layer_idxs[i], orig_size)
+            crop_data["crop_index"] = torch.full_like(crop_data["iou_preds"], i,
+                                                      dtype=torch.long)
+            data.cat(crop_data)
 
         if len(crop_boxes) > 1:
             scores = 1 / box_area(data["crop_boxes"])
             keep = batched_nms(data["boxes"].float(), scores.to(data["boxes"].device),
                                torch.zeros_like(scores), iou_threshold=self.crop_nms_thresh)
             data.filter(keep)
-        data["rles"] = self._encode_rles(data, crop_boxes, sizes, orig_size)
+        data["rles"] = self._encode_rles(data, crop_boxes, features, crops, orig_size)
         del data["low_res"], data["crop_index"]
         data.to_numpy()
         return data
 
-    def _crop_candidates(self, embedding: torch.Tensor, input_size: tuple[int, int],
-                         crop_size: tuple[int, int], crop_box: list[int], layer_idx: int,
-                         orig_size: tuple[int, int]) -> MaskData:
+    def _crop_candidates(self, feature, crop_size: tuple[int, int], crop_box: list[int],
+                         layer_idx: int, orig_size: tuple[int, int]) -> MaskData:
         """Decode the crop's grid points, filter, NMS: the crop's surviving masks, kept as
         low-resolution logits with their scores and boxes (in image coordinates)."""
-        sam = self.predictor.model
-        device = sam.device
-        prompt_encoder, decoder = fast_prompt_path(sam)
-        image_pe = prompt_encoder.get_dense_pe()
+        device = self.predictor.model.device
         points_scale = np.array(crop_size)[None, ::-1]
         points_for_image = self.point_grids[layer_idx] * points_scale
         orig_h, orig_w = orig_size
         data = MaskData()
         for start in range(0, len(points_for_image), self.points_per_batch):
             points = points_for_image[start:start + self.points_per_batch]
-            coords = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size),
-                                     device=device)
-            labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
-            sparse, dense = prompt_encoder((coords[:, None, :], labels), None, None)
-            low_res, iou_preds = decoder(embedding, image_pe, sparse, dense, True)
-            batch = MaskData(
-                low_res=low_res.flatten(0, 1),  # (points x 3) x 256 x 256
-                iou_preds=iou_preds.flatten(0, 1),
-                points=torch.as_tensor(points.repeat(low_res.shape[1], axis=0), device=device),
-            )
+            low_res, iou_preds, point_rows = self._decode(feature, points, crop_size)
+            batch = MaskData(low_res=low_res, iou_preds=iou_preds, points=point_rows)
             if self.pred_iou_thresh > 0.0:  # exact before upsampling: scores only
                 batch.filter(batch["iou_preds"] > self.pred_iou_thresh)
             batch["stability_score"], batch["boxes"] = self._score_and_box(
-                batch["low_res"], input_size, crop_size)
+                batch["low_res"], feature, crop_size)
             keep = ~is_box_near_crop_edge(batch["boxes"], crop_box, [0, 0, orig_w, orig_h])
             if self.stability_score_thresh > 0.0:
                 keep &= batch["stability_score"] >= self.stability_score_thresh
@@ -141,43 +121,41 @@ class FastAutomaticMaskGenerator(SamAutomaticMaskGenerator):
         """Masks per upsampling chunk under max_chunk_bytes (fp32 logits + bool mask)."""
         return max(1, self.max_chunk_bytes // (5 * size[0] * size[1]))
 
-    def _upsampled(self, low_res: torch.Tensor, input_size: tuple[int, int],
-                   crop_size: tuple[int, int]):
-        """Full-resolution logits of `low_res` (M x 256 x 256), a bounded chunk at a time,
-        through the reference's `Sam.postprocess_masks`."""
-        sam = self.predictor.model
+    def _upsampled(self, low_res: torch.Tensor, feature, crop_size: tuple[int, int]
+                   ) -> Iterator[torch.Tensor]:
+        """Full-resolution logits of `low_res` (M x h x w), a bounded chunk at a time."""
         chunk = self._chunk(crop_size)
         for start in range(0, low_res.shape[0], chunk):
-            part = low_res[start:start + chunk, None]  # m x 1 x 256 x 256
-            yield sam.postprocess_masks(part, input_size, crop_size)[:, 0]  # m x H x W
+            yield self._upsample(low_res[start:start + chunk], feature, crop_size)
 
-    def _score_and_box(self, low_res: torch.Tensor, input_size: tuple[int, int],
-                       crop_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score_and_box(self, low_res: torch.Tensor, feature, crop_size: tuple[int, int]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stability scores (M) and XYXY boxes (M x 4, crop coordinates) of the masks."""
-        threshold = self.predictor.model.mask_threshold
+        threshold = self._threshold()
         scores, boxes = [low_res.new_empty(0)], [low_res.new_empty(0, 4, dtype=torch.long)]
-        for logits in self._upsampled(low_res, input_size, crop_size):
+        for logits in self._upsampled(low_res, feature, crop_size):
             scores.append(calculate_stability_score(logits, threshold,
                                                     self.stability_score_offset))
             boxes.append(batched_mask_to_box(logits > threshold))
         return torch.cat(scores), torch.cat(boxes)
 
-    def _encode_rles(self, data: MaskData, crop_boxes: list[list[int]],
-                     sizes: list[tuple], orig_size: tuple[int, int]) -> list[dict]:
+    def _encode_rles(self, data: MaskData, crop_boxes: list[list[int]], features: list,
+                     crops: list[np.ndarray], orig_size: tuple[int, int]) -> list[dict]:
         """Uncompressed RLEs of the kept masks, in image coordinates: upsampled again per crop
         and chunk, encoded on the device, copied to the host once."""
         crop_index = data["crop_index"].cpu().numpy()  # which crop made each kept mask
         h, w = orig_size
-        threshold = self.predictor.model.mask_threshold
+        threshold = self._threshold()
         firsts, changes, order = [], [], []
         done = 0
         for crop in np.unique(crop_index):
             members = np.flatnonzero(crop_index == crop)
             order.extend(members)
-            (x0, y0, _, _), (input_size, crop_size) = crop_boxes[crop], sizes[crop]
+            x0, y0, _, _ = crop_boxes[crop]
+            crop_size = crops[crop].shape[:2]
             pad = (x0, w - x0 - crop_size[1], y0, h - y0 - crop_size[0])
             low_res = data["low_res"][torch.as_tensor(members, device=data["low_res"].device)]
-            for logits in self._upsampled(low_res, input_size, crop_size):
+            for logits in self._upsampled(low_res, features[crop], crop_size):
                 masks = torch.nn.functional.pad(logits > threshold, pad)  # m x h x w
                 first, change = _rle_changes(masks)
                 change[:, 0] += done
@@ -186,13 +164,117 @@ class FastAutomaticMaskGenerator(SamAutomaticMaskGenerator):
                 changes.append(change)
         if not firsts:
             return []
-        first = torch.cat(firsts).cpu().numpy()
-        change = torch.cat(changes).cpu().numpy()
-        rles = _rles_from_changes(first, change, h, w)
+        rles = _rles_from_changes(torch.cat(firsts).cpu().numpy(),
+                                  torch.cat(changes).cpu().numpy(), h, w)
         out: list[dict] = [{}] * len(rles)
         for rle, index in zip(rles, order, strict=True):
             out[index] = rle
         return out
+
+
+class FastAutomaticMaskGenerator(_FastGeneration, SamAutomaticMaskGenerator):
+    """`SamAutomaticMaskGenerator` with a fast, memory-bounded core (see the module docstring).
+
+    Args:
+        model: a segment_anything `Sam`, optimized or not.
+        points_per_batch: grid points decoded per mask-decoder call (default 256; the results
+            do not depend on it).
+        max_chunk_bytes: at most this many bytes of full-resolution fp32 logits plus boolean
+            masks exist at once (default 1 GiB; at least one mask is always processed).
+        **kwargs: every other argument of `SamAutomaticMaskGenerator`, same meaning.
+    """
+
+    def __init__(self, model: Sam, points_per_batch: int = 256,
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, **kwargs: Any) -> None:
+        self._check_fast_args(points_per_batch, max_chunk_bytes)
+        super().__init__(model, points_per_batch=points_per_batch, **kwargs)
+        self.max_chunk_bytes = max_chunk_bytes
+
+    def _threshold(self) -> float:
+        return self.predictor.model.mask_threshold
+
+    def _encode(self, crops: list[np.ndarray]) -> list[tuple]:
+        embeddings, input_sizes = encode_images(self.predictor.model, crops,
+                                                self.predictor.transform)
+        return [(e[None], s) for e, s in zip(embeddings, input_sizes, strict=True)]
+
+    def _decode(self, feature, points: np.ndarray, crop_size: tuple[int, int]):
+        """(points x 3) low-res logits and IoU predictions, and each mask's point."""
+        embedding, _ = feature
+        device = embedding.device
+        prompt_encoder, decoder = fast_prompt_path(self.predictor.model)
+        coords = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size),
+                                 device=device)
+        labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
+        sparse, dense = prompt_encoder((coords[:, None, :], labels), None, None)
+        low_res, iou = decoder(embedding, prompt_encoder.get_dense_pe(), sparse, dense, True)
+        rows = torch.as_tensor(points.repeat(low_res.shape[1], axis=0), device=device)
+        return low_res.flatten(0, 1), iou.flatten(0, 1), rows
+
+    def _upsample(self, low_res: torch.Tensor, feature, crop_size: tuple[int, int]):
+        _, input_size = feature  # m x h x w -> m x H x W, as Sam.postprocess_masks does
+        sam = self.predictor.model
+        return sam.postprocess_masks(low_res[:, None], input_size, crop_size)[:, 0]
+
+
+class FastSam2AutomaticMaskGenerator(_FastGeneration, SAM2AutomaticMaskGenerator):
+    """`SAM2AutomaticMaskGenerator` with the same fast, memory-bounded core.
+
+    Args:
+        model: a sam2 `SAM2Base`, optimized or not.
+        points_per_batch, max_chunk_bytes: as for `FastAutomaticMaskGenerator`.
+        **kwargs: every other argument of `SAM2AutomaticMaskGenerator` (`use_m2m` and
+            `multimask_output` included), same meaning.
+    """
+
+    def __init__(self, model: SAM2Base, points_per_batch: int = 256,
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, **kwargs: Any) -> None:
+        self._check_fast_args(points_per_batch, max_chunk_bytes)
+        super().__init__(model, points_per_batch=points_per_batch, **kwargs)
+        self.max_chunk_bytes = max_chunk_bytes
+
+    def _threshold(self) -> float:
+        return self.mask_threshold
+
+    def _encode(self, crops: list[np.ndarray]) -> list[tuple]:
+        embed, high_res = encode_images_sam2(self.predictor.model, crops,
+                                             self.predictor._transforms)
+        return [(embed[i:i + 1], [f[i:i + 1] for f in high_res]) for i in range(len(crops))]
+
+    def _decode(self, feature, points: np.ndarray, crop_size: tuple[int, int]):
+        """As the reference's `_process_batch` (and `refine_with_m2m` with use_m2m): low-res
+        logits and IoU predictions per mask, and each mask's point."""
+        embedding, high_res = feature
+        device = embedding.device
+        points = torch.as_tensor(points, dtype=torch.float32, device=device)
+        coords = self.predictor._transforms.transform_coords(points, normalize=True,
+                                                             orig_hw=crop_size)
+        labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
+        low_res, iou = self._predict(feature, coords[:, None, :], labels, None,
+                                     self.multimask_output)
+        n_masks = low_res.shape[1]
+        rows = points.repeat_interleave(n_masks, dim=0)
+        low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)
+        if self.use_m2m:  # one refinement step, from each mask's own (clamped) logits
+            coords = coords.repeat_interleave(n_masks, dim=0)
+            labels = labels.repeat_interleave(n_masks, dim=0)
+            mask_input = torch.clamp(low_res, -32.0, 32.0)[:, None]
+            low_res, iou = self._predict(feature, coords[:, None, :], labels, mask_input, False)
+            low_res, iou = low_res[:, 0], iou[:, 0]
+        return low_res, iou, rows
+
+    def _predict(self, feature, coords, labels, mask_input, multimask_output):
+        embedding, high_res = feature
+        prompt_encoder, decoder = _fast_heads(self.predictor.model)
+        sparse, dense = prompt_encoder((coords, labels), None, mask_input)
+        repeat_image = coords.shape[0] > 1  # as the predictor: one image for all prompts
+        low_res, iou, _, _ = decoder(embedding, prompt_encoder.get_dense_pe(), sparse, dense,
+                                     multimask_output, repeat_image, high_res)
+        return low_res, iou
+
+    def _upsample(self, low_res: torch.Tensor, feature, crop_size: tuple[int, int]):
+        # m x h x w -> m x H x W through SAM2Transforms.postprocess_masks, as the predictor
+        return self.predictor._transforms.postprocess_masks(low_res[:, None], crop_size)[:, 0]
 
 
 def _rle_changes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,3 +149,43 @@ def test_nothing_survives():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FastAutomaticMaskGenerator(small_sam(), **kwargs)
+
+
+def sam2_reference_generator(model, **settings):
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    generator = SAM2AutomaticMaskGenerator(model, **settings)
+    generator.predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]  # 256 px (design.md)
+    return generator
+
+
+@pytest.mark.parametrize("extra", [{}, dict(use_m2m=True), dict(multimask_output=False)],
+                         ids=["default", "m2m", "single-mask"])  # crops: the shared core
+def test_sam2_same_masks_as_the_reference(extra, capsys):
+    from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    model = small_sam2(seed=3)
+    image = smooth_image(160, 200, 5)
+    settings = {**SETTINGS, "pred_iou_thresh": 0.0, **extra}  # sam2 predicts IoU in (0, 1)
+    ref = sam2_reference_generator(model, **settings).generate(image)
+    got = FastSam2AutomaticMaskGenerator(model, **settings).generate(image)
+    assert len(ref) >= 5, "settings should keep several masks"
+    borderline_cases = compare(ref, got, settings)
+    with capsys.disabled():
+        print(f"\n[sam2 amg parity {extra}] reference {len(ref)} masks, fast {len(got)}, "
+              f"borderline (kept by one side only): {borderline_cases}")
+
+
+def test_optimize_a_sam2_generator_in_place():
+    from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    model = small_sam2(seed=3)
+    generator = sam2_reference_generator(model, points_per_side=4)
+    fastsam_core.optimize(generator)
+    assert isinstance(generator, FastSam2AutomaticMaskGenerator)
+    assert fastsam_core.report(generator).path_of("sam_mask_decoder") == "fast"
+    fastsam_core.restore(generator)
+    assert type(generator).__name__ == "SAM2AutomaticMaskGenerator"
+    assert not fastsam_core.is_optimized(model)
