@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import types
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -159,12 +161,12 @@ def restore(model: Optimizable) -> Optimizable:
         ValueError: `model` is not optimized.
     """
     sam = _sam_of(model)
-    if _SWAPPED in getattr(model, "__dict__", {}):
-        model.__class__ = model.__dict__.pop(_SWAPPED)
-        del model.max_chunk_bytes
     state: _State | None = sam.__dict__.get(_STATE)
     if state is None:
         raise ValueError("model is not optimized (fastsam_core.optimize was not applied to it)")
+    if _SWAPPED in getattr(model, "__dict__", {}):
+        model.__class__ = model.__dict__.pop(_SWAPPED)
+        del model.max_chunk_bytes
     for r in reversed(state.replacements):
         device = module_device(r.fast)
         if not r.shared and state.config.originals == "drop":
@@ -215,10 +217,13 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
     the builder they all call (`segment_anything.build_sam._build_sam`). sam2: `build_sam2`,
     `build_sam2_hf` and `build_sam2_video_predictor` (its image parts), through the checkpoint
     loader they share (`sam2.build_sam._load_checkpoint`): the model is optimized when the
-    builder puts it in eval mode, after moving it to its device (models built with
-    mode="train" are left alone). Names imported before the block are covered too. Undone on
-    exit, also when the body raises; models built inside stay optimized. Nested blocks: the
-    innermost config wins. Not thread-safe: the patch is process-wide while the block runs.
+    builder puts it in eval mode, after moving it to its device (a model built with
+    mode="train" is optimized only if put in eval mode inside the block). segment_anything's
+    builders return the model on the CPU, so its default dtype resolves to fp32 there: for a
+    GPU pipeline pass `FastConfig(dtype=torch.bfloat16)`. Names imported before the block are
+    covered too. Undone on exit, also when the body raises; models built inside stay
+    optimized. Nested blocks: the innermost config wins. Not thread-safe: the patch is
+    process-wide while the block runs.
     """
     config = FastConfig() if config is None else config
     if not isinstance(config, FastConfig):
@@ -227,24 +232,23 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
     sam_base = getattr(sam_current, "_fastsam_base", sam_current)
     sam2_current = sam2_builders._load_checkpoint
     sam2_base = getattr(sam2_current, "_fastsam_base", sam2_current)
-    active = [True]
+    hooked: weakref.WeakSet = weakref.WeakSet()  # models whose eval() will optimize them
 
     @functools.wraps(sam_base)
     def build_optimized(*args, **kwargs):
         return optimize(sam_base(*args, **kwargs), config)
 
+    def eval_then_optimize(model):  # the builder's last step, after model.to(device)
+        model.__dict__.pop("eval", None)  # an instance override: once only
+        hooked.discard(model)
+        model.train(False)
+        return optimize(model, config)
+
     @functools.wraps(sam2_base)
     def load_then_optimize_on_eval(model, ckpt_path):
         sam2_base(model, ckpt_path)
-
-        def eval_then_optimize():  # the builder's last step, after model.to(device)
-            del model.eval  # this instance override: once only
-            model.train(False)
-            if active[0]:
-                optimize(model, config)
-            return model
-
-        model.eval = eval_then_optimize
+        model.eval = types.MethodType(eval_then_optimize, model)  # bound: copies stay sane
+        hooked.add(model)
 
     build_optimized._fastsam_base = sam_base
     load_then_optimize_on_eval._fastsam_base = sam2_base
@@ -253,7 +257,8 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
     try:
         yield
     finally:
-        active[0] = False
+        for model in list(hooked):  # built with mode="train": never put in eval mode here
+            model.__dict__.pop("eval", None)
         builders._build_sam = sam_current
         sam2_builders._load_checkpoint = sam2_current
 

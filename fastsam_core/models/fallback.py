@@ -3,6 +3,7 @@ shapes it does not handle), saying so once per reason."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -66,3 +67,18 @@ class ReferenceFallback(nn.Module):
             return ""
         return "; reference fallbacks: " + ", ".join(
             f"{why}: {n}x" for why, n in self.fallbacks.items())
+
+
+def without_autocast(method):
+    """Run a fast module's method in its own dtypes whatever the caller's autocast state (the
+    configured dtype is the fast path's contract; autocast would silently change it)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        device_type = module_device(self).type
+        if not torch.is_autocast_enabled(device_type):
+            return method(self, *args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return method(self, *args, **kwargs)
+
+    return wrapper

@@ -12,9 +12,12 @@ are the reference's. Differences, all exact in fp32:
 - the predicted-IoU filter runs before any upsampling (it does not depend on the masks);
   the stability score, binarization and boxes of the survivors are computed on the device
   from full-resolution logits made by the reference's own upsampling, a bounded chunk of
-  masks at a time (`max_chunk_bytes`), and only their low-resolution logits are kept;
+  masks at a time (`max_chunk_bytes` counts every full-resolution buffer of a chunk), and
+  only their low-resolution logits are kept;
 - after NMS, the kept masks are upsampled again, chunk by chunk, and run-length encoded on the
-  device, with one device-to-host copy per image.
+  device: the host receives the change positions of all masks in one copy per image instead
+  of the reference's one per mask. Filtering still synchronizes (twice per point batch and
+  once per NMS: the surviving counts decide the shapes).
 """
 
 from __future__ import annotations
@@ -101,13 +104,13 @@ class _FastGeneration:
             low_res, iou_preds, point_rows = self._decode(feature, points, crop_size)
             batch = MaskData(low_res=low_res, iou_preds=iou_preds, points=point_rows)
             if self.pred_iou_thresh > 0.0:  # exact before upsampling: scores only
-                batch.filter(batch["iou_preds"] > self.pred_iou_thresh)
+                _keep(batch, batch["iou_preds"] > self.pred_iou_thresh)
             batch["stability_score"], batch["boxes"] = self._score_and_box(
                 batch["low_res"], feature, crop_size)
             keep = ~is_box_near_crop_edge(batch["boxes"], crop_box, [0, 0, orig_w, orig_h])
             if self.stability_score_thresh > 0.0:
                 keep &= batch["stability_score"] >= self.stability_score_thresh
-            batch.filter(keep)
+            _keep(batch, keep)
             data.cat(batch)
         keep = batched_nms(data["boxes"].float(), data["iou_preds"],
                            torch.zeros_like(data["iou_preds"]), iou_threshold=self.box_nms_thresh)
@@ -117,14 +120,18 @@ class _FastGeneration:
         data["crop_boxes"] = torch.tensor(crop_box, device=device).expand(len(keep), 4)
         return data
 
-    def _chunk(self, size: tuple[int, int]) -> int:
-        """Masks per upsampling chunk under max_chunk_bytes (fp32 logits + bool mask)."""
-        return max(1, self.max_chunk_bytes // (5 * size[0] * size[1]))
+    def _chunk(self, bytes_per_mask: int) -> int:
+        """Masks per chunk under max_chunk_bytes (at least one)."""
+        return max(1, self.max_chunk_bytes // bytes_per_mask)
 
-    def _upsampled(self, low_res: torch.Tensor, feature, crop_size: tuple[int, int]
-                   ) -> Iterator[torch.Tensor]:
-        """Full-resolution logits of `low_res` (M x h x w), a bounded chunk at a time."""
-        chunk = self._chunk(crop_size)
+    def _upsampled(self, low_res: torch.Tensor, feature, crop_size: tuple[int, int],
+                   extra_bytes_per_mask: int = 0) -> Iterator[torch.Tensor]:
+        """Full-resolution logits of `low_res` (M x h x w), a bounded chunk at a time: the
+        upsampling's own buffers, the fp32 logits, a boolean mask, plus what the caller
+        allocates per mask."""
+        h, w = crop_size
+        chunk = self._chunk(self._upsampling_bytes(crop_size) + 5 * h * w
+                            + extra_bytes_per_mask)
         for start in range(0, low_res.shape[0], chunk):
             yield self._upsample(low_res[start:start + chunk], feature, crop_size)
 
@@ -155,7 +162,8 @@ class _FastGeneration:
             crop_size = crops[crop].shape[:2]
             pad = (x0, w - x0 - crop_size[1], y0, h - y0 - crop_size[0])
             low_res = data["low_res"][torch.as_tensor(members, device=data["low_res"].device)]
-            for logits in self._upsampled(low_res, features[crop], crop_size):
+            # per mask and image pixel: the padded mask, its column-major copy, the XOR
+            for logits in self._upsampled(low_res, features[crop], crop_size, 3 * h * w):
                 masks = torch.nn.functional.pad(logits > threshold, pad)  # m x h x w
                 first, change = _rle_changes(masks)
                 change[:, 0] += done
@@ -192,6 +200,10 @@ class FastAutomaticMaskGenerator(_FastGeneration, SamAutomaticMaskGenerator):
 
     def _threshold(self) -> float:
         return self.predictor.model.mask_threshold
+
+    def _upsampling_bytes(self, crop_size: tuple[int, int]) -> int:
+        size = self.predictor.model.image_encoder.img_size  # Sam.postprocess_masks goes
+        return 4 * size * size  # through the padded input size in fp32 first
 
     def _encode(self, crops: list[np.ndarray]) -> list[tuple]:
         embeddings, input_sizes = encode_images(self.predictor.model, crops,
@@ -236,6 +248,9 @@ class FastSam2AutomaticMaskGenerator(_FastGeneration, SAM2AutomaticMaskGenerator
     def _threshold(self) -> float:
         return self.mask_threshold
 
+    def _upsampling_bytes(self, crop_size: tuple[int, int]) -> int:
+        return 0  # SAM2Transforms.postprocess_masks interpolates straight to the crop size
+
     def _encode(self, crops: list[np.ndarray]) -> list[tuple]:
         embed, high_res = encode_images_sam2(self.predictor.model, crops,
                                              self.predictor._transforms)
@@ -259,8 +274,12 @@ class FastSam2AutomaticMaskGenerator(_FastGeneration, SAM2AutomaticMaskGenerator
             coords = coords.repeat_interleave(n_masks, dim=0)
             labels = labels.repeat_interleave(n_masks, dim=0)
             mask_input = torch.clamp(low_res, -32.0, 32.0)[:, None]
-            low_res, iou = self._predict(feature, coords[:, None, :], labels, mask_input, False)
-            low_res, iou = low_res[:, 0], iou[:, 0]
+            refined = [self._predict(feature, coords[i:i + self.points_per_batch, None, :],
+                                     labels[i:i + self.points_per_batch],
+                                     mask_input[i:i + self.points_per_batch], False)
+                       for i in range(0, len(coords), self.points_per_batch)]
+            low_res = torch.cat([r[0][:, 0] for r in refined])
+            iou = torch.cat([r[1][:, 0] for r in refined])
         return low_res, iou, rows
 
     def _predict(self, feature, coords, labels, mask_input, multimask_output):
@@ -275,6 +294,11 @@ class FastSam2AutomaticMaskGenerator(_FastGeneration, SAM2AutomaticMaskGenerator
     def _upsample(self, low_res: torch.Tensor, feature, crop_size: tuple[int, int]):
         # m x h x w -> m x H x W through SAM2Transforms.postprocess_masks, as the predictor
         return self.predictor._transforms.postprocess_masks(low_res[:, None], crop_size)[:, 0]
+
+
+def _keep(data: MaskData, keep: torch.Tensor) -> None:
+    """Filter every entry with one boolean-to-index conversion (one sync, not one per key)."""
+    data.filter(keep.nonzero().squeeze(1))
 
 
 def _rle_changes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

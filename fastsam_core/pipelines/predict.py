@@ -63,7 +63,8 @@ def predict_batch(
     if isinstance(sam, SAM2Base):
         mask_size = sam.sam_prompt_encoder.mask_input_size
         parsed = [_parse_prompts(i, p, mask_size) for i, p in enumerate(prompts)]
-        return predict_batch_sam2(sam, images, parsed, multimask_output)
+        predictor = model if isinstance(model, SAM2ImagePredictor) else None
+        return predict_batch_sam2(sam, images, parsed, multimask_output, predictor)
     prompt_encoder, decoder = fast_prompt_path(sam)
     device = sam.device
     transform = ResizeLongestSide(sam.image_encoder.img_size)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from sam2.modeling.sam2_base import SAM2Base
+from sam2.sam2_image_predictor import SAM2ImagePredictor
 from sam2.utils.transforms import SAM2Transforms
 
 from fastsam_core.config import FastConfig
@@ -22,11 +23,16 @@ from fastsam_core.models.sam2.mask_decoder import FastSam2MaskDecoder
 
 
 def predict_batch_sam2(model: SAM2Base, images: Sequence[np.ndarray], parsed: list[dict],
-                       multimask_output: bool) -> list[dict[str, torch.Tensor]]:
-    """See `fastsam_core.pipelines.predict_batch`; `parsed` as its `_parse_prompts` returns."""
+                       multimask_output: bool, predictor: SAM2ImagePredictor | None = None
+                       ) -> list[dict[str, torch.Tensor]]:
+    """See `fastsam_core.pipelines.predict_batch`; `parsed` as its `_parse_prompts` returns.
+    A `predictor`'s mask threshold and hole / sprinkle settings apply, as in its `predict`."""
     prompt_encoder, decoder = _fast_heads(model)
     device = model.device
-    transforms = SAM2Transforms(resolution=model.image_size, mask_threshold=0.0)
+    if predictor is not None:
+        transforms, threshold = predictor._transforms, predictor.mask_threshold
+    else:
+        transforms, threshold = SAM2Transforms(model.image_size, mask_threshold=0.0), 0.0
     with torch.no_grad():
         sparse, dense = [], []  # prompts first: their small copies never wait for the encoder
         for image, p in zip(images, parsed, strict=True):
@@ -47,7 +53,7 @@ def predict_batch_sam2(model: SAM2Base, images: Sequence[np.ndarray], parsed: li
         for image, s in zip(images, sparse, strict=True):
             k = s.shape[0]
             low = low_res[start:start + k]
-            masks = transforms.postprocess_masks(low, image.shape[:2]) > 0.0
+            masks = transforms.postprocess_masks(low, image.shape[:2]) > threshold
             results.append({"masks": masks, "iou_predictions": iou[start:start + k],
                             "low_res_logits": torch.clamp(low, -32.0, 32.0)})
             start += k

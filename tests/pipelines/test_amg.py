@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils.amg import rle_to_mask
@@ -14,9 +15,12 @@ from tests import tolerances as tol
 from tests.conftest import small_sam
 from tests.models.sam.test_predictor_parity import smooth_image
 
-# Random weights give near-zero predicted IoUs and masks spanning the whole image (so every
-# box is the image and any NMS below 1 keeps one mask): these settings keep tens of masks
-# (see the test output) through the score filters; NMS is then a no-op.
+# Random weights give predicted IoUs around -0.05 (SAM; measured 10/50/90th percentiles
+# -0.08 / -0.05 / 0.03 for this model and image) and masks spanning the whole image, so every
+# box is the image and any NMS below 1 keeps one mask. These settings keep tens of masks
+# (see the test output) through the score filters with NMS off; the "iou" and "nms" cases
+# switch the IoU filter (a positive threshold: the reference skips thresholds <= 0) and NMS
+# on.
 SETTINGS = dict(points_per_side=6, pred_iou_thresh=-0.05, stability_score_thresh=0.3,
                 stability_score_offset=0.05, box_nms_thresh=1.0, crop_nms_thresh=1.0)
 
@@ -45,7 +49,8 @@ def borderline(ann, others, settings) -> bool:
         return True
     if abs(ann["stability_score"] - settings.get("stability_score_thresh", 0.95)) < eps:
         return True
-    cuts = [settings.get("box_nms_thresh", 0.7), settings.get("crop_nms_thresh", 0.7)]
+    cuts = [c for c in (settings.get("box_nms_thresh", 0.7),
+                        settings.get("crop_nms_thresh", 0.7)) if c < 1.0]  # >= 1: NMS off
     return any(abs(box_iou(ann["bbox"], o["bbox"]) - cut) < eps for o in others
                if o is not ann for cut in cuts)
 
@@ -74,24 +79,28 @@ def compare(ref: list[dict], got: list[dict], settings: dict) -> int:
             assert max(abs(a - b) for a, b in zip(ann["bbox"], best["bbox"],
                                                   strict=True)) <= tol.AMG_BBOX_PX
             assert abs(ann["area"] - best["area"]) <= tol.AMG_AREA_REL * max(ann["area"], 1)
-            assert abs(ann["predicted_iou"] - best["predicted_iou"]) <= tol.AMG_SCORE_ABS
+            assert abs(ann["predicted_iou"] - best["predicted_iou"]) <= \
+                tol.FP32_STAGE_REL_L2 * abs(best["predicted_iou"]) + 1e-7
             assert abs(ann["stability_score"] - best["stability_score"]) <= tol.AMG_SCORE_ABS
+    assert unmatched <= tol.AMG_MAX_BORDERLINE, unmatched
     return unmatched
 
 
 @pytest.mark.parametrize("extra", [
     {},
+    dict(pred_iou_thresh=0.01),
+    dict(box_nms_thresh=0.7),
     dict(crop_n_layers=1, crop_n_points_downscale_factor=2),
     dict(output_mode="uncompressed_rle"),
     dict(output_mode="coco_rle", min_mask_region_area=40),
-], ids=["binary", "crops", "uncompressed_rle", "coco_rle+small_regions"])
+], ids=["binary", "iou", "nms", "crops", "uncompressed_rle", "coco_rle+small_regions"])
 def test_same_masks_as_the_reference(extra, capsys):
     sam = small_sam(seed=3)
     image = smooth_image(160, 200, 5)
     settings = {**SETTINGS, **extra}
     ref = SamAutomaticMaskGenerator(sam, **settings).generate(image)
     got = FastAutomaticMaskGenerator(sam, **settings).generate(image)
-    assert len(ref) >= 5, "settings should keep several masks"
+    assert len(ref) >= (1 if "box_nms_thresh" in extra else 5), "settings keep masks"
     assert set(got[0]) == set(ref[0])
     assert type(got[0]["segmentation"]) is type(ref[0]["segmentation"])
     borderline_cases = compare(ref, got, settings)
@@ -128,11 +137,18 @@ def test_results_do_not_depend_on_point_batch_or_chunk_size():
 
 
 def test_chunk_size_respects_the_memory_budget():
-    gen = FastAutomaticMaskGenerator(small_sam(), max_chunk_bytes=1 << 30)
-    h, w = 2160, 3840  # a 4k image: fp32 logits + bool mask = 5 bytes per pixel
-    chunk = gen._chunk((h, w))
-    assert chunk * 5 * h * w <= 1 << 30 < (chunk + 1) * 5 * h * w
-    assert FastAutomaticMaskGenerator(small_sam(), max_chunk_bytes=10)._chunk((h, w)) == 1
+    """Every full-resolution buffer counts: Sam.postprocess_masks' padded-size fp32 step,
+    the crop-size fp32 logits and bool mask, and (for RLE) three image-size buffers."""
+    sam = small_sam()  # 256 px input
+    gen = FastAutomaticMaskGenerator(sam, max_chunk_bytes=1 << 30)
+    h, w = 2160, 3840  # a 4k image
+    chunks = []
+    gen._upsample = lambda part, feature, size: chunks.append(len(part)) or part
+    list(gen._upsampled(torch.zeros(1000, 4, 4), None, (h, w), extra_bytes_per_mask=3 * h * w))
+    per_mask = 4 * 256 * 256 + 5 * h * w + 3 * h * w
+    assert max(chunks) * per_mask <= 1 << 30 < (max(chunks) + 1) * per_mask
+    assert sum(chunks) == 1000
+    assert FastAutomaticMaskGenerator(sam, max_chunk_bytes=10)._chunk(per_mask) == 1
 
 
 def test_nothing_survives():
@@ -167,7 +183,7 @@ def test_sam2_same_masks_as_the_reference(extra, capsys):
 
     model = small_sam2(seed=3)
     image = smooth_image(160, 200, 5)
-    settings = {**SETTINGS, "pred_iou_thresh": 0.0, **extra}  # sam2 predicts IoU in (0, 1)
+    settings = {**SETTINGS, "pred_iou_thresh": 0.3, **extra}  # sam2 predicts IoU in (0, 1)
     ref = sam2_reference_generator(model, **settings).generate(image)
     got = FastSam2AutomaticMaskGenerator(model, **settings).generate(image)
     assert len(ref) >= 5, "settings should keep several masks"
@@ -182,10 +198,38 @@ def test_optimize_a_sam2_generator_in_place():
     from tests.models.sam2.test_image_encoder import small_sam2
 
     model = small_sam2(seed=3)
-    generator = sam2_reference_generator(model, points_per_side=4)
+    image = smooth_image(160, 200, 5)
+    settings = {**SETTINGS, "points_per_side": 4, "pred_iou_thresh": 0.3}
+    generator = sam2_reference_generator(model, **settings)
+    ref = generator.generate(image)
     fastsam_core.optimize(generator)
     assert isinstance(generator, FastSam2AutomaticMaskGenerator)
     assert fastsam_core.report(generator).path_of("sam_mask_decoder") == "fast"
+    compare(ref, generator.generate(image), settings)
     fastsam_core.restore(generator)
     assert type(generator).__name__ == "SAM2AutomaticMaskGenerator"
     assert not fastsam_core.is_optimized(model)
+
+
+def test_masks_of_every_crop_layer(monkeypatch):
+    """With random weights every crop-layer mask touches its crop's edge and is dropped; with
+    that filter off (in both generators) the masks of all five crops reach the output, which
+    exercises the crop NMS and the per-crop RLE bookkeeping."""
+    import segment_anything.automatic_mask_generator as reference_module
+
+    import fastsam_core.pipelines.amg as fast_module
+
+    def never_near(boxes, *args, **kwargs):
+        return torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+
+    monkeypatch.setattr(reference_module, "is_box_near_crop_edge", never_near)
+    monkeypatch.setattr(fast_module, "is_box_near_crop_edge", never_near)
+    sam = small_sam(seed=3)
+    image = smooth_image(160, 200, 5)
+    settings = {**SETTINGS, "crop_n_layers": 1, "crop_nms_thresh": 0.9}
+    ref = SamAutomaticMaskGenerator(sam, **settings).generate(image)
+    got = FastAutomaticMaskGenerator(sam, **settings).generate(image)
+    assert len({tuple(a["crop_box"]) for a in ref}) >= 2, "masks from several crops"
+    compare(ref, got, settings)
+    assert [a["crop_box"] for a in got] == [a["crop_box"] for a in ref]  # the same order
+

@@ -20,7 +20,7 @@ from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, to_device
-from fastsam_core.models.fallback import ReferenceFallback
+from fastsam_core.models.fallback import ReferenceFallback, without_autocast
 from fastsam_core.models.sam.common import LAYER_NORMS_2D, layer_norm_2d
 from fastsam_core.models.sam.transformer import FastTwoWayTransformer, PromptGroups
 from fastsam_core.report import StageReport, UnsupportedModule
@@ -63,6 +63,7 @@ class FastMaskDecoder(ReferenceFallback):
     def dtype(self) -> torch.dtype:
         return self.iou_token.weight.dtype
 
+    @without_autocast
     def forward(
         self,
         image_embeddings: torch.Tensor,
@@ -91,6 +92,7 @@ class FastMaskDecoder(ReferenceFallback):
         masks, iou, _ = self._decode_dense(image_embeddings, image_pe, tokens, dense, groups)
         return self.select(masks, iou, multimask_output, image_embeddings.dtype)
 
+    @without_autocast
     def decode_batch(
         self,
         image_embeddings: torch.Tensor,
@@ -137,6 +139,7 @@ class FastMaskDecoder(ReferenceFallback):
         )
         token_rows = [self.prompt_tokens(s.to(self.dtype)).flatten(0, 1) for s in sparse]
         tokens = groups.tokens(torch.cat(token_rows))  # sum(K_i) x j x C
+        high_res = high_res or None  # a model without high-res features passes []
         if high_res is not None and len(sparse) > 1:  # each prompt's image's features
             high_res = [f[groups.image_index] for f in high_res]
         masks, iou, out_tokens = self.decode(image_embeddings, image_pe, tokens, dense, groups,
@@ -220,10 +223,10 @@ class FastMaskDecoder(ReferenceFallback):
             return seq(x)
         up1, norm, act1, up2, act2 = seq
         x = up1(x)
-        if high_res is not None:
+        if high_res:
             x = x + high_res[1].to(x.dtype)
         x = up2(act1(layer_norm_2d(x, norm)))
-        if high_res is not None:
+        if high_res:
             x = x + high_res[0].to(x.dtype)
         return act2(x)
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import adopt_module
-from fastsam_core.models.fallback import ReferenceFallback
+from fastsam_core.models.fallback import ReferenceFallback, without_autocast
 from fastsam_core.models.sam.common import LAYER_NORMS_2D, layer_norm_2d
 from fastsam_core.report import StageReport, UnsupportedModule
 
@@ -133,6 +133,7 @@ class FastPromptEncoder(ReferenceFallback):
         x = act2(layer_norm_2d(x, norm2))
         return conv3(x).float()
 
+    @without_autocast
     def forward(
         self,
         points: tuple[torch.Tensor, torch.Tensor] | None,

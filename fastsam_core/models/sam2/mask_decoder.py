@@ -19,6 +19,7 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import adopt_module, module_dtype
+from fastsam_core.models.fallback import without_autocast
 from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
 from fastsam_core.models.sam.transformer import PromptGroups
 from fastsam_core.report import StageReport, UnsupportedModule
@@ -60,6 +61,7 @@ class FastSam2MaskDecoder(FastMaskDecoder):
         tokens = [self.iou_token.weight, self.mask_tokens.weight]
         return [self.obj_score_token.weight, *tokens] if self.pred_obj_scores else tokens
 
+    @without_autocast
     def forward(
         self,
         image_embeddings: torch.Tensor,

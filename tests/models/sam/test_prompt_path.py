@@ -215,3 +215,23 @@ def test_decoder_falls_back_for_a_batch_of_images_and_autograd():
     with pytest.warns(UserWarning, match="autograd is recording"):
         masks, _ = dec(embedding(), image_pe, sparse, dense, True)
     assert masks.requires_grad  # the reference ran, with autograd
+
+
+@torch.inference_mode()
+def test_prompt_path_ignores_autocast():
+    """The fast prompt encoder and decoder compute in their own dtype under autocast too."""
+    sam = small_sam()
+    fastsam_core.optimize(sam)
+    args = KINDS["points+masks"](*prompts())
+    image_pe = sam.prompt_encoder.get_dense_pe()
+
+    def run():
+        sparse, dense = sam.prompt_encoder(*args)
+        return sam.mask_decoder(embedding(), image_pe, sparse, dense, True)
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = run()
+    for a, b in zip(under_autocast, plain, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+

@@ -107,8 +107,14 @@ def test_mask_decoder_bf16(model):
         assert_lowp_parity(a, b, c)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_predict_batch_matches_the_image_predictor_per_image(dtype):
+LEAN = ("++model.use_high_res_features_in_sam=false", "++model.pred_obj_scores=false",
+        "++model.pred_obj_scores_mlp=false", "++model.fixed_no_obj_ptr=false")
+
+
+@pytest.mark.parametrize("dtype, overrides", [(torch.float32, ()), (torch.bfloat16, ()),
+                                              (torch.float32, LEAN)],
+                         ids=["fp32", "bf16", "fp32-no-high-res-no-object-scores"])
+def test_predict_batch_matches_the_image_predictor_per_image(dtype, overrides):
     """fastsam_core.pipelines.predict_batch on a SAM 2 model against SAM2ImagePredictor.predict
     looped per image: different image sizes, prompt counts and prompt kinds."""
     import numpy as np
@@ -119,7 +125,8 @@ def test_predict_batch_matches_the_image_predictor_per_image(dtype):
     from tests.models.sam.test_predictor_parity import smooth_image
     from tests.parity import mask_iou_outside_margin
 
-    model = small_sam2()
+    model = small_sam2(overrides=overrides)
+    assert model.use_high_res_features_in_sam == (not overrides)
     gen = np.random.default_rng(0)
     images = [smooth_image(180, 240, 0), smooth_image(120, 150, 1), smooth_image(200, 200, 2)]
     prompts = [

@@ -47,11 +47,11 @@ def small_encoder(seed: int = 0, top_down=(2, 3), interp="nearest") -> ImageEnco
     return encoder
 
 
-def small_sam2(seed: int = 0):
+def small_sam2(seed: int = 0, overrides: tuple[str, ...] = ()):
     """sam2.1 hiera_t at 256 px (the quirks of design.md section 8), pos embeds filled."""
     torch.manual_seed(seed)
     model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu",
-                       hydra_overrides_extra=["++model.image_size=256"])
+                       hydra_overrides_extra=["++model.image_size=256", *overrides])
     randomize_pos_embeds(model.image_encoder, seed)
     return model
 
@@ -183,6 +183,7 @@ def test_patched_covers_sam2_builders_imported_before():
     assert fastsam_core.is_optimized(model) and not model.training
     assert "eval" not in model.__dict__  # the one-shot hook is gone
     assert not fastsam_core.is_optimized(train)
+    assert "eval" not in train.__dict__  # removed on exit: the model pickles, copies
     train.eval()  # outside the block: nothing happens
     assert not fastsam_core.is_optimized(train)
     assert not fastsam_core.is_optimized(small_sam2())
