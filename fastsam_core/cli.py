@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         "model and report speedup and parity error. Defaults: vit_b, batch 1, 1024 px and "
         f"bfloat16 on CUDA; {CPU_DEFAULT_IMAGE_SIZE} px and float32 on a CPU.",
     )
-    bench.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    bench.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"],
+                       help="random-weight SAM, or the shipped tiny trained SAM")
     bench.add_argument("--image-size", type=int, default=None, help="pixels (16 px patches)")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
@@ -117,6 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     amg.add_argument("--crop-n-layers", type=int, default=0)
     amg.add_argument("--min-mask-region-area", type=int, default=0)
     amg.set_defaults(run=_amg)
+
+    acc = commands.add_parser(
+        "accuracy",
+        help="accuracy cost of each configuration (dtype, int8, 2:4) on the tiny trained SAM",
+        description="Mask IoU against the fp32 reference (all pixels and outside the logit "
+        "margin) and per-layer SQNR of quantized linears, per configuration, on generated "
+        "scenes, with the shipped tiny trained SAM.",
+    )
+    acc.add_argument("--scenes", type=int, default=8)
+    acc.add_argument("--seed", type=int, default=4242)
+    acc.add_argument("--out", default=None, help="also write the rows to this JSON file")
+    acc.set_defaults(run=_accuracy)
 
     summary = commands.add_parser("summarize", help="table of a pytest-benchmark JSON file")
     summary.add_argument("result", help="a --benchmark-json or --benchmark-save file")
@@ -252,6 +265,31 @@ def overlay(image, annotations):
     return canvas.astype(np.uint8)
 
 
+def _accuracy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json as json_module
+
+    from fastsam_core.accuracy import as_dicts, format_rows, run_accuracy
+    from fastsam_core.benchmark import env_info
+    from fastsam_core.models.tiny_data import make_scenes
+    from fastsam_core.profiling import commit
+
+    if args.scenes < 1:
+        parser.error("--scenes must be at least 1")
+    sam = _tiny_sam(parser)
+    scenes = make_scenes(args.scenes, seed=args.seed, height=128, width=160)
+    rows = run_accuracy(sam, scenes, log=lambda m: print(f"[fastsam] {m}", flush=True))
+    print(f"tiny trained SAM, {args.scenes} generated scenes (seed {args.seed}), a point and a "
+          f"box per object, against the fp32 reference")
+    print(format_rows(rows))
+    if args.out:
+        payload = {**env_info("cpu"), "commit": commit(), "scenes": args.scenes,
+                   "seed": args.seed, "rows": as_dicts(rows)}
+        with open(args.out, "w") as f:
+            json_module.dump(payload, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _summarize(path: str) -> str:
     from pathlib import Path
 
@@ -286,7 +324,7 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.image_size is not None and args.image_size < 16:
         parser.error("--image-size must be at least 16")
     image_size = args.image_size
-    if image_size is None:
+    if image_size is None and getattr(args, "model", None) != "tiny":  # tiny has its own size
         image_size = 1024 if device.type == "cuda" else CPU_DEFAULT_IMAGE_SIZE
         if device.type != "cuda":
             print(f"[fastsam] CPU default: {image_size} px so the run takes about a minute; "
@@ -306,7 +344,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         log=lambda msg: print(f"[fastsam] {msg}", flush=True),
     )
     r = result
-    print(f"\nSAM {r.variant} image encoder, random weights, {r.image_size} px, batch {r.batch}, "
+    weights = "tiny trained weights" if r.variant == "tiny" else "random weights"
+    print(f"\nSAM {r.variant} image encoder, {weights}, {r.image_size} px, batch {r.batch}, "
           f"{r.dtype}, {r.device}, torch {r.torch}")
     print(f"FLOPs per image: {r.gflop_per_image:.1f} G (torch.utils.flop_counter)")
     print(f"{'':<10} {'ms/batch':>10} {'img/s':>9} {'TFLOP/s':>9}  rel. L2 error vs fp32 reference")

@@ -10,6 +10,8 @@ import torch
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "math")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ORIGINALS_MODES = ("keep", "offload", "drop")
+QUANTIZE_MODES = ("int8", "2:4")
+QUANTIZE_LAYERS = ("all", "mlp")
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -47,12 +49,19 @@ class FastConfig:
             2.5 GB in fp32). "offload": moved to CPU memory, moved back by `restore()` (exact,
             no device memory). "drop": their parameters are freed; `restore()` rebuilds them
             from the fast weights, rounded to `dtype`.
+        quantize: None, "int8" (image-encoder linears with int8 weights per output channel
+            and int8 activations per token, computed at run time) or "2:4" (their weights
+            magnitude-pruned to 2:4 semi-structured sparsity, no retraining). See
+            fastsam_core.models.quant for what the state_dict then holds.
+        quantize_layers: "all" (attention and MLP linears) or "mlp" (MLP only).
     """
 
     dtype: torch.dtype | str | None = None
     attention: str = "auto"
     compile: str | None = None
     originals: str = "keep"
+    quantize: str | None = None
+    quantize_layers: str = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _parse_dtype(self.dtype))
@@ -60,6 +69,12 @@ class FastConfig:
         if self.compile is not None:
             _check_choice("compile", self.compile, COMPILE_MODES)
         _check_choice("originals", self.originals, ORIGINALS_MODES)
+        if self.quantize is not None:
+            _check_choice("quantize", self.quantize, QUANTIZE_MODES)
+        _check_choice("quantize_layers", self.quantize_layers, QUANTIZE_LAYERS)
+        if self.quantize is not None and self.originals == "drop":
+            raise ValueError("FastConfig.originals='drop' cannot be combined with "
+                             "FastConfig.quantize: the float weights could not be restored")
 
     def replace(self, **changes) -> FastConfig:
         """A copy with some fields changed (validated again)."""

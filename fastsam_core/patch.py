@@ -25,6 +25,7 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import module_device, module_dtype
+from fastsam_core.models.quant import quantize_linears
 from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
 from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
 from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
@@ -143,6 +144,9 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
             warnings.warn(f"fastsam_core: {name} kept as the reference: {err}", stacklevel=2)
             state.kept.append(StageReport(name, "reference", str(err)))
         else:
+            if name == "image_encoder" and config.quantize is not None:
+                state.kept.append(quantize_linears(fast, config.quantize,
+                                                   config.quantize_layers))
             _replace(state, sam, name, fast)
     sam.__dict__[_STATE] = state
     return model

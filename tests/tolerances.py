@@ -34,3 +34,7 @@ AMG_SCORE_ABS = 1e-3  # stability score: counts pixels near +-offset, some flip 
 # cases are counted and reported, not failed.
 AMG_BORDERLINE_EPS = 1e-3
 AMG_MAX_BORDERLINE = 2  # more than this many one-sided masks is a defect, not a rounding flip
+
+# Lossy linears (int8): signal-to-quantization-noise ratio against the float result, dB.
+INT8_LINEAR_MIN_SQNR_DB = 30.0  # 8-bit symmetric codes give ~40 dB on Gaussian-like data
+INT8_ENCODER_MIN_SQNR_DB = 20.0  # the whole encoder: per-layer noise accumulates over blocks

@@ -1,0 +1,109 @@
+"""Quantized and 2:4-sparse linear layers: the math, with a backend per device.
+
+int8 (dynamic activations, static weights), for y = x W^T + b with x: N x K, W: M x K:
+
+    s_x[n] = max_k |x[n, k]| / 127          (per token, computed at run time)
+    s_w[m] = max_k |W[m, k]| / 127          (per output channel, once)
+    x_q = round(x / s_x), W_q = round(W / s_w)   (int8, symmetric, zero point 0)
+    y[n, m] = s_x[n] * s_w[m] * sum_k x_q[n, k] W_q[m, k] + b[m]
+
+Backends for the integer product: "int_mm" (`torch._int_mm`, CUDA, int32 accumulation) and
+"dequant" (the same products in fp32 from the int8 values: the CPU path and the numerical
+reference; `torch._int_mm` on the CPU is ~50x slower than an fp32 matmul here).
+
+2:4 semi-structured sparsity: in every group of 4 consecutive input weights of an output
+channel, the 2 of smallest magnitude are set to zero (magnitude pruning, no retraining). On
+CUDA the pruned weight becomes a `torch.sparse.SparseSemiStructuredTensor` (sparse tensor
+cores); elsewhere it stays a dense tensor with the zeros (same numbers, no speed-up).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+INT8_MAX = 127
+
+
+def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization of each row (last dim) of x: ... x K.
+
+    Returns:
+        x_q ... x K int8, scale ... x 1 fp32 (a zero row gets scale 1, all-zero codes).
+    """
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).float() / INT8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    x_q = torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return x_q, scale
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    backend: str = "dequant",
+) -> torch.Tensor:
+    """y = x W^T + b with x quantized per token and W per output channel.
+
+    Args:
+        x: ... x K activations (any float dtype).
+        weight_q: M x K int8. weight_scale: M fp32. bias: M or None.
+        backend: "int_mm" (CUDA) or "dequant".
+
+    Returns:
+        ... x M in x's dtype.
+    """
+    shape = x.shape
+    x_q, x_scale = quantize_per_row(x.reshape(-1, shape[-1]))  # N x K, N x 1
+    if backend == "int_mm":
+        acc = torch._int_mm(x_q, weight_q.t()).float()  # N x M, exact int32 sums
+    elif backend == "dequant":
+        acc = x_q.float() @ weight_q.float().t()
+    else:
+        raise ValueError(f"backend must be 'int_mm' or 'dequant', got {backend!r}")
+    y = acc * x_scale * weight_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], weight_q.shape[0])
+
+
+def int_mm_supported(n_tokens: int, in_features: int, out_features: int,
+                     device: torch.device) -> bool:
+    """torch._int_mm's constraints: CUDA, more than 16 rows, sizes multiples of 8."""
+    return (device.type == "cuda" and n_tokens > 16 and in_features % 8 == 0
+            and out_features % 8 == 0)
+
+
+def prune_2_4(weight: torch.Tensor) -> torch.Tensor:
+    """Magnitude 2:4 pruning along the input dim: M x K (K a multiple of 4) -> M x K with the
+    two smallest of every 4 consecutive weights zeroed."""
+    m, k = weight.shape
+    if k % 4:
+        raise ValueError(f"2:4 sparsity needs in_features divisible by 4, got {k}")
+    groups = weight.reshape(m, k // 4, 4)
+    keep = groups.abs().topk(2, dim=-1).indices  # M x K/4 x 2
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return (groups * mask).reshape(m, k)
+
+
+def is_2_4_sparse(weight: torch.Tensor) -> bool:
+    """True if every group of 4 consecutive input weights has at most 2 non-zeros."""
+    m, k = weight.shape
+    return bool(((weight.reshape(m, k // 4, 4) != 0).sum(-1) <= 2).all())
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """F.linear with a 2:4 weight (semi-structured on CUDA, dense with zeros elsewhere)."""
+    return F.linear(x, weight, bias)
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
+    ref = reference.double()
+    noise = (ref - approximation.double()).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
