@@ -12,19 +12,16 @@ FLOPs from torch.utils.flop_counter on the meta device. Conventions: bench/commo
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 from sam2.build_sam import build_sam2
 from sam2.sam2_image_predictor import SAM2ImagePredictor
-from torch.utils.flop_counter import FlopCounterMode
 
 import fastsam_core
 from bench.common import DEVICE, record, repeats
 from fastsam_core import FastConfig
-from fastsam_core.benchmark import synchronize
+from fastsam_core.benchmark import meta_flops, synchronize
 from fastsam_core.models.convert import adopt_module
 
 CUDA = DEVICE.type == "cuda"
@@ -44,20 +41,14 @@ def build(size: str, image_size: int):
     return model.to(DEVICE)
 
 
-def flops(encoder: torch.nn.Module, image_size: int, batch: int) -> int:
-    meta = copy.deepcopy(encoder).to("meta")
-    with FlopCounterMode(display=False) as counter:
-        meta(torch.empty(batch, 3, image_size, image_size, device="meta"))
-    return counter.get_total_flops()
-
-
 @pytest.fixture(scope="module", params=ENCODER_CASES, ids=[f"{c[0]}-{c[1]}-bs{c[2]}"
                                                            for c in ENCODER_CASES])
 def encoder_case(request):
     size, image_size, batch, dtype = request.param
     model = build(size, image_size)
     x = torch.randn(batch, 3, image_size, image_size, device=DEVICE)
-    return request.param, model, x, flops(model.image_encoder, image_size, batch)
+    return request.param, model, x, meta_flops(model.image_encoder, batch, 3, image_size,
+                                               image_size)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])

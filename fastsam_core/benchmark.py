@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import platform
 import statistics
 import time
@@ -76,6 +77,15 @@ def encoder_flops(
     return counter.get_total_flops()
 
 
+def meta_flops(module: torch.nn.Module, *input_shape: int) -> int:
+    """FLOPs of `module` on one input of `input_shape`, counted by torch.utils.flop_counter on
+    a meta-device copy (no memory, no compute)."""
+    meta = copy.deepcopy(module).to("meta")
+    with FlopCounterMode(display=False) as counter:
+        meta(torch.empty(*input_shape, device="meta"))
+    return counter.get_total_flops()
+
+
 @dataclass
 class EncoderBenchResult:
     """Reference vs fast image encoder, measured in one run."""
@@ -120,7 +130,8 @@ def bench_image_encoder(
     """Time the reference encoder (run in `dtype`) and the fast one, and check parity.
 
     Args:
-        variant, image_size, encoder_overrides: the random-weight model (see `build_sam`).
+        variant, image_size, encoder_overrides: the random-weight model (see `build_sam`), or
+            variant "tiny": the shipped tiny trained SAM at its own image size.
         batch: images per forward.
         dtype: compute dtype of both (the reference is converted with `.to(dtype)`).
         device: where to run.
@@ -130,11 +141,19 @@ def bench_image_encoder(
     """
     device = torch.device(device)
     config = (config or FastConfig()).replace(dtype=dtype)
-    log(f"building random-weight SAM {variant} at {image_size} px on {device_name(device)}")
-    sam = build_sam(variant, image_size, seed, **encoder_overrides).to(device)
+    if variant == "tiny":
+        from fastsam_core.models.tiny import tiny
+
+        sam = tiny("sam").to(device)
+        image_size = sam.image_encoder.img_size
+        log(f"the shipped tiny trained SAM ({image_size} px) on {device_name(device)}")
+        flops = meta_flops(sam.image_encoder, batch, 3, image_size, image_size)
+    else:
+        log(f"building random-weight SAM {variant} at {image_size} px on {device_name(device)}")
+        sam = build_sam(variant, image_size, seed, **encoder_overrides).to(device)
+        flops = encoder_flops(variant, image_size, batch, **encoder_overrides)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device)
-    flops = encoder_flops(variant, image_size, batch, **encoder_overrides)
 
     log("fp32 reference output (parity baseline)")
     expected = sam.image_encoder(x)
