@@ -60,3 +60,39 @@ def test_predictor_masks_match(dtype, multimask):
             assert iou >= tol.MASK_IOU_FP32, name
         else:
             assert iou >= tol.MASK_IOU_BF16, (name, iou)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trained_tiny_sam_masks_match(dtype):
+    """Masks of real objects: the tiny trained SAM, a point and a box on each object of
+    generated scenes. Measured: over every pixel, bf16 agrees at 0.989 mean IoU but 0.91 on
+    the worst (small) mask, as the 64 x 64 logits of this 128 px model are shallow at object
+    edges; outside the logit margin (tests/tolerances.py) it agrees exactly."""
+    from fastsam_core.models.tiny import tiny
+    from fastsam_core.models.tiny_data import make_scenes, mask_to_box, sample_point
+
+    sam = tiny("sam")
+    predictor = SamPredictor(sam)
+    scenes = make_scenes(3, seed=4242, height=128, width=160)
+    rng = np.random.default_rng(0)
+    prompts = [[dict(point_coords=sample_point(m, rng)[None], point_labels=np.array([1])),
+                dict(box=mask_to_box(m))] for s in scenes for m in s.masks]
+
+    def run():
+        out, k = [], 0
+        for scene in scenes:
+            predictor.set_image(scene.image)
+            for _ in scene.masks:
+                out.extend(torch.from_numpy(predictor.predict(**p, return_logits=True)[0])
+                           for p in prompts[k])
+                k += 1
+        return out
+
+    expected = run()
+    fastsam_core.optimize(sam, FastConfig(dtype=dtype))
+    got = run()
+    threshold = tol.MASK_IOU_FP32 if dtype == torch.float32 else tol.MASK_IOU_BF16
+    for a, b in zip(got, expected, strict=True):
+        assert mask_iou_outside_margin(a, b) >= threshold
+        if dtype == torch.float32:
+            assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
