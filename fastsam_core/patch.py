@@ -19,6 +19,7 @@ import torch
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
+from sam2.sam2_video_predictor import SAM2VideoPredictor, SAM2VideoPredictorVOS
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 from torch import nn
@@ -31,11 +32,14 @@ from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
 from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
 from fastsam_core.models.sam2.image_encoder import FastSam2ImageEncoder
 from fastsam_core.models.sam2.mask_decoder import FastSam2MaskDecoder
+from fastsam_core.models.sam2.memory_attention import FastMemoryAttention
+from fastsam_core.models.sam2.memory_encoder import FastMemoryEncoder
 from fastsam_core.pipelines.amg import (
     DEFAULT_MAX_CHUNK_BYTES,
     FastAutomaticMaskGenerator,
     FastSam2AutomaticMaskGenerator,
 )
+from fastsam_core.pipelines.video import FastSam2VideoPredictor
 from fastsam_core.report import Report, StageReport, UnsupportedModule
 
 _STATE = "_fastsam_state"
@@ -45,7 +49,7 @@ sam2_builders = importlib.import_module("sam2.build_sam")
 _SUPPORTED = ("segment_anything's Sam, SamPredictor, SamAutomaticMaskGenerator and sam2's "
               "SAM2Base (SAM2VideoPredictor included), SAM2ImagePredictor, "
               "SAM2AutomaticMaskGenerator")
-_SWAPPED = "_fastsam_swapped_class"  # on a mask generator whose class optimize() swapped
+_SWAPPED = "_fastsam_swapped_class"  # on a generator / video predictor whose class was swapped
 _FAST_GENERATORS = {
     SamAutomaticMaskGenerator: FastAutomaticMaskGenerator,
     SAM2AutomaticMaskGenerator: FastSam2AutomaticMaskGenerator,
@@ -62,8 +66,8 @@ _STAGES = {  # attribute of the model -> its fast replacement (None: the referen
         "image_encoder": FastSam2ImageEncoder,
         "sam_prompt_encoder": FastPromptEncoder,
         "sam_mask_decoder": FastSam2MaskDecoder,
-        "memory_attention": None,
-        "memory_encoder": None,
+        "memory_attention": FastMemoryAttention,
+        "memory_encoder": FastMemoryEncoder,
     },
 }
 
@@ -97,21 +101,28 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
         model: a segment_anything `Sam`, `SamPredictor` or `SamAutomaticMaskGenerator`, or a
             sam2 `SAM2Base`, `SAM2ImagePredictor` or `SAM2AutomaticMaskGenerator`: the model
             inside is optimized, and a mask generator becomes the fast one of its family
-            (same settings and results). Move the model to its device first: the default
-            dtype depends on where it is (FastConfig.dtype).
+            (same settings and results); a `SAM2VideoPredictor` becomes a
+            `FastSam2VideoPredictor` (objects propagated as one batch). Move the model to its
+            device first: the default dtype depends on where it is (FastConfig.dtype).
         config: FastConfig; None for the defaults.
 
     Returns:
         `model` itself. Optimizing again with the same config does nothing.
 
     Raises:
-        TypeError: `model` or `config` has an unsupported type.
+        TypeError: `model` or `config` has an unsupported type (`SAM2VideoPredictorVOS`
+            included: sam2 compiled it already).
         ValueError: `model` is in training mode, or already optimized with another config.
     """
     config = FastConfig() if config is None else config
     if not isinstance(config, FastConfig):
         raise TypeError(f"config must be a fastsam_core.FastConfig, got {type(config).__name__}")
     sam = _sam_of(model)
+    if isinstance(sam, SAM2VideoPredictorVOS):
+        raise TypeError(
+            "model is a SAM2VideoPredictorVOS (build_sam2_video_predictor(vos_optimized=True)), "
+            "whose modules sam2 has already compiled; build it with vos_optimized=False and "
+            "optimize that")
     if type(model) in _FAST_GENERATORS:
         optimize(sam, config)
         model.__dict__[_SWAPPED] = type(model)
@@ -148,6 +159,9 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
                 state.kept.append(quantize_linears(fast, config.quantize,
                                                    config.quantize_layers))
             _replace(state, sam, name, fast)
+    if type(sam) is SAM2VideoPredictor:  # batched multi-object propagation
+        sam.__dict__[_SWAPPED] = type(sam)
+        sam.__class__ = FastSam2VideoPredictor
     sam.__dict__[_STATE] = state
     return model
 
@@ -168,9 +182,11 @@ def restore(model: Optimizable) -> Optimizable:
     state: _State | None = sam.__dict__.get(_STATE)
     if state is None:
         raise ValueError("model is not optimized (fastsam_core.optimize was not applied to it)")
-    if _SWAPPED in getattr(model, "__dict__", {}):
+    if _SWAPPED in getattr(model, "__dict__", {}) and model is not sam:
         model.__class__ = model.__dict__.pop(_SWAPPED)
         del model.max_chunk_bytes
+    if _SWAPPED in sam.__dict__:
+        sam.__class__ = sam.__dict__.pop(_SWAPPED)
     for r in reversed(state.replacements):
         device = module_device(r.fast)
         if not r.shared and state.config.originals == "drop":

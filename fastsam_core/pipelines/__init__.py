@@ -2,5 +2,7 @@
 
 from fastsam_core.pipelines.amg import FastAutomaticMaskGenerator, FastSam2AutomaticMaskGenerator
 from fastsam_core.pipelines.predict import predict_batch
+from fastsam_core.pipelines.video import FastSam2VideoPredictor
 
-__all__ = ["FastAutomaticMaskGenerator", "FastSam2AutomaticMaskGenerator", "predict_batch"]
+__all__ = ["FastAutomaticMaskGenerator", "FastSam2AutomaticMaskGenerator",
+           "FastSam2VideoPredictor", "predict_batch"]

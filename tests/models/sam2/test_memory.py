@@ -1,0 +1,196 @@
+"""Parity of the fast SAM 2 memory attention and memory encoder with sam2's, per stage, on
+sam2.1 hiera_t's modules (random weights) at a 16 x 16 feature grid."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from fastsam_core import FastConfig
+from fastsam_core.models.sam2.memory_attention import FastMemoryAttention
+from fastsam_core.models.sam2.memory_encoder import FastMemoryEncoder
+from tests import tolerances as tol
+from tests.models.sam2.test_image_encoder import small_sam2
+from tests.parity import assert_close_fp32, assert_lowp_parity, in_dtype
+
+GRID = 16  # 256 px at stride 16
+HW = GRID * GRID
+
+
+@functools.cache
+def _model():
+    with torch.inference_mode(False):  # normal tensors, usable by the autograd test too
+        return small_sam2()
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def attention_inputs(batch=2, frames=3, pointers=4, seed=0, dtype=torch.float32):
+    """curr / curr_pos HW x B x 256, memory / memory_pos (frames * HW + pointers) x B x 64."""
+    d, mem = 256, 64
+    m = frames * HW + pointers
+    return dict(curr=_randn(HW, batch, d, seed=seed).to(dtype),
+                memory=_randn(m, batch, mem, seed=seed + 1).to(dtype),
+                curr_pos=_randn(HW, batch, d, seed=seed + 2).to(dtype),
+                memory_pos=_randn(m, batch, mem, seed=seed + 3).to(dtype),
+                num_obj_ptr_tokens=pointers)
+
+
+def fast_attention(dtype=torch.float32, compile_mode=None):
+    ref = _model().memory_attention
+    return FastMemoryAttention.from_reference(ref, FastConfig(compile=compile_mode),
+                                              dtype).eval()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("frames, pointers", [(1, 0), (3, 4), (7, 16), (0, 4)])
+def test_memory_attention_fp32(frames, pointers):
+    ref = _model().memory_attention
+    kwargs = attention_inputs(frames=frames, pointers=pointers)
+    expected = ref(**kwargs)
+    got = fast_attention()(**kwargs)
+    assert got.shape == expected.shape == (HW, 2, 256)
+    assert_close_fp32(got, expected, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+def test_memory_attention_list_inputs_as_sam2base_passes_them():
+    ref = _model().memory_attention
+    kwargs = attention_inputs()
+    expected = ref(**kwargs)
+    kwargs["curr"], kwargs["curr_pos"] = [kwargs["curr"]], [kwargs["curr_pos"]]
+    assert_close_fp32(fast_attention()(**kwargs), expected, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_memory_attention_low_precision(dtype):
+    ref = _model().memory_attention
+    kwargs = attention_inputs(frames=2)
+    got = fast_attention(dtype)(**kwargs)
+    assert got.dtype == torch.float32  # curr's dtype
+    low = {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    wide = {k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    naive = _rope_tables_in(in_dtype(ref, dtype), torch.float32)(**low)
+    exact = _rope_tables_in(in_dtype(ref, torch.float64), torch.complex128)(**wide)
+    assert_lowp_parity(got.double(), naive.double(), exact)
+
+
+def _rope_tables_in(module, dtype):
+    """The reference's rotary tables survive .to(dtype) as complex64; set them explicitly."""
+    for layer in module.layers:
+        for attn in (layer.self_attn, layer.cross_attn_image):
+            attn.freqs_cis = attn.freqs_cis.to(dtype)
+    return module
+
+
+@torch.inference_mode()
+def test_memory_attention_bf16_memory_with_fp32_model():
+    """SAM2VideoPredictor stores memories in bf16: the fp32 fast path takes them as they are
+    (the reference module needs them cast back to fp32 first)."""
+    ref = _model().memory_attention
+    kwargs = attention_inputs(pointers=0)
+    kwargs["memory"] = kwargs["memory"].bfloat16()
+    got = fast_attention()(**kwargs)
+    kwargs["memory"] = kwargs["memory"].float()
+    assert_close_fp32(got, ref(**kwargs), tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+def test_memory_attention_other_grid_size():
+    """A 8 x 8 grid (128 px): the reference rebuilds its table for the token count; so do we."""
+    ref = _model().memory_attention
+    kwargs = attention_inputs()
+    small = {k: v[: 3 * 64 + 4] if k.startswith("memory") else v for k, v in kwargs.items()}
+    small["curr"], small["curr_pos"] = kwargs["curr"][:64], kwargs["curr_pos"][:64]
+    fast = fast_attention()
+    assert_close_fp32(fast(**small), ref(**small), tol.FP32_STAGE_REL_L2)
+    assert_close_fp32(fast(**kwargs), ref(**kwargs), tol.FP32_STAGE_REL_L2)
+
+
+def test_memory_attention_unsupported_memory_falls_back():
+    """Memory that is not whole frames plus pointers: the reference decides (it fails)."""
+    fast = fast_attention()
+    fast.set_reference(_model().memory_attention)
+    kwargs = attention_inputs(pointers=3)
+    kwargs["num_obj_ptr_tokens"] = 1
+    with torch.inference_mode(), pytest.warns(UserWarning, match="not whole frames"), \
+            pytest.raises(RuntimeError):
+        fast(**kwargs)
+
+
+def encoder_inputs(batch=2, seed=0, dtype=torch.float32):
+    """pix_feat B x 256 x 16 x 16, mask logits B x 1 x 256 x 256."""
+    return (_randn(batch, 256, GRID, GRID, seed=seed).to(dtype),
+            (4 * _randn(batch, 1, GRID * 16, GRID * 16, seed=seed + 1)).to(dtype))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("skip_mask_sigmoid", [False, True])
+def test_memory_encoder_fp32(skip_mask_sigmoid):
+    ref = _model().memory_encoder
+    pix, masks = encoder_inputs()
+    expected = ref(pix, masks, skip_mask_sigmoid=skip_mask_sigmoid)
+    got = FastMemoryEncoder.from_reference(ref, FastConfig(), torch.float32).eval()(
+        pix, masks, skip_mask_sigmoid=skip_mask_sigmoid)
+    for key in ("vision_features", "vision_pos_enc"):
+        a = got[key] if key == "vision_features" else got[key][0]
+        b = expected[key] if key == "vision_features" else expected[key][0]
+        assert a.shape == b.shape
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_memory_encoder_low_precision(dtype):
+    ref = _model().memory_encoder
+    pix, masks = encoder_inputs()
+    got = FastMemoryEncoder.from_reference(ref, FastConfig(), dtype).eval()(pix, masks)
+    assert got["vision_features"].dtype == torch.float32
+    naive = in_dtype(ref, dtype)(pix.to(dtype), masks.to(dtype))
+    exact = in_dtype(ref, torch.float64)(pix.double(), masks.double())
+    assert_lowp_parity(got["vision_features"].double(), naive["vision_features"].double(),
+                       exact["vision_features"])
+
+
+def test_memory_modules_fall_back_under_autograd():
+    model = _model()
+    # the reference rebuilt its rotary tables inside the inference-mode tests above: make
+    # them normal tensors again, as autograd needs
+    for layer in model.memory_attention.layers:
+        for a in (layer.self_attn, layer.cross_attn_image):
+            a.freqs_cis = a.freqs_cis.clone()
+    attn = fast_attention()
+    attn.set_reference(model.memory_attention)
+    kwargs = attention_inputs(frames=1, pointers=0)
+    kwargs["curr"].requires_grad_(True)
+    with pytest.warns(UserWarning, match="autograd"):
+        out = attn(**kwargs)
+    out.sum().backward()
+    assert kwargs["curr"].grad is not None
+
+
+def test_memory_attention_compiles_once_as_the_memory_bank_fills():
+    """The per-frame memory attention under torch.compile(dynamic=True): 1 to 7 memory frames
+    and 0 to 16 object pointers (a bank filling over the first frames) give at most two
+    graphs (the first size is specialized), counted with CompileCounter (the eager backend:
+    Inductor on 2 cores would take minutes); results equal the reference."""
+    from torch._dynamo.testing import CompileCounter
+
+    from fastsam_core.models.compiled import LazyCompiled
+
+    ref = _model().memory_attention
+    fast = fast_attention()
+    counter = CompileCounter()
+    fast._run_fast = LazyCompiled(fast._forward_fast, "default", "memory attention",
+                                  backend=counter, dynamic=True)
+    with torch.inference_mode():
+        for frames in range(1, 8):
+            kwargs = attention_inputs(batch=1, frames=frames, pointers=2 * frames + 2)
+            assert_close_fp32(fast(**kwargs), ref(**kwargs), tol.FP32_STAGE_REL_L2)
+    assert fast._run_fast.status == "compiled"
+    assert counter.frame_count <= 2, counter.frame_count
