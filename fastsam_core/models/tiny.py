@@ -32,8 +32,9 @@ def tiny(kind: str = "sam") -> nn.Module:
     """The shipped tiny trained model: reference classes, eval mode, fp32, CPU.
 
     Args:
-        kind: "sam" (a `segment_anything` `Sam`) or "sam2" (a sam2 `SAM2Base` whose image path,
-            prompt encoder and mask decoder are trained; the video modules are untrained).
+        kind: "sam" (a `segment_anything` `Sam`) or "sam2" (a sam2 `SAM2Base`: its builder
+            and training recipe exist, its checkpoint does not ship yet, see
+            scripts/TRAINING.md; FileNotFoundError until it does).
 
     Returns:
         The model. Use it with the reference predictors (`SamPredictor`, `SAM2ImagePredictor`);

@@ -99,6 +99,14 @@ def test_tiny_unknown_kind():
         tiny("sam3")
 
 
+def test_tiny_sam2_not_shipped_yet_says_so():
+    """scripts/TRAINING.md: the tiny SAM 2 did not reach a useful IoU; until it ships the
+    loader names what is missing instead of failing deep in torch.load."""
+    assert not (WEIGHTS_DIR / "sam2.pt").exists()
+    with pytest.raises(FileNotFoundError, match="no tiny 'sam2' checkpoint"):
+        tiny("sam2")
+
+
 @pytest.mark.parametrize("kind", SHIPPED)
 def test_automatic_mask_generator_default_thresholds(kind):
     """With the reference generator's default thresholds (predicted IoU 0.88, stability
