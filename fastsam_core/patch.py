@@ -168,7 +168,8 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
 
 def restore(model: Optimizable) -> Optimizable:
     """Put back every original module of an optimized model (the same objects); a mask
-    generator gets its own class back.
+    generator or video predictor gets its own class back (a video inference state made while
+    optimized in bf16 / fp16 keeps its rounded frames: make a new one).
 
     With FastConfig.originals "keep" or "offload", or when the dtype did not change, the
     parameters are the original ones, so outputs are bit-identical to before `optimize()`. An
@@ -235,7 +236,9 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
 
     segment_anything: `sam_model_registry[...]`, `build_sam`, `build_sam_vit_h/l/b`, through
     the builder they all call (`segment_anything.build_sam._build_sam`). sam2: `build_sam2`,
-    `build_sam2_hf` and `build_sam2_video_predictor` (its image parts), through the checkpoint
+    `build_sam2_hf` and `build_sam2_video_predictor` (a `FastSam2VideoPredictor` comes out;
+    with vos_optimized=True sam2's compiled predictor is left as built, with a warning),
+    through the checkpoint
     loader they share (`sam2.build_sam._load_checkpoint`): the model is optimized when the
     builder puts it in eval mode, after moving it to its device (a model built with
     mode="train" is optimized only if put in eval mode inside the block). segment_anything's
@@ -267,6 +270,10 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
     @functools.wraps(sam2_base)
     def load_then_optimize_on_eval(model, ckpt_path):
         sam2_base(model, ckpt_path)
+        if isinstance(model, SAM2VideoPredictorVOS):
+            warnings.warn("fastsam_core.patched: a SAM2VideoPredictorVOS (vos_optimized=True) "
+                          "is compiled by sam2 and left as built", stacklevel=3)
+            return
         model.eval = types.MethodType(eval_then_optimize, model)  # bound: copies stay sane
         hooked.add(model)
 

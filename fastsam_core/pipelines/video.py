@@ -4,13 +4,15 @@
 heads, memory encoder) once per object with batch size 1, so its cost grows linearly with the
 number of objects. `FastSam2VideoPredictor` (what `optimize()` turns a `SAM2VideoPredictor`
 into) runs the objects whose memory banks have the same layout (the same conditioning frames
-and the same tracked frames: objects prompted on the same frames and propagated together) as
-one batch: their stored memories are concatenated along the batch dimension on access, the
+and the same tracked frames within the memory's reach: objects prompted on the same frames)
+as one batch: their stored memories are concatenated along the batch dimension on access, the
 step runs once, and its outputs are split back per object, so the inference state keeps the
 reference's per-object layout and every other method works on it unchanged. Objects whose
-layouts differ form separate batches. Results equal tracking each object alone (the per-object
-computations are independent); the reference's own path is used when the model couples the
-objects of a batch (`non_overlap_masks_for_mem_enc`).
+layouts differ form separate batches. Results equal tracking each object alone up to
+rounding (the per-object computations are independent; batched kernels may sum in another
+order); the reference's own path is used when the model couples the objects of a batch
+(`non_overlap_masks_for_mem_enc`). With a bf16 / fp16 image encoder, `init_state` keeps the
+video frames in that dtype.
 """
 
 from __future__ import annotations
@@ -24,7 +26,26 @@ from tqdm import tqdm
 
 class FastSam2VideoPredictor(SAM2VideoPredictor):
     """`SAM2VideoPredictor` with batched multi-object propagation (see the module docstring).
-    Only `propagate_in_video` differs; its arguments and outputs are the reference's."""
+    `propagate_in_video` and `init_state` differ; their arguments and outputs are the
+    reference's."""
+
+    @torch.inference_mode()
+    def init_state(self, video_path: str, offload_video_to_cpu: bool = False,
+                   offload_state_to_cpu: bool = False,
+                   async_loading_frames: bool = False) -> dict:
+        """The reference's inference state, with the video frames (`state["images"]`) kept in
+        the fast image encoder's dtype when it is bf16 / fp16: half the memory of the
+        reference's fp32 frames, and the same results, as that encoder rounds its input to its
+        dtype anyway. Frames loaded asynchronously (`async_loading_frames`) stay fp32. A state
+        made here keeps its rounded frames after `fastsam_core.restore()`: make a new one for
+        the reference model."""
+        state = super().init_state(video_path, offload_video_to_cpu, offload_state_to_cpu,
+                                   async_loading_frames)
+        dtype = getattr(self.image_encoder, "dtype", None)  # None: the reference encoder
+        if dtype in (torch.bfloat16, torch.float16) and isinstance(state["images"],
+                                                                   torch.Tensor):
+            state["images"] = state["images"].to(dtype)
+        return state
 
     @torch.inference_mode()
     def propagate_in_video(self, inference_state: dict, start_frame_idx: int | None = None,
@@ -55,9 +76,7 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
                         self._clear_obj_non_cond_mem_around_input(inference_state, frame_idx,
                                                                   obj_idx)
                 else:
-                    key = (tuple(sorted(out["cond_frame_outputs"])),
-                           tuple(sorted(out["non_cond_frame_outputs"])))
-                    to_track.setdefault(key, []).append(obj_idx)
+                    to_track.setdefault(self._memory_layout(out, frame_idx), []).append(obj_idx)
             for group in to_track.values():
                 merged = {name: _BatchedOutputs([per_obj[i][name] for i in group])
                           for name in ("cond_frame_outputs", "non_cond_frame_outputs")}
@@ -74,6 +93,19 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
             _, video_res_masks = self._get_orig_video_res_output(
                 inference_state, torch.cat(pred_masks, dim=0))
             yield frame_idx, obj_ids, video_res_masks
+
+
+    def _memory_layout(self, obj_output_dict: dict, frame_idx: int) -> tuple:
+        """What decides which stored outputs the memory of `frame_idx` reads (SAM2Base.
+        _prepare_memory_conditioned_features in eval): the conditioning frames, and the tracked
+        frames within reach of the memory frames (num_maskmem, strided) and of the object
+        pointers (max_obj_ptrs_in_encoder). Objects with equal layouts read equal frames."""
+        stride = self.memory_temporal_stride_for_eval
+        reach = max((self.num_maskmem + 1) * stride, self.max_obj_ptrs_in_encoder)
+        tracked = obj_output_dict["non_cond_frame_outputs"]
+        return (tuple(sorted(obj_output_dict["cond_frame_outputs"])),
+                tuple(t for t in range(frame_idx - reach, frame_idx + reach + 1)
+                      if t in tracked))
 
 
 def _processing_order(inference_state: dict, start_frame_idx: int | None,

@@ -141,12 +141,18 @@ class FastMemoryAttention(ReferenceFallback):
                        dtype: torch.dtype) -> FastMemoryAttention:
         if type(ref) is not MemoryAttention:
             raise UnsupportedModule(f"{type(ref).__qualname__} is not sam2's MemoryAttention")
-        for layer in ref.layers:
-            if type(layer) is not MemoryAttentionLayer or any(
-                    type(a) is not RoPEAttention for a in (layer.self_attn,
-                                                           layer.cross_attn_image)):
-                raise UnsupportedModule("layers other than MemoryAttentionLayer with RoPE "
-                                        "self- and cross-attention")
+        attns = [a for layer in ref.layers for a in (getattr(layer, "self_attn", None),
+                                                      getattr(layer, "cross_attn_image", None))]
+        if any(type(layer) is not MemoryAttentionLayer for layer in ref.layers) or any(
+                type(a) is not RoPEAttention for a in attns):
+            raise UnsupportedModule("layers other than MemoryAttentionLayer with RoPE self- "
+                                    "and cross-attention")
+        first = attns[0]
+        if any(a.internal_dim // a.num_heads != first.internal_dim // first.num_heads
+               or _rope_theta(a) != _rope_theta(first)
+               or not torch.equal(a.freqs_cis.cpu(), first.freqs_cis.cpu()) for a in attns):
+            raise UnsupportedModule("attention layers with different rotary tables (head "
+                                    "size, base or feature size): one table is shared here")
         return cls(ref, dtype, config.compile)
 
     @property
@@ -182,6 +188,10 @@ class FastMemoryAttention(ReferenceFallback):
         why = self._unsupported(curr, memory, curr_pos, memory_pos, num_obj_ptr_tokens) or \
             self.inference_only_reason(curr, memory)
         if why is not None:
+            # the memories SAM2VideoPredictor stores are bf16: the reference needs them in
+            # curr's dtype once autocast is off (without_autocast above)
+            memory, memory_pos = (None if t is None else t.to(curr.dtype)
+                                  for t in (memory, memory_pos))
             return self.run_reference(why, [curr], memory, [curr_pos], memory_pos,
                                       num_obj_ptr_tokens)
         cos, sin = self.rope_tables(curr.shape[0], curr.device)
@@ -206,7 +216,7 @@ class FastMemoryAttention(ReferenceFallback):
                      curr_pos: torch.Tensor | None, memory_pos: torch.Tensor | None,
                      num_obj_ptr_tokens: int) -> str | None:
         """Inputs the fast path does not take (the reference gets them, and fails or not as
-        it would have)."""
+        it would have, given memories in curr's dtype)."""
         if not self.batch_first:
             return "batch_first=False"
         if curr_pos is None or memory_pos is None:
@@ -216,6 +226,8 @@ class FastMemoryAttention(ReferenceFallback):
         hw, n_rope = curr.shape[0], memory.shape[0] - num_obj_ptr_tokens
         if n_rope < 0 or n_rope % hw:
             return f"memory of {memory.shape[0]} tokens is not whole frames of {hw} + pointers"
+        if n_rope != hw and not self.layers[0].cross_attn_image.rope_k_repeat:
+            return "several memory frames without rope_k_repeat"
         return None
 
     def describe(self) -> list[StageReport]:
