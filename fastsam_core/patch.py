@@ -238,10 +238,10 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
     the builder they all call (`segment_anything.build_sam._build_sam`). sam2: `build_sam2`,
     `build_sam2_hf` and `build_sam2_video_predictor` (a `FastSam2VideoPredictor` comes out;
     with vos_optimized=True sam2's compiled predictor is left as built, with a warning),
-    through the checkpoint
-    loader they share (`sam2.build_sam._load_checkpoint`): the model is optimized when the
-    builder puts it in eval mode, after moving it to its device (a model built with
-    mode="train" is optimized only if put in eval mode inside the block). segment_anything's
+    through the checkpoint loader they share (`sam2.build_sam._load_checkpoint`): the model
+    is optimized when the builder puts it in eval mode, after moving it to its device (a model
+    built with mode="train" is optimized only if put in eval mode inside the block).
+    segment_anything's
     builders return the model on the CPU, so its default dtype resolves to fp32 there: for a
     GPU pipeline pass `FastConfig(dtype=torch.bfloat16)`. Names imported before the block are
     covered too. Undone on exit, also when the body raises; models built inside stay

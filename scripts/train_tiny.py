@@ -339,16 +339,19 @@ def prompt_loss(
     prompts: Prompts,
     args: argparse.Namespace,
     bce: bool = False,
-) -> tuple[torch.Tensor, float]:
-    """Loss of one prompt batch; points: best-of-3 masks, boxes: the single-mask output.
+    multimask: bool | None = None,
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Loss of one prompt batch; points: best-of-3 masks, boxes: the single-mask output
+    (unless `multimask` says otherwise).
 
     The mask loss is args.focal_weight * focal + args.dice_weight * dice, or with `bce`
     (the first args.bce_steps steps) args.bce_weight * BCE + args.dice_weight * dice.
 
     Returns:
-        (scalar loss, mean achieved IoU of the supervised masks).
+        (scalar loss, mean achieved IoU of the supervised masks, N: index of each prompt's
+        supervised mask among the outputs).
     """
-    multimask = not prompts.is_box
+    multimask = not prompts.is_box if multimask is None else multimask
     logits, iou_pred = adapter.decode(feats, prompts, multimask)
     targets = prompts.targets
     if args.loss_size and args.loss_size < targets.shape[-1]:  # area-averaged soft targets
@@ -364,7 +367,7 @@ def prompt_loss(
     rows = torch.arange(len(best))
     mask_loss = loss[rows, best].mean()
     iou_loss = F.mse_loss(iou_pred, iou)
-    return mask_loss + args.iou_weight * iou_loss, float(iou[rows, best].mean())
+    return mask_loss + args.iou_weight * iou_loss, float(iou[rows, best].mean()), best
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -517,7 +520,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     heldout_seed = args.seed + HELDOUT_SEED_OFFSET
     quick_scenes = make_scenes(args.quick_eval_images, heldout_seed, size)
     t0, history, running = time.time(), [], []
+    box_wins = torch.zeros(3, dtype=torch.long)  # which of the three masks fit boxes best
     for step in range(args.steps):
+        if step == args.box_multimask_steps > 0:
+            warm_start_single_mask(model, args.model, int(box_wins.argmax()))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         scenes = [make_scene(rng, size) for _ in range(args.batch)]
@@ -526,8 +532,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         boxes = sample_prompts(scenes, rng, args.boxes, True, args.box_jitter)
         feats = adapter.embed(images)
         bce = step < args.bce_steps
-        loss_p, iou_p = prompt_loss(adapter, feats, points, args, bce)
-        loss_b, iou_b = prompt_loss(adapter, feats, boxes, args, bce)
+        loss_p, iou_p, _ = prompt_loss(adapter, feats, points, args, bce)
+        boxes_multimask = step < args.box_multimask_steps
+        loss_b, iou_b, best = prompt_loss(adapter, feats, boxes, args, bce, boxes_multimask)
+        if boxes_multimask:
+            box_wins += torch.bincount(best, minlength=3)
         loss = loss_p + loss_b + args.obj_weight * adapter.aux_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -556,6 +565,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "history": history,
     }
     return finish(model, {**config, "training": train_record}, args)
+
+
+@torch.no_grad()
+def warm_start_single_mask(model: nn.Module, kind: str, source: int) -> None:
+    """Copy three-mask output `source` (0-2) into the single-mask output: its mask token,
+    hypernetwork MLP and IoU-head row. Used after boxes were trained through the three-mask
+    output (--box-multimask-steps): the single-mask output then starts from the mask that
+    fit boxes best instead of from scratch."""
+    decoder = model.mask_decoder if kind == "sam" else model.sam_mask_decoder
+    j = 1 + source  # mask token 0 is the single-mask output
+    decoder.mask_tokens.weight[0] = decoder.mask_tokens.weight[j]
+    mlps = decoder.output_hypernetworks_mlps
+    mlps[0].load_state_dict(mlps[j].state_dict())
+    last = decoder.iou_prediction_head.layers[-1]
+    last.weight[0] = last.weight[j]
+    last.bias[0] = last.bias[j]
+    print(f"single-mask output warm-started from three-mask output {source}", flush=True)
 
 
 def finish(model: nn.Module, record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -653,6 +679,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=2.0, help="focal gamma (0: plain BCE)")
     p.add_argument("--bce-steps", type=int, default=None, help="BCE + dice for N steps (recipe)")
     p.add_argument("--bce-weight", type=float, default=1.0)
+    p.add_argument("--box-multimask-steps", type=int, default=0,
+                   help="train boxes through the three-mask output for N steps, then copy "
+                        "the best-fitting one into the single-mask output")
     p.add_argument("--dice-weight", type=float, default=1.0)
     p.add_argument("--iou-weight", type=float, default=1.0)
     p.add_argument("--loss-size", type=int, default=None, help="loss resolution, 0: image")

@@ -152,13 +152,13 @@ def test_train_script_runs(kind, tmp_path, capsys):
         f"--eval-every 2 --quick-eval-images 2 --eval-images 2 --amg-images 0 --name smoke "
         f"--threads {torch.get_num_threads()}"
     ).split()
-    argv += ["--out", str(tmp_path)]
+    argv += ["--out", str(tmp_path), "--box-multimask-steps", "1"]  # and the warm start
     for item in small:
         argv += ["--set", item]
     with torch.random.fork_rng(devices=[]):
         assert _load_script().main(argv) == 0
     out = capsys.readouterr().out
-    assert "step 2/2" in out and "held-out IoU" in out
+    assert "step 2/2" in out and "held-out IoU" in out and "warm-started" in out
     record = load_config(tmp_path / "smoke.json")
     assert record["kind"] == kind and record["training"]["args"]["steps"] == 2
     assert set(record["heldout"]) >= {"point", "box"}
