@@ -101,7 +101,7 @@ def test_video_propagation(benchmark, video_dir, objects, impl):
         synchronize(DEVICE)
 
     # two rounds on CUDA: the reference tracks objects one by one, so 16 objects x 16 frames
-    # at design.md's ~14 frames/s for one object is most of a minute per round with warmup
+    # at design.md's ~14 frames/s for one object is ~18 s a round: keep the runner's budget
     benchmark.pedantic(run, setup=setup, rounds=2 if CUDA else 1, warmup_rounds=1 if CUDA else 0,
                        iterations=1)
     extra = {"peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20} if CUDA else {}
