@@ -1,4 +1,4 @@
-"""Train the tiny SAM / SAM 2 checkpoints shipped in `fastsam_core/models/tiny_weights/`.
+"""Train the tiny SAM / SAM 2 checkpoints of `fastsam_core/models/tiny_weights/` (SAM ships).
 
 Trains the reference classes (`segment_anything` Sam, sam2 SAM2Base image path) from scratch
 on the procedural shapes of `fastsam_core.models.tiny_data`, with point and box prompts whose

@@ -1,4 +1,4 @@
-"""Tiny trained SAM and SAM 2 checkpoints, shipped with the package, loaded offline.
+"""Tiny trained checkpoints shipped with the package (SAM; SAM 2 not yet), loaded offline.
 
 Builds the reference models (`segment_anything.modeling.Sam`, `sam2.modeling.sam2_base.SAM2Base`)
 from small configurations and loads the state_dicts that `scripts/train_tiny.py` trained on the
@@ -7,7 +7,8 @@ procedural shapes of `fastsam_core.models.tiny_data`. They stand in for the real
 logits, masks that follow object boundaries, IoU predictions that pass the automatic mask
 generator's thresholds. Replaces nothing in the reference packages; the builders mirror
 `segment_anything.build_sam._build_sam` and sam2's `configs/sam2.1/sam2.1_hiera_t.yaml` with
-small dimensions.
+small dimensions. The SAM 2 builder and training recipe exist, but no SAM 2 checkpoint
+reached a useful IoU yet (scripts/TRAINING.md), so none ships.
 
 Each checkpoint is `tiny_weights/<kind>.pt` (a state_dict) plus `tiny_weights/<kind>.json`:
 `{"kind", "model": constructor config, "training": how it was trained, "heldout": measured
