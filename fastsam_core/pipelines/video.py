@@ -94,7 +94,6 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
                 inference_state, torch.cat(pred_masks, dim=0))
             yield frame_idx, obj_ids, video_res_masks
 
-
     def _memory_layout(self, obj_output_dict: dict, frame_idx: int) -> tuple:
         """What decides which stored outputs the memory of `frame_idx` reads (SAM2Base.
         _prepare_memory_conditioned_features in eval): the conditioning frames, and the tracked
