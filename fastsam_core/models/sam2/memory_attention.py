@@ -143,8 +143,8 @@ class FastMemoryAttention(ReferenceFallback):
             raise UnsupportedModule(f"{type(ref).__qualname__} is not sam2's MemoryAttention")
         attns = [a for layer in ref.layers for a in (getattr(layer, "self_attn", None),
                                                       getattr(layer, "cross_attn_image", None))]
-        if any(type(layer) is not MemoryAttentionLayer for layer in ref.layers) or any(
-                type(a) is not RoPEAttention for a in attns):
+        if not attns or any(type(layer) is not MemoryAttentionLayer for layer in ref.layers) \
+                or any(type(a) is not RoPEAttention for a in attns):
             raise UnsupportedModule("layers other than MemoryAttentionLayer with RoPE self- "
                                     "and cross-attention")
         first = attns[0]
