@@ -9,7 +9,8 @@ import warnings
 import torch
 from torch import nn
 
-from fastsam_core.models.convert import module_device
+from fastsam_core.config import FastConfig
+from fastsam_core.models.convert import module_device, module_dtype
 
 
 class ReferenceFallback(nn.Module):
@@ -82,3 +83,14 @@ def without_autocast(method):
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+def fast_view(module: nn.Module, fast_class: type) -> nn.Module:
+    """`module` if it is already a `fast_class`, else a fast view of it sharing its weights
+    (in its own dtype, default config) that falls back to it where the fast path does not
+    apply: the batched pipelines use the fast modules on unoptimized models too."""
+    if isinstance(module, fast_class):
+        return module
+    view = fast_class.from_reference(module, FastConfig(), module_dtype(module)).eval()
+    view.set_reference(module)
+    return view

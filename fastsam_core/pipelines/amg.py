@@ -44,7 +44,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 
 from fastsam_core.pipelines.predict import encode_images, fast_prompt_path
 from fastsam_core.pipelines.predict_sam2 import _encode as encode_images_sam2
-from fastsam_core.pipelines.predict_sam2 import _fast_heads
+from fastsam_core.pipelines.predict_sam2 import fast_sam2_heads
 
 DEFAULT_MAX_CHUNK_BYTES = 1 << 30  # full-resolution logits + masks upsampled at once: 1 GiB
 ENCODER_BATCH = 8  # crops per image-encoder call
@@ -284,7 +284,7 @@ class FastSam2AutomaticMaskGenerator(_FastGeneration, SAM2AutomaticMaskGenerator
 
     def _predict(self, feature, coords, labels, mask_input, multimask_output):
         embedding, high_res = feature
-        prompt_encoder, decoder = _fast_heads(self.predictor.model)
+        prompt_encoder, decoder = fast_sam2_heads(self.predictor.model)
         sparse, dense = prompt_encoder((coords, labels), None, mask_input)
         repeat_image = coords.shape[0] > 1  # as the predictor: one image for all prompts
         low_res, iou, _, _ = decoder(embedding, prompt_encoder.get_dense_pe(), sparse, dense,

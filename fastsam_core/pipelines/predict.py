@@ -17,8 +17,8 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from fastsam_core.config import FastConfig
-from fastsam_core.models.convert import module_dtype, to_device
+from fastsam_core.models.convert import to_device
+from fastsam_core.models.fallback import fast_view
 from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
 from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
 from fastsam_core.pipelines.predict_sam2 import predict_batch_sam2
@@ -120,15 +120,9 @@ def encode_images(
 
 def fast_prompt_path(sam: Sam) -> tuple[FastPromptEncoder, FastMaskDecoder]:
     """The model's fast prompt encoder and decoder, or fast views sharing its weights."""
-    fast = []
-    for ref, fast_class in ((sam.prompt_encoder, FastPromptEncoder),
-                            (sam.mask_decoder, FastMaskDecoder)):
-        if not isinstance(ref, fast_class):
-            view = fast_class.from_reference(ref, FastConfig(), module_dtype(ref)).eval()
-            view.set_reference(ref)
-            ref = view
-        fast.append(ref)
-    return fast[0], fast[1]
+    return (fast_view(sam.prompt_encoder, FastPromptEncoder),
+            fast_view(sam.mask_decoder, FastMaskDecoder))
+
 
 
 def _check_image(i: int, image: object) -> None:

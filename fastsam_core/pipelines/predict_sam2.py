@@ -16,8 +16,8 @@ from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from sam2.utils.transforms import SAM2Transforms
 
-from fastsam_core.config import FastConfig
-from fastsam_core.models.convert import module_dtype, to_device
+from fastsam_core.models.convert import to_device
+from fastsam_core.models.fallback import fast_view
 from fastsam_core.models.sam.prompt_encoder import FastPromptEncoder
 from fastsam_core.models.sam2.mask_decoder import FastSam2MaskDecoder
 
@@ -27,7 +27,7 @@ def predict_batch_sam2(model: SAM2Base, images: Sequence[np.ndarray], parsed: li
                        ) -> list[dict[str, torch.Tensor]]:
     """See `fastsam_core.pipelines.predict_batch`; `parsed` as its `_parse_prompts` returns.
     A `predictor`'s mask threshold and hole / sprinkle settings apply, as in its `predict`."""
-    prompt_encoder, decoder = _fast_heads(model)
+    prompt_encoder, decoder = fast_sam2_heads(model)
     device = model.device
     if predictor is not None:
         transforms, threshold = predictor._transforms, predictor.mask_threshold
@@ -60,17 +60,10 @@ def predict_batch_sam2(model: SAM2Base, images: Sequence[np.ndarray], parsed: li
     return results
 
 
-def _fast_heads(model: SAM2Base) -> tuple[FastPromptEncoder, FastSam2MaskDecoder]:
+def fast_sam2_heads(model: SAM2Base) -> tuple[FastPromptEncoder, FastSam2MaskDecoder]:
     """The model's fast prompt encoder and decoder, or fast views sharing its weights."""
-    fast = []
-    for ref, fast_class in ((model.sam_prompt_encoder, FastPromptEncoder),
-                            (model.sam_mask_decoder, FastSam2MaskDecoder)):
-        if not isinstance(ref, fast_class):
-            view = fast_class.from_reference(ref, FastConfig(), module_dtype(ref)).eval()
-            view.set_reference(ref)
-            ref = view
-        fast.append(ref)
-    return fast[0], fast[1]
+    return (fast_view(model.sam_prompt_encoder, FastPromptEncoder),
+            fast_view(model.sam_mask_decoder, FastSam2MaskDecoder))
 
 
 def _encode(model: SAM2Base, images: Sequence[np.ndarray], transforms: SAM2Transforms):
