@@ -65,9 +65,10 @@ def test_predictor_masks_match(dtype, multimask):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_trained_tiny_sam_masks_match(dtype):
     """Masks of real objects: the tiny trained SAM, a point and a box on each object of
-    generated scenes. Measured: over every pixel, bf16 agrees at 0.989 mean IoU but 0.91 on
-    the worst (small) mask, as the 64 x 64 logits of this 128 px model are shallow at object
-    edges; outside the logit margin (tests/tolerances.py) it agrees exactly."""
+    generated scenes. Over every pixel bf16 does not reach MASK_IOU_BF16 on small masks (the
+    64 x 64 logits of this 128 px model are shallow at object edges; the committed accuracy
+    report, bench/results/accuracy-tiny-sam-cpu.json, has mean 0.993 and worst 0.910), so the
+    masks are compared outside the logit margin (tests/tolerances.py)."""
     from fastsam_core.models.tiny import tiny
     from fastsam_core.models.tiny_data import make_scenes, mask_to_box, sample_point
 
