@@ -124,25 +124,43 @@ def _processing_order(inference_state: dict, start_frame_idx: int | None,
 
 
 class _BatchedOutputs(Mapping):
-    """Frame index -> the stored outputs of several objects for that frame, concatenated
-    along the batch dimension when first read (the objects share their frame indices)."""
+    """Frame index -> the stored outputs of several objects for that frame, each field
+    concatenated along the batch dimension when first read (the objects share their frame
+    indices; the memory reads a few fields of a few frames, so only those are copied)."""
 
     def __init__(self, per_object: list[dict]) -> None:
         self._per_object = per_object
-        self._merged: dict[int, dict] = {}
+        self._frames: dict[int, _BatchedFrame] = {}
 
-    def __getitem__(self, frame_idx: int) -> dict:
-        if frame_idx not in self._merged:
-            outs = [d[frame_idx] for d in self._per_object]
-            self._merged[frame_idx] = {name: _cat([o[name] for o in outs])
-                                       for name in outs[0]}
-        return self._merged[frame_idx]
+    def __getitem__(self, frame_idx: int) -> _BatchedFrame:
+        if frame_idx not in self._frames:
+            self._frames[frame_idx] = _BatchedFrame([d[frame_idx] for d in self._per_object])
+        return self._frames[frame_idx]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._per_object[0])
 
     def __len__(self) -> int:
         return len(self._per_object[0])
+
+
+class _BatchedFrame(Mapping):
+    """Field name -> that field of several objects' outputs for one frame, concatenated."""
+
+    def __init__(self, outputs: list[dict]) -> None:
+        self._outputs = outputs
+        self._merged: dict[str, object] = {}
+
+    def __getitem__(self, name: str) -> object:
+        if name not in self._merged:
+            self._merged[name] = _cat([out[name] for out in self._outputs])
+        return self._merged[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._outputs[0])
+
+    def __len__(self) -> int:
+        return len(self._outputs[0])
 
 
 def _cat(values: list) -> object:
