@@ -2,7 +2,9 @@
 
 One `propagate_in_video` over a synthetic video after prompting every object with a point on
 frame 0 (the prompting is not timed; each round starts from a fresh inference state), for
-several object counts. `img_s` in extra_info is frames per second of video (every object
+several object counts; with `staggered`, odd objects are prompted on frame 1 instead, so
+their memory banks differ from the others' (the fast path batches them through padded banks
+and a key mask). `img_s` in extra_info is frames per second of video (every object
 tracked on each frame); on CUDA `peak_mem_mib` is the peak allocated device memory.
 
 - CUDA: sam2.1 hiera_b+ at 1024 px, 16 frames, 1 / 4 / 16 objects; the reference runs as its
@@ -64,11 +66,14 @@ def memory_in_fp32(module, args, kwargs):
     return args, kwargs
 
 
+@pytest.mark.parametrize("staggered", [False, True], ids=["frame0", "staggered"])
 @pytest.mark.parametrize("objects", OBJECTS)
 @pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_video_propagation(benchmark, video_dir, objects, impl):
+def test_video_propagation(benchmark, video_dir, objects, impl, staggered):
+    if staggered and objects == 1:
+        pytest.skip("one object: nothing to stagger")
     path, centres = video_dir
-    group = f"sam2 video {MODEL}-{IMAGE_SIZE} {objects} obj"
+    group = f"sam2 video {MODEL}-{IMAGE_SIZE} {objects} obj{' staggered' if staggered else ''}"
     benchmark.group = group
     predictor = build()
     if impl == "fast":
@@ -86,8 +91,8 @@ def test_video_propagation(benchmark, video_dir, objects, impl):
             state = predictor.init_state(path)
             for k in range(objects):
                 predictor.add_new_points_or_box(
-                    state, frame_idx=0, obj_id=k, points=centres[k : k + 1].astype(np.float32),
-                    labels=np.array([1], np.int32))
+                    state, frame_idx=k % 2 if staggered else 0, obj_id=k,
+                    points=centres[k : k + 1].astype(np.float32), labels=np.array([1], np.int32))
         synchronize(DEVICE)
         if CUDA:
             torch.cuda.reset_peak_memory_stats()
@@ -106,4 +111,5 @@ def test_video_propagation(benchmark, video_dir, objects, impl):
                        iterations=1)
     extra = {"peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20} if CUDA else {}
     record(benchmark, group, impl, items=FRAMES, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
-           frames=FRAMES, objects=objects, dtype=str(DTYPE).replace("torch.", ""), **extra)
+           frames=FRAMES, objects=objects, staggered=staggered,
+           dtype=str(DTYPE).replace("torch.", ""), **extra)

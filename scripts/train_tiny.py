@@ -1,7 +1,9 @@
-"""Train the tiny SAM / SAM 2 checkpoints of `fastsam_core/models/tiny_weights/` (SAM ships).
+"""Train the tiny SAM / SAM 2 checkpoints of `fastsam_core/models/tiny_weights/`.
 
-Trains the reference classes (`segment_anything` Sam, sam2 SAM2Base image path) from scratch
-on the procedural shapes of `fastsam_core.models.tiny_data`, with point and box prompts whose
+Trains the reference classes (`segment_anything` Sam, sam2 SAM2Base image path) on the
+procedural shapes of `fastsam_core.models.tiny_data` (the SAM from scratch; the SAM 2 from the
+shipped tiny SAM: its heads copied, its image embedding distilled into the SAM 2 image
+encoder, `--teacher`), with point and box prompts whose
 target is the visible mask of the shape under the prompt. Loss as in the SAM paper: focal +
 dice on the mask logits (bilinearly upsampled to the image, as the predictors do), MSE of the
 IoU head to the IoU each mask achieved; single points use the three-mask output and only the
@@ -15,7 +17,8 @@ left unset take the recipe of the shipped checkpoint, RECIPES below):
 
     python scripts/train_tiny.py --model sam --out fastsam_core/models/tiny_weights
     python scripts/train_tiny.py --model sam2 --out fastsam_core/models/tiny_weights
-    python scripts/train_tiny.py --model sam2 --steps 3 --eval-images 2 --amg-images 0 --out /tmp/t
+    python scripts/train_tiny.py --model sam2 --distill-steps 3 --steps 3 --eval-images 2 \
+        --amg-images 0 --out /tmp/t
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsam_core.models.tiny import build_from_config, load_config, load_state
+from fastsam_core.models.tiny import WEIGHTS_DIR, build_from_config, load_config, load_state
 from fastsam_core.models.tiny_data import (
     Scene,
     jitter_box,
@@ -66,13 +69,13 @@ SAM_MODEL: dict[str, Any] = {
     "mask_in_chans": 16,
 }
 SAM2_MODEL: dict[str, Any] = {
-    "image_size": 128,
+    "image_size": 256,  # a 16 x 16 image embedding, the grid of the tiny SAM it learns from
     "trunk_embed_dim": 24,
     "trunk_num_heads": 1,
     "trunk_stages": [1, 1, 3, 1],
-    "trunk_window_spec": [8, 4, 8, 4],
+    "trunk_window_spec": [8, 4, 16, 8],
     "trunk_global_att_blocks": [4],
-    "trunk_window_pos_embed_bkg_spatial_size": [4, 4],
+    "trunk_window_pos_embed_bkg_spatial_size": [8, 8],
     "scalp": 1,
     "d_model": 128,
     "fpn_top_down_levels": [2, 3],
@@ -89,6 +92,7 @@ SAM2_MODEL: dict[str, Any] = {
 RECIPES: dict[str, dict[str, Any]] = {
     "sam": {
         "steps": 2400,
+        "lr": 1e-3,
         "warmup": 100,
         "bce_steps": 0,
         "loss_size": 0,
@@ -97,11 +101,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         "save_dtype": "float16",
     },
     "sam2": {
-        "steps": 3000,
+        "teacher": str(WEIGHTS_DIR / "sam"),  # the shipped tiny SAM
+        "distill_steps": 600,
+        "steps": 1000,
+        "lr": 5e-4,
         "warmup": 50,
-        "bce_steps": 3000,
-        "loss_size": 0,
-        "logit_scale": 1.0,
+        "bce_steps": 0,
+        "loss_size": 128,
+        "logit_scale": 3.0,
         "amg_images": 4,
         "save_dtype": "float16",
     },
@@ -515,11 +522,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {n_params / 1e6:.2f} M parameters, config {json.dumps(cfg)}", flush=True)
     adapter = make_adapter(args.model, model)
-    optimizer = make_optimizer(model, args)
     size = image_size(cfg)
     heldout_seed = args.seed + HELDOUT_SEED_OFFSET
     quick_scenes = make_scenes(args.quick_eval_images, heldout_seed, size)
-    t0, history, running = time.time(), [], []
+    history = []
+    if args.teacher:
+        if args.model != "sam2":
+            raise SystemExit("--teacher: only for --model sam2")
+        teacher = load_teacher(args.teacher)
+        kept = warm_start_from_sam(model, teacher)
+        print(f"heads warm-started from {args.teacher}; left as initialised: {kept}", flush=True)
+        distill_image_encoder(adapter, teacher, rng, args)
+        q = quick_eval(adapter, quick_scenes, heldout_seed)
+        print(f"after distillation: held-out point {q['point']:.3f} (oracle "
+              f"{q['point_oracle']:.3f}) box {q['box']:.3f}", flush=True)
+        history.append({"step": 0, "after": "distillation", **q})
+    optimizer = make_optimizer(model, args)
+    t0, running = time.time(), []
     box_wins = torch.zeros(3, dtype=torch.long)  # which of the three masks fit boxes best
     for step in range(args.steps):
         if step == args.box_multimask_steps > 0:
@@ -565,6 +584,97 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "history": history,
     }
     return finish(model, {**config, "training": train_record}, args)
+
+
+# ------------------------------------------------------------------- SAM 2 from the tiny SAM
+
+
+def load_teacher(stem: str) -> nn.Module:
+    """A tiny SAM checkpoint (<stem>.pt / <stem>.json), eval mode, frozen."""
+    record = load_config(stem + ".json")
+    if record.get("kind") != "sam":
+        raise SystemExit(f"--teacher {stem}: not a tiny SAM checkpoint (kind {record.get('kind')})")
+    teacher = build_from_config(record)
+    load_state(teacher, torch.load(stem + ".pt", weights_only=True))
+    return teacher.eval().requires_grad_(False)
+
+
+def sam2_key(sam_key: str) -> str | None:
+    """The SAM 2 parameter name of a SAM prompt-encoder / mask-decoder parameter (the two
+    share the architecture at equal widths; sam2's two-way blocks name their MLP layers
+    `layers.0/1` where segment_anything's say `lin1/2`), or None."""
+    for sam, sam2 in (("prompt_encoder.", "sam_prompt_encoder."),
+                      ("mask_decoder.", "sam_mask_decoder.")):
+        if sam_key.startswith(sam):
+            name = sam2 + sam_key[len(sam):]
+            return name.replace(".mlp.lin1.", ".mlp.layers.0.").replace(".mlp.lin2.",
+                                                                        ".mlp.layers.1.")
+    return None
+
+
+@torch.no_grad()
+def warm_start_from_sam(model: nn.Module, teacher: nn.Module) -> list[str]:
+    """Copy the tiny SAM's prompt encoder and mask decoder into the SAM 2 model's, and zero
+    the high-resolution skip convolutions, so that the SAM 2 heads start as SAM's function
+    (the IoU head then passes through a sigmoid: same ranking). Returns the SAM 2 head
+    parameters left as initialised (object-score token and head, skip convolutions)."""
+    own = model.state_dict()
+    copied = set()
+    for key, value in teacher.state_dict().items():
+        name = sam2_key(key)
+        if name in own and own[name].shape == value.shape:
+            own[name].copy_(value)
+            copied.add(name)
+    decoder = model.sam_mask_decoder
+    for conv in (decoder.conv_s0, decoder.conv_s1):
+        conv.weight.zero_()
+        conv.bias.zero_()
+    heads = ("sam_prompt_encoder.", "sam_mask_decoder.")
+    return sorted(k for k in own if k.startswith(heads) and k not in copied)
+
+
+def distill_image_encoder(adapter: Sam2Adapter, teacher: nn.Module, rng: np.random.Generator,
+                          args: argparse.Namespace) -> None:
+    """Train the SAM 2 image encoder (trunk and neck) alone to reproduce the tiny SAM's image
+    embedding: MSE between the SAM 2 image embedding of a scene and the teacher's embedding of
+    the same scene area-downsampled to the teacher's input size (the two grids match when
+    the SAM 2 model's stride-16 grid equals the teacher's stride-8 one: 256 vs 128 px).
+
+    Learning image features through the mask decoder alone was what stalled the tiny SAM 2
+    (scripts/TRAINING.md); a dense regression target gives the trunk a direct signal.
+    """
+    model = adapter.model
+    size, teacher_size = model.image_size, teacher.image_encoder.img_size
+    grid = teacher_size // teacher.image_encoder.patch_embed.proj.stride[0]
+    width = teacher.prompt_encoder.embed_dim
+    if (size // 16, model.hidden_dim) != (grid, width):
+        raise SystemExit(f"--teacher: its image embedding is {grid} x {grid} x {width}, the "
+                         f"SAM 2 model's {size // 16} x {size // 16} x {model.hidden_dim}: set "
+                         f"image_size={16 * grid} and d_model={width}")
+    params = list(model.image_encoder.parameters()) + [model.no_mem_embed]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    t0, running = time.time(), []
+    for step in range(args.distill_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, argparse.Namespace(
+                lr=args.lr, warmup=args.warmup, steps=args.distill_steps,
+                min_lr_frac=args.min_lr_frac))
+        scenes = [make_scene(rng, size) for _ in range(args.batch)]
+        images = torch.from_numpy(np.stack([s.image for s in scenes]))
+        with torch.no_grad():
+            small = F.adaptive_avg_pool2d(images.permute(0, 3, 1, 2).float(), teacher_size)
+            target = teacher.image_encoder((small - teacher.pixel_mean) / teacher.pixel_std)
+        loss = F.mse_loss(adapter.embed(images)["embed"], target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.clip)
+        optimizer.step()
+        running.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.distill_steps:
+            print(f"distill {step + 1}/{args.distill_steps} embedding mse {np.mean(running):.4f}"
+                  f" (target variance {target.var().item():.3f}) {time.time() - t0:.0f}s",
+                  flush=True)
+            running = []
 
 
 @torch.no_grad()
@@ -669,7 +779,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--points", type=int, default=8, help="single-point prompts per image")
     p.add_argument("--boxes", type=int, default=8, help="box prompts per image")
     p.add_argument("--box-jitter", type=float, default=0.02, help="box side noise / side")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (recipe)")
     p.add_argument("--min-lr-frac", type=float, default=0.02, help="final lr / lr (cosine)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (recipe)")
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -682,6 +792,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--box-multimask-steps", type=int, default=0,
                    help="train boxes through the three-mask output for N steps, then copy "
                         "the best-fitting one into the single-mask output")
+    p.add_argument("--teacher", default=None,
+                   help="SAM 2 only: STEM of a tiny SAM checkpoint whose heads warm-start the "
+                        "SAM 2 heads and whose image embedding is distilled into the SAM 2 "
+                        "image encoder before the mask training (recipe: the shipped tiny "
+                        "SAM; '' for none)")
+    p.add_argument("--distill-steps", type=int, default=None, help="with --teacher (recipe)")
     p.add_argument("--dice-weight", type=float, default=1.0)
     p.add_argument("--iou-weight", type=float, default=1.0)
     p.add_argument("--loss-size", type=int, default=None, help="loss resolution, 0: image")

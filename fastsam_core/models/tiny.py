@@ -1,4 +1,4 @@
-"""Tiny trained checkpoints shipped with the package (SAM; SAM 2 not yet), loaded offline.
+"""Tiny trained checkpoints shipped with the package (SAM and SAM 2), loaded offline.
 
 Builds the reference models (`segment_anything.modeling.Sam`, `sam2.modeling.sam2_base.SAM2Base`)
 from small configurations and loads the state_dicts that `scripts/train_tiny.py` trained on the
@@ -7,8 +7,7 @@ procedural shapes of `fastsam_core.models.tiny_data`. They stand in for the real
 logits, masks that follow object boundaries, IoU predictions that pass the automatic mask
 generator's thresholds. Replaces nothing in the reference packages; the builders mirror
 `segment_anything.build_sam._build_sam` and sam2's `configs/sam2.1/sam2.1_hiera_t.yaml` with
-small dimensions. The SAM 2 builder and training recipe exist, but no SAM 2 checkpoint
-reached a useful IoU yet (scripts/TRAINING.md), so none ships.
+small dimensions. How each was trained: scripts/TRAINING.md.
 
 Each checkpoint is `tiny_weights/<kind>.pt` (a state_dict) plus `tiny_weights/<kind>.json`:
 `{"kind", "model": constructor config, "training": how it was trained, "heldout": measured
@@ -33,13 +32,13 @@ def tiny(kind: str = "sam") -> nn.Module:
     """The shipped tiny trained model: reference classes, eval mode, fp32, CPU.
 
     Args:
-        kind: "sam" (a `segment_anything` `Sam`) or "sam2" (a sam2 `SAM2Base`: its builder
-            and training recipe exist, its checkpoint does not ship yet, see
-            scripts/TRAINING.md; FileNotFoundError until it does).
+        kind: "sam" (a `segment_anything` `Sam`, 128 px input) or "sam2" (a sam2 `SAM2Base`
+            image path, 256 px input; its memory modules are untrained).
 
     Returns:
-        The model. Use it with the reference predictors (`SamPredictor`, `SAM2ImagePredictor`);
-        its input size is `model.image_encoder.img_size` (SAM) or `model.image_size` (SAM 2).
+        The model. Use it with the reference predictors (`SamPredictor`, `SAM2ImagePredictor`:
+        set its `_bb_feat_sizes` for the model's size, design.md section 8); its input size is
+        `model.image_encoder.img_size` (SAM) or `model.image_size` (SAM 2).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

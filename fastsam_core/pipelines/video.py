@@ -3,25 +3,38 @@
 `SAM2VideoPredictor.propagate_in_video` runs the whole per-frame step (memory attention,
 heads, memory encoder) once per object with batch size 1, so its cost grows linearly with the
 number of objects. `FastSam2VideoPredictor` (what `optimize()` turns a `SAM2VideoPredictor`
-into) runs the objects whose memory banks have the same layout (the same conditioning frames
-and the same tracked frames within the memory's reach: objects prompted on the same frames)
-as one batch: their stored memories are concatenated along the batch dimension on access, the
-step runs once, and its outputs are split back per object, so the inference state keeps the
-reference's per-object layout and every other method works on it unchanged. Objects whose
-layouts differ form separate batches. Results equal tracking each object alone up to
-rounding (the per-object computations are independent; batched kernels may sum in another
-order); the reference's own path is used when the model couples the objects of a batch
-(`non_overlap_masks_for_mem_enc`). With a bf16 / fp16 image encoder, `init_state` keeps the
-video frames in that dtype.
+into) runs all the objects tracked on a frame as one batch through the whole per-frame step
+(memory attention, heads, memory encoder), and splits its outputs back per object, so the
+inference state keeps the reference's per-object layout and every other method works on it
+unchanged. Two ways to batch the memories:
+
+- objects whose memory banks have the same layout (the same conditioning frames and the same
+  tracked frames within the memory's reach: objects prompted on the same frames) read their
+  stored memories concatenated along the batch dimension;
+- objects whose layouts differ (prompted on different frames, corrected apart) each gather
+  their own bank with the reference's selection, and the banks are padded to one layout with
+  a key mask (`pad_memory_banks`): the fast memory attention lets each object attend only to
+  its own memories. (With the reference memory attention, which takes no mask, such objects
+  form one batch per layout instead.)
+
+Results equal tracking each object alone up to rounding (the per-object computations are
+independent; batched kernels may sum in another order); the reference's own path is used when
+the model couples the objects of a batch (`non_overlap_masks_for_mem_enc`). With a bf16 /
+fp16 image encoder, `init_state` keeps the video frames in that dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from sam2.sam2_video_predictor import SAM2VideoPredictor
+from sam2.utils.misc import fill_holes_in_mask_scores
+from torch import nn
 from tqdm import tqdm
+
+from fastsam_core.models.sam2.memory_attention import FastMemoryAttention
 
 
 class FastSam2VideoPredictor(SAM2VideoPredictor):
@@ -53,46 +66,191 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
                            reverse: bool = False) -> Iterator[tuple[int, list, torch.Tensor]]:
         """Yields (frame index, object ids, N x 1 x H x W mask logits at video resolution)
         per frame, as the reference does."""
+        for _, frame_idx, obj_ids, masks in self.propagate_in_videos(
+                [inference_state], start_frame_idx, max_frame_num_to_track, reverse):
+            yield frame_idx, obj_ids, masks
+
+    @torch.inference_mode()
+    def propagate_in_videos(self, inference_states: Sequence[dict],
+                            start_frame_idx: int | Sequence[int | None] | None = None,
+                            max_frame_num_to_track: int | None = None, reverse: bool = False
+                            ) -> Iterator[tuple[int, int, list, torch.Tensor]]:
+        """Propagate several videos (inference states of this predictor, each prompted as
+        for `propagate_in_video`) at once: step t tracks the t-th frame of every video's
+        processing order, and the objects of all the videos go through the per-frame step
+        as one batch (their frames through the image encoder one at a time, as the
+        reference does, each cached in its own state). Each video gets what
+        `propagate_in_video` alone gives it.
+
+        Args:
+            inference_states: distinct states from `init_state` (videos may differ in
+                length and resolution: frames are resized to the model's size).
+            start_frame_idx: one start for all videos, one per video, or None (each video's
+                earliest prompted frame).
+            max_frame_num_to_track, reverse: as `propagate_in_video`, for every video.
+
+        Yields:
+            (video index into `inference_states`, frame index, object ids, N x 1 x H x W mask
+            logits at that video's resolution), per step in the order of the states; a
+            video whose frames have run out is skipped. With
+            `non_overlap_masks_for_mem_enc` (it couples a video's objects) the videos run one
+            after the other through the reference's propagation.
+        """
+        states = list(inference_states)
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError("propagate_in_videos: inference_states holds the same state "
+                             "twice")
+        starts = list(start_frame_idx) if isinstance(start_frame_idx, Sequence) \
+            else [start_frame_idx] * len(states)
+        if len(starts) != len(states):
+            raise ValueError(f"propagate_in_videos: start_frame_idx has {len(starts)} entries "
+                             f"for {len(states)} inference_states")
         if self.non_overlap_masks_for_mem_enc:
-            yield from super().propagate_in_video(inference_state, start_frame_idx,
-                                                  max_frame_num_to_track, reverse)
+            for v, (state, start) in enumerate(zip(states, starts, strict=True)):
+                for frame_idx, obj_ids, masks in super().propagate_in_video(
+                        state, start, max_frame_num_to_track, reverse):
+                    yield v, frame_idx, obj_ids, masks
             return
-        self.propagate_in_video_preflight(inference_state)
-        obj_ids = inference_state["obj_ids"]
-        per_obj = inference_state["output_dict_per_obj"]
-        n_obj = self._get_obj_num(inference_state)
-        order = _processing_order(inference_state, start_frame_idx, max_frame_num_to_track,
-                                  reverse)
-        for frame_idx in tqdm(order, desc="propagate in video"):
-            pred_masks: list[torch.Tensor | None] = [None] * n_obj
-            to_track: dict[tuple, list[int]] = {}  # memory layout -> objects
-            for obj_idx in range(n_obj):
-                out = per_obj[obj_idx]
-                if frame_idx in out["cond_frame_outputs"]:  # prompted here: stored output
-                    current = out["cond_frame_outputs"][frame_idx]
-                    pred_masks[obj_idx] = current["pred_masks"].to(inference_state["device"],
-                                                                   non_blocking=True)
-                    if self.clear_non_cond_mem_around_input:
-                        self._clear_obj_non_cond_mem_around_input(inference_state, frame_idx,
-                                                                  obj_idx)
-                else:
-                    to_track.setdefault(self._memory_layout(out, frame_idx), []).append(obj_idx)
-            for group in to_track.values():
-                merged = {name: _BatchedOutputs([per_obj[i][name] for i in group])
-                          for name in ("cond_frame_outputs", "non_cond_frame_outputs")}
-                current, masks = self._run_single_frame_inference(
-                    inference_state=inference_state, output_dict=merged, frame_idx=frame_idx,
-                    batch_size=len(group), is_init_cond_frame=False, point_inputs=None,
-                    mask_inputs=None, reverse=reverse, run_mem_encoder=True)
-                for k, obj_idx in enumerate(group):
-                    per_obj[obj_idx]["non_cond_frame_outputs"][frame_idx] = _slice(current, k)
-                    pred_masks[obj_idx] = masks[k : k + 1]
-            for obj_idx in range(n_obj):
-                inference_state["frames_tracked_per_obj"][obj_idx][frame_idx] = {
-                    "reverse": reverse}
-            _, video_res_masks = self._get_orig_video_res_output(
-                inference_state, torch.cat(pred_masks, dim=0))
-            yield frame_idx, obj_ids, video_res_masks
+        orders = []
+        for state, start in zip(states, starts, strict=True):
+            self.propagate_in_video_preflight(state)
+            orders.append(list(_processing_order(state, start, max_frame_num_to_track,
+                                                 reverse)))
+        desc = "propagate in video" + ("s" if len(states) > 1 else "")
+        for step in tqdm(range(max(map(len, orders), default=0)), desc=desc):
+            frames = [(v, order[step]) for v, order in enumerate(orders) if step < len(order)]
+            pred_masks = {v: self._prompted_outputs(states[v], t) for v, t in frames}
+            tracked = [_Entry(states[v], v, t, obj_idx) for v, t in frames
+                       for obj_idx, mask in enumerate(pred_masks[v]) if mask is None]
+            for batch in self._batches(tracked):
+                for entry, masks in zip(batch, self._track_batch(batch, reverse),
+                                        strict=True):
+                    pred_masks[entry.video][entry.obj_idx] = masks
+            for v, t in frames:
+                state = states[v]
+                for obj_idx in range(len(pred_masks[v])):
+                    state["frames_tracked_per_obj"][obj_idx][t] = {"reverse": reverse}
+                _, video_res_masks = self._get_orig_video_res_output(
+                    state, torch.cat(pred_masks[v], dim=0))
+                yield v, t, state["obj_ids"], video_res_masks
+
+    def _prompted_outputs(self, state: dict, frame_idx: int) -> list[torch.Tensor | None]:
+        """Per object: its stored mask if it was prompted on `frame_idx` (to be tracked:
+        None), clearing the memory around the prompt if the model says so."""
+        masks: list[torch.Tensor | None] = []
+        for obj_idx in range(self._get_obj_num(state)):
+            cond = state["output_dict_per_obj"][obj_idx]["cond_frame_outputs"]
+            if frame_idx in cond:
+                masks.append(cond[frame_idx]["pred_masks"].to(state["device"],
+                                                              non_blocking=True))
+                if self.clear_non_cond_mem_around_input:
+                    self._clear_obj_non_cond_mem_around_input(state, frame_idx, obj_idx)
+            else:
+                masks.append(None)
+        return masks
+
+    def _batches(self, entries: list[_Entry]) -> list[list[_Entry]]:
+        """The batches of one step: entries (objects to track) of one video with one memory
+        layout read their memories concatenated (a uniform batch); all entries go in one
+        batch if the memory attention takes a key mask, else one batch per video and
+        layout."""
+        by_layout: dict[tuple, list[_Entry]] = {}
+        for e in entries:
+            out = e.state["output_dict_per_obj"][e.obj_idx]
+            by_layout.setdefault((e.video, self._memory_layout(out, e.frame_idx)), []).append(e)
+        if len(by_layout) > 1 and isinstance(self.memory_attention, FastMemoryAttention):
+            return [[e for group in by_layout.values() for e in group]]
+        return list(by_layout.values())
+
+    def _track_batch(self, batch: list[_Entry], reverse: bool) -> list[torch.Tensor]:
+        """Run the per-frame step once for `batch` (entries grouped by video), store each
+        object's compact output as `_run_single_frame_inference` does, and return each
+        object's 1 x 1 x h x w low-resolution mask logits."""
+        parts = _by_video(batch)
+        # per video: (vision feats, their position encodings, feature sizes), HW x B_v x C
+        feats = [self._get_image_feature(p[0].state, p[0].frame_idx, len(p))[2:] for p in parts]
+        first = batch[0]
+        per_obj = [e.state["output_dict_per_obj"][e.obj_idx] for e in batch]
+        if len(parts) == 1 and len({self._memory_layout(o, first.frame_idx)
+                                    for o in per_obj}) == 1:
+            output_dict: object = {
+                name: _BatchedOutputs([o[name] for o in per_obj])
+                for name in ("cond_frame_outputs", "non_cond_frame_outputs")}
+        else:
+            output_dict = _JaggedOutputs(per_obj, [e.frame_idx for e in batch],
+                                         [e.state["num_frames"] for e in batch])
+        current = self.track_step(
+            frame_idx=first.frame_idx, is_init_cond_frame=False,
+            current_vision_feats=_cat_levels([f[0] for f in feats]),
+            current_vision_pos_embeds=_cat_levels([f[1] for f in feats]),
+            feat_sizes=feats[0][2], point_inputs=None, mask_inputs=None,
+            output_dict=output_dict, num_frames=first.state["num_frames"],
+            track_in_reverse=reverse, run_mem_encoder=True, prev_sam_mask_logits=None)
+        masks, row = [], 0
+        for part in parts:
+            rows = slice(row, row + len(part))
+            row += len(part)
+            compact, pred = self._compact_output(part[0].state, current, rows)
+            for k, e in enumerate(part):
+                out = e.state["output_dict_per_obj"][e.obj_idx]
+                out["non_cond_frame_outputs"][e.frame_idx] = _slice(compact, k)
+                masks.append(pred[k : k + 1])
+        return masks
+
+    def _compact_output(self, state: dict, current: dict, rows: slice
+                        ) -> tuple[dict, torch.Tensor]:
+        """The tail of the reference's `_run_single_frame_inference` for one video's rows of
+        a step's output: the compact output it stores (memories in bf16 on the state's
+        storage device, holes filled, the shared position encoding) and the mask logits."""
+        current = {name: _rows(current[name], rows) for name in (
+            "maskmem_features", "maskmem_pos_enc", "pred_masks", "obj_ptr",
+            "object_score_logits")}
+        storage = state["storage_device"]
+        maskmem = current["maskmem_features"]
+        if maskmem is not None:
+            maskmem = maskmem.to(torch.bfloat16).to(storage, non_blocking=True)
+        pred = current["pred_masks"]
+        if self.fill_hole_area > 0:
+            pred = fill_holes_in_mask_scores(pred, self.fill_hole_area)
+        compact = {"maskmem_features": maskmem,
+                   "maskmem_pos_enc": self._get_maskmem_pos_enc(state, current),
+                   "pred_masks": pred.to(storage, non_blocking=True),
+                   "obj_ptr": current["obj_ptr"],
+                   "object_score_logits": current["object_score_logits"]}
+        return compact, pred
+
+    def _prepare_memory_conditioned_features(
+            self, frame_idx: int, is_init_cond_frame: bool, current_vision_feats: list,
+            current_vision_pos_embeds: list, feat_sizes: list, output_dict: object,
+            num_frames: int, track_in_reverse: bool = False) -> torch.Tensor:
+        """The reference's, except for a `_JaggedOutputs` batch: each object's bank is
+        gathered by the reference's own selection (run per object, with its own frame index
+        and video length, the memory attention swapped for a recorder), the banks are padded
+        to one layout, and the memory attention runs once with the key mask. Returns
+        B x C x H x W as the reference does."""
+        if not isinstance(output_dict, _JaggedOutputs) or is_init_cond_frame:
+            return super()._prepare_memory_conditioned_features(
+                frame_idx, is_init_cond_frame, current_vision_feats,
+                current_vision_pos_embeds, feat_sizes, output_dict, num_frames,
+                track_in_reverse)
+        attention, recorder = self.memory_attention, _MemoryRecorder()
+        self.memory_attention = recorder
+        try:
+            for k, (own, t, n) in enumerate(zip(output_dict.per_object,
+                                                output_dict.frame_idx,
+                                                output_dict.num_frames, strict=True)):
+                super()._prepare_memory_conditioned_features(
+                    t, False, [f[:, k : k + 1] for f in current_vision_feats],
+                    [p[:, k : k + 1] for p in current_vision_pos_embeds], feat_sizes, own,
+                    n, track_in_reverse)
+        finally:
+            self.memory_attention = attention
+        (h, w), curr = feat_sizes[-1], current_vision_feats[-1]  # curr: HW x B x C
+        memory, memory_pos, mask, n_ptr = pad_memory_banks(recorder.banks, h * w)
+        pix_feat = attention(curr=current_vision_feats, curr_pos=current_vision_pos_embeds,
+                             memory=memory, memory_pos=memory_pos, num_obj_ptr_tokens=n_ptr,
+                             memory_mask=mask)
+        return pix_feat.permute(1, 2, 0).view(curr.shape[1], self.hidden_dim, h, w)
 
     def _memory_layout(self, obj_output_dict: dict, frame_idx: int) -> tuple:
         """What decides which stored outputs the memory of `frame_idx` reads (SAM2Base.
@@ -121,6 +279,99 @@ def _processing_order(inference_state: dict, start_frame_idx: int | None,
         return range(start_frame_idx, end - 1, -1) if start_frame_idx > 0 else []
     end = min(start_frame_idx + max_frame_num_to_track, num_frames - 1)
     return range(start_frame_idx, end + 1)
+
+
+def pad_memory_banks(banks: list[tuple[torch.Tensor, torch.Tensor, int]], frame_tokens: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """One padded batch from the memory banks of several objects.
+
+    Args:
+        banks: per object (memory M_i x 1 x C, its position encoding M_i x 1 x C, P_i): as
+            SAM2Base passes them to the memory attention, F_i whole frames of
+            `frame_tokens` tokens followed by P_i object-pointer tokens.
+        frame_tokens: tokens per memory frame (H x W of the image embedding).
+
+    Returns:
+        (memory M x B x C, position encoding M x B x C, mask B x M bool, P): every bank's
+        frames first, padded with zeros to F = max F_i frames, then its pointers, padded to
+        P = max P_i tokens; M = F * frame_tokens + P; the mask is True on real tokens.
+    """
+    frames = [(mem.shape[0] - n_ptr) // frame_tokens for mem, _, n_ptr in banks]
+    n_frame_tokens = max(frames) * frame_tokens
+    n_ptr = max(n for _, _, n in banks)
+    first, first_pos, _ = banks[0]
+    shape = (n_frame_tokens + n_ptr, len(banks), first.shape[-1])
+    memory = first.new_zeros(shape)
+    memory_pos = first_pos.new_zeros(shape)
+    mask = torch.zeros(shape[1], shape[0], dtype=torch.bool, device=first.device)
+    for b, ((mem, pos, p), f) in enumerate(zip(banks, frames, strict=True)):
+        n = f * frame_tokens
+        # frames to the front, pointers to the pointer block after the padded frames
+        for dst, src in ((slice(0, n), slice(0, n)),
+                         (slice(n_frame_tokens, n_frame_tokens + p), slice(n, n + p))):
+            memory[dst, b] = mem[src, 0]
+            memory_pos[dst, b] = pos[src, 0]
+            mask[b, dst] = True
+    return memory, memory_pos, mask, n_ptr
+
+
+class _Entry(NamedTuple):
+    """One object to track on one frame of one video."""
+
+    state: dict
+    video: int
+    frame_idx: int
+    obj_idx: int
+
+
+def _by_video(batch: list[_Entry]) -> list[list[_Entry]]:
+    """Consecutive entries of the same video, grouped (a batch lists each video's together)."""
+    parts: list[list[_Entry]] = []
+    for e in batch:
+        if parts and parts[-1][0].video == e.video:
+            parts[-1].append(e)
+        else:
+            parts.append([e])
+    return parts
+
+
+def _cat_levels(per_video: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-level features of several videos, each HW x B_v x C -> HW x (sum B_v) x C."""
+    if len(per_video) == 1:
+        return per_video[0]
+    return [torch.cat(level, dim=1) for level in zip(*per_video, strict=True)]
+
+
+def _rows(value: object, rows: slice) -> object:
+    """Rows of one field of a step's output (tensors and lists of tensors; None stays)."""
+    if isinstance(value, list):
+        return [v[rows] for v in value]
+    return None if value is None else value[rows]
+
+
+class _JaggedOutputs:
+    """The per-object output dicts of a batch whose memory layouts differ (objects prompted
+    apart, or of different videos), with each object's current frame index and video
+    length, passed where the reference passes one output dict (only
+    `_prepare_memory_conditioned_features` reads it)."""
+
+    def __init__(self, per_object: list[dict], frame_idx: list[int],
+                 num_frames: list[int]) -> None:
+        self.per_object, self.frame_idx, self.num_frames = per_object, frame_idx, num_frames
+
+
+class _MemoryRecorder(nn.Module):
+    """Stands in for the memory attention while the reference gathers one object's bank:
+    records (memory, memory_pos, num_obj_ptr_tokens) and returns the features unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.banks: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+
+    def forward(self, curr: list, curr_pos: list, memory: torch.Tensor,
+                memory_pos: torch.Tensor, num_obj_ptr_tokens: int = 0) -> torch.Tensor:
+        self.banks.append((memory, memory_pos, num_obj_ptr_tokens))
+        return curr[0]
 
 
 class _BatchedOutputs(Mapping):

@@ -119,9 +119,10 @@ def compare(got, expected, dtype):
 
 
 def test_video_predictor_fp32_parity_and_object_batches(video_dir, reference_run):
-    """fp32: the reference's results, frame by frame. Objects 1 and 2 (prompted on frame 0)
-    share a batch until object 1 is corrected on frame 4; object 3 (prompted on frame 2) is
-    tracked apart."""
+    """fp32: the reference's results (which tracks each object alone), frame by frame. All
+    objects tracked on a frame form one batch: objects 1 and 2 (prompted on frame 0) read
+    their memories concatenated; object 3 (prompted on frame 2) joins them through padded
+    banks with a key mask."""
     from fastsam_core.pipelines import FastSam2VideoPredictor
 
     predictor = video_predictor()
@@ -129,9 +130,11 @@ def test_video_predictor_fp32_parity_and_object_batches(video_dir, reference_run
     assert type(predictor) is FastSam2VideoPredictor
     stages = {s.stage: s.path for s in fastsam_core.report(predictor).stages}
     assert stages["memory_attention"] == stages["memory_encoder"] == "fast"
-    calls = []  # memory attention batch sizes, and "prompt" for each point / box prompt
+    calls = []  # memory attention (batch size, masked), and "prompt" per point / box prompt
     predictor.memory_attention.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append(kwargs["memory"].shape[1]), with_kwargs=True)
+        lambda module, args, kwargs: calls.append(
+            (kwargs["memory"].shape[1], kwargs.get("memory_mask") is not None)),
+        with_kwargs=True)
     add_prompt = predictor.add_new_points_or_box
 
     def marked(*args, **kwargs):
@@ -142,11 +145,9 @@ def test_video_predictor_fp32_parity_and_object_batches(video_dir, reference_run
     with torch.inference_mode():
         got = track(predictor, video_dir)
     first = calls[2 : calls.index("prompt", 2)]
-    # the first pass: objects 1 and 2 together on every frame after 0, object 3 (prompted on
-    # frame 2) alone on every other frame. (The correction on frame 4 is stored as a tracked
-    # frame, not a conditioning one: add_all_frames_to_correct_as_cond is off, so objects 1
-    # and 2 keep one layout afterwards, in the reference's bookkeeping too.)
-    assert first.count(2) == FRAMES - 1 and first.count(1) == FRAMES - 1, first
+    # the first pass: frame 0 tracks object 3 alone (1 and 2 are prompted there), frame 2
+    # objects 1 and 2 (3 is prompted there), every other frame all three, masked.
+    assert first == [(1, False), (3, True), (2, False)] + [(3, True)] * (FRAMES - 3), first
     compare(got, reference_run, torch.float32)
     fastsam_core.restore(predictor)
     assert type(predictor).__name__ == "SAM2VideoPredictor"
@@ -214,3 +215,73 @@ def test_memory_layout_ignores_frames_out_of_the_memorys_reach():
     assert layout(near) == layout(range(81, 100))  # frame 80: 20 before, out of reach
     assert layout(near) != layout([t for t in near if t != 90])  # within the pointers' reach
     assert layout(near) != layout(near, cond=(0, 50))
+
+
+@pytest.fixture(scope="module")
+def short_video_dir(tmp_path_factory):
+    """A second, shorter video at another resolution: a disc moving left."""
+    root = tmp_path_factory.mktemp("video2")
+    h, w = 96, 128
+    yy, xx = np.mgrid[:h, :w]
+    for i in range(6):
+        img = np.full((h, w, 3), 90, np.uint8)
+        img[(yy - 48) ** 2 + (xx - 100 + 6 * i) ** 2 < 15**2] = (30, 60, 200)
+        Image.fromarray(img).save(root / f"{i:05d}.jpg", quality=95)
+    return str(root)
+
+
+def prompt_two_videos(predictor, video_dir, short_video_dir):
+    """Video A: objects 1 (point) and 2 (box) on frame 0; video B: object 7 on frame 1."""
+    a, b = predictor.init_state(video_dir), predictor.init_state(short_video_dir)
+    predictor.add_new_points_or_box(a, frame_idx=0, obj_id=1,
+                                    points=np.array([[40, 60]], np.float32),
+                                    labels=np.array([1], np.int32))
+    predictor.add_new_points_or_box(a, frame_idx=0, obj_id=2,
+                                    box=np.array([106, 11, 134, 39], np.float32))
+    predictor.add_new_points_or_box(b, frame_idx=1, obj_id=7,
+                                    points=np.array([[94, 48]], np.float32),
+                                    labels=np.array([1], np.int32))
+    return a, b
+
+
+def test_two_videos_in_one_batch_equal_each_alone(video_dir, short_video_dir):
+    """propagate_in_videos on two videos of different lengths, sizes and start frames gives
+    each what the reference gives it alone (fp32); their objects share one batch per step."""
+    reference = video_predictor()
+    reference.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
+    with torch.inference_mode():
+        expected = [[(t, list(ids), m) for t, ids, m in
+                     reference.propagate_in_video(state, max_frame_num_to_track=5)]
+                    for state in prompt_two_videos(reference, video_dir, short_video_dir)]
+    predictor = video_predictor()
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    calls = []
+    predictor.memory_attention.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(
+            (kwargs["memory"].shape[1], kwargs.get("memory_mask") is not None)),
+        with_kwargs=True)
+    got = [[], []]
+    with torch.inference_mode():
+        states = prompt_two_videos(predictor, video_dir, short_video_dir)
+        calls.clear()
+        for v, t, ids, masks in predictor.propagate_in_videos(states, max_frame_num_to_track=5):
+            got[v].append((t, list(ids), masks))
+    # steps 1-4: frames 1-4 of A (2 objects) with frames 2-5 of B; step 5: A's frame 5 alone
+    assert calls == [(3, True)] * 4 + [(2, False)], calls
+    for mine, theirs in zip(got, expected, strict=True):
+        assert [m[:2] for m in mine] == [e[:2] for e in theirs]
+        for (t, _, a), (_, _, b) in zip(mine, theirs, strict=True):
+            assert a.shape == b.shape, t
+            assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+def test_propagate_in_videos_checks_its_arguments(video_dir):
+    predictor = video_predictor()
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    with torch.inference_mode():
+        state = predictor.init_state(video_dir)
+        with pytest.raises(ValueError, match="same state twice"):
+            next(predictor.propagate_in_videos([state, state]))
+        with pytest.raises(ValueError, match="start_frame_idx has 1 entries for 2"):
+            next(predictor.propagate_in_videos([state, predictor.init_state(video_dir)],
+                                               start_frame_idx=[0]))

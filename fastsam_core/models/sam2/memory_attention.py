@@ -14,6 +14,8 @@ Differences:
   fp32 model works without autocast even though `SAM2VideoPredictor` stores memories in bf16;
 - SDPA attention; no host-device synchronization; optional `torch.compile` with dynamic
   shapes (the memory grows over the first frames);
+- an optional key mask (`memory_mask`) lets one batch hold memory banks of different lengths,
+  padded to a common layout: each element attends only to its own memories, as if alone;
 - training mode or autograd recording run the kept reference instead.
 """
 
@@ -49,9 +51,10 @@ class FastRoPEAttention(nn.Module):
     """`RoPEAttention` (same parameters): q, k, v projections, heads, rotary encoding of q and
     of the first `k_len - num_k_exclude_rope` keys, SDPA, output projection.
 
-    forward(q, k, v, cos, sin, num_k_exclude_rope): q B x Nq x C, k and v B x Nk x C_kv,
-    cos / sin Nq x D/2 (D the head size) -> B x Nq x C. Keys to rotate must be a whole
-    number of Nq-token frames (`rope_k_repeat`), as in the reference.
+    forward(q, k, v, cos, sin, num_k_exclude_rope, key_mask): q B x Nq x C, k and v
+    B x Nk x C_kv, cos / sin Nq x D/2 (D the head size), key_mask None or B x Nk bool (True:
+    attend) -> B x Nq x C. Keys to rotate must be a whole number of Nq-token frames
+    (`rope_k_repeat`), as in the reference.
     """
 
     def __init__(self, ref: RoPEAttention, dtype: torch.dtype) -> None:
@@ -64,7 +67,8 @@ class FastRoPEAttention(nn.Module):
         self.rope_k_repeat = ref.rope_k_repeat
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, num_k_exclude_rope: int = 0) -> torch.Tensor:
+                sin: torch.Tensor, num_k_exclude_rope: int = 0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         # B x N x C -> B x heads x N x C/heads
         q = self.q_proj(q).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         k = self.k_proj(k).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
@@ -75,15 +79,18 @@ class FastRoPEAttention(nn.Module):
         # B x heads x (frames * Nq) x D -> B x heads x frames x Nq x D: one table per frame
         k_rope = rotate(k[:, :, :n_rope].reshape(b, h, -1, q.shape[2], d), cos, sin)
         k = torch.cat((k_rope.flatten(2, 3), k[:, :, n_rope:]), dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)  # B x heads x Nq x D
+        if key_mask is not None:
+            key_mask = key_mask[:, None, None, :]  # B x 1 x 1 x Nk, broadcast over heads, queries
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # B x heads x Nq x D
         return self.out_proj(out.transpose(1, 2).flatten(2))  # B x Nq x C
 
 
 class FastMemoryAttentionLayer(nn.Module):
     """`MemoryAttentionLayer` (same parameters), eval mode: dropout is the identity.
 
-    forward(tgt, memory, pos, query_pos, cos, sin, num_k_exclude_rope): tgt B x HW x C,
-    memory and pos B x M x C_mem, query_pos B x HW x C -> B x HW x C.
+    forward(tgt, memory, pos, query_pos, cos, sin, num_k_exclude_rope, memory_mask): tgt
+    B x HW x C, memory and pos B x M x C_mem, query_pos B x HW x C, memory_mask None or B x M
+    bool -> B x HW x C.
     """
 
     def __init__(self, ref: MemoryAttentionLayer, dtype: torch.dtype) -> None:
@@ -99,7 +106,7 @@ class FastMemoryAttentionLayer(nn.Module):
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor,
                 query_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                num_k_exclude_rope: int) -> torch.Tensor:
+                num_k_exclude_rope: int, memory_mask: torch.Tensor | None) -> torch.Tensor:
         x = self.norm1(tgt)
         qk = x + query_pos if self.pos_enc_at_attn else x
         tgt = tgt + self.self_attn(qk, qk, x, cos, sin)
@@ -107,7 +114,7 @@ class FastMemoryAttentionLayer(nn.Module):
         tgt = tgt + self.cross_attn_image(
             x + query_pos if self.pos_enc_at_cross_attn_queries else x,
             memory + pos if self.pos_enc_at_cross_attn_keys else memory,
-            memory, cos, sin, num_k_exclude_rope)
+            memory, cos, sin, num_k_exclude_rope, memory_mask)
         x = self.norm3(tgt)
         return tgt + self.linear2(self.activation(self.linear1(x)))
 
@@ -176,17 +183,34 @@ class FastMemoryAttention(ReferenceFallback):
     def forward(self, curr: torch.Tensor | list, memory: torch.Tensor,
                 curr_pos: torch.Tensor | list | None = None,
                 memory_pos: torch.Tensor | None = None,
-                num_obj_ptr_tokens: int = 0) -> torch.Tensor:
+                num_obj_ptr_tokens: int = 0,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         """curr, curr_pos: HW x B x C (or a one-element list of it), memory, memory_pos:
         M x B x C_mem (the last num_obj_ptr_tokens are object pointers) -> HW x B x C in
-        curr's dtype."""
+        curr's dtype.
+
+        memory_mask (not in the reference's signature): None, or B x M bool, True where
+        element b's memory holds a real token. Each element then attends only to its own
+        tokens: a batch of banks of different lengths padded to one layout (whole frames
+        first, padded to a common frame count, then the pointers, padded to
+        num_obj_ptr_tokens; `pad_memory_banks` in `fastsam_core.pipelines.video`) gives
+        every element what its unpadded bank alone would."""
         if isinstance(curr, list):
             if len(curr) != 1 or not isinstance(curr_pos, list) or len(curr_pos) != 1:
                 raise ValueError("memory_attention: curr and curr_pos lists must have one "
                                  "element each")
             curr, curr_pos = curr[0], curr_pos[0]
+        if memory_mask is not None and (memory_mask.dtype != torch.bool
+                                        or memory_mask.shape != (memory.shape[1],
+                                                                 memory.shape[0])):
+            raise ValueError(f"memory_attention: memory_mask must be a bool tensor of shape "
+                             f"(batch, memory tokens) = {(memory.shape[1], memory.shape[0])}, "
+                             f"got {memory_mask.dtype} {tuple(memory_mask.shape)}")
         why = self._unsupported(curr, memory, curr_pos, memory_pos, num_obj_ptr_tokens) or \
             self.inference_only_reason(curr, memory)
+        if why is not None and memory_mask is not None:
+            return self._reference_per_element(why, curr, memory, curr_pos, memory_pos,
+                                               num_obj_ptr_tokens, memory_mask)
         if why is not None:
             # the memories SAM2VideoPredictor stores are bf16: the reference needs them in
             # curr's dtype once autocast is off (without_autocast above)
@@ -197,19 +221,37 @@ class FastMemoryAttention(ReferenceFallback):
         cos, sin = self.rope_tables(curr.shape[0], curr.device)
         out = self._run_fast(curr.to(self.dtype), memory.to(self.dtype),
                              curr_pos.to(self.dtype), memory_pos.to(self.dtype), cos, sin,
-                             num_obj_ptr_tokens)
+                             num_obj_ptr_tokens, memory_mask)
         return out.to(curr.dtype)
+
+    def _reference_per_element(self, why: str, curr: torch.Tensor, memory: torch.Tensor,
+                               curr_pos: torch.Tensor, memory_pos: torch.Tensor,
+                               num_obj_ptr_tokens: int,
+                               memory_mask: torch.Tensor) -> torch.Tensor:
+        """The reference, one batch element at a time on its unpadded memory (it takes no
+        mask). Reads the mask on the host: a fallback, not the fast path."""
+        outs = []
+        first_ptr = memory.shape[0] - num_obj_ptr_tokens
+        for b in range(curr.shape[1]):
+            keep = memory_mask[b]
+            n_ptr = int(keep[first_ptr:].sum())
+            mem, pos = (t[:, b][keep].unsqueeze(1).to(curr.dtype) for t in (memory, memory_pos))
+            outs.append(self.run_reference(why, [curr[:, b : b + 1]], mem,
+                                           [curr_pos[:, b : b + 1]], pos, n_ptr))
+        return torch.cat(outs, dim=1)
 
     def _forward_fast(self, curr: torch.Tensor, memory: torch.Tensor, curr_pos: torch.Tensor,
                       memory_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      num_obj_ptr_tokens: int) -> torch.Tensor:
+                      num_obj_ptr_tokens: int,
+                      memory_mask: torch.Tensor | None) -> torch.Tensor:
         if self.pos_enc_at_input:
             curr = curr + 0.1 * curr_pos
         # seq-first -> batch-first: B x HW x C, B x M x C_mem
         x, query_pos = curr.transpose(0, 1), curr_pos.transpose(0, 1)
         memory, memory_pos = memory.transpose(0, 1), memory_pos.transpose(0, 1)
         for layer in self.layers:
-            x = layer(x, memory, memory_pos, query_pos, cos, sin, num_obj_ptr_tokens)
+            x = layer(x, memory, memory_pos, query_pos, cos, sin, num_obj_ptr_tokens,
+                      memory_mask)
         return self.norm(x).transpose(0, 1)  # HW x B x C
 
     def _unsupported(self, curr: torch.Tensor, memory: torch.Tensor,

@@ -11,6 +11,7 @@ import torch
 from fastsam_core import FastConfig
 from fastsam_core.models.sam2.memory_attention import FastMemoryAttention
 from fastsam_core.models.sam2.memory_encoder import FastMemoryEncoder
+from fastsam_core.pipelines.video import pad_memory_banks
 from tests import tolerances as tol
 from tests.models.sam2.test_image_encoder import small_sam2
 from tests.parity import assert_close_fp32, assert_lowp_parity, in_dtype
@@ -112,6 +113,74 @@ def test_memory_attention_other_grid_size():
     assert_close_fp32(fast(**kwargs), ref(**kwargs), tol.FP32_STAGE_REL_L2)
 
 
+def padded_banks(layouts, seed=0):
+    """Objects with banks of (frames, pointers) each: their inputs alone (batch 1) and the
+    padded batch of all of them."""
+    alone = [attention_inputs(batch=1, frames=f, pointers=p, seed=seed + 10 * i)
+             for i, (f, p) in enumerate(layouts)]
+    banks = [(a["memory"], a["memory_pos"], a["num_obj_ptr_tokens"]) for a in alone]
+    memory, memory_pos, mask, n_ptr = pad_memory_banks(banks, HW)
+    batch = dict(curr=torch.cat([a["curr"] for a in alone], 1), memory=memory,
+                 curr_pos=torch.cat([a["curr_pos"] for a in alone], 1), memory_pos=memory_pos,
+                 num_obj_ptr_tokens=n_ptr, memory_mask=mask)
+    return alone, batch
+
+
+def test_pad_memory_banks_layout():
+    alone, batch = padded_banks([(1, 2), (3, 0), (2, 6)])
+    memory, mask = batch["memory"], batch["memory_mask"]
+    assert memory.shape == (3 * HW + 6, 3, 64) and batch["num_obj_ptr_tokens"] == 6
+    assert mask.tolist() == [
+        [True] * HW + [False] * 2 * HW + [True] * 2 + [False] * 4,
+        [True] * 3 * HW + [False] * 6,
+        [True] * 2 * HW + [False] * HW + [True] * 6,
+    ]
+    for b, a in enumerate(alone):  # the real tokens, in order, are the object's own bank
+        for name in ("memory", "memory_pos"):
+            assert torch.equal(batch[name][:, b][mask[b]], a[name][:, 0])
+        assert not batch["memory"][:, b][~mask[b]].any()
+
+
+@pytest.mark.parametrize("autograd", [False, True])
+def test_memory_attention_padded_banks_equal_each_object_alone(autograd):
+    """Banks of different lengths (memory frames and object pointers) padded to one batch
+    with the key mask: each object gets what the reference gives it alone. With autograd
+    recording (the fast path refuses it) the reference runs per object on its unpadded
+    bank."""
+    ref = _model().memory_attention
+    _normal_rope_tables(ref)
+    alone, batch = padded_banks([(1, 2), (3, 0), (2, 6), (3, 6)])
+    fast = fast_attention()
+    fast.set_reference(ref)
+    if autograd:
+        batch["curr"].requires_grad_(True)
+        with pytest.warns(UserWarning, match="autograd"):
+            got = fast(**batch)
+        assert got.requires_grad
+    else:
+        with torch.inference_mode():
+            got = fast(**batch)
+    assert got.shape == (HW, 4, 256)
+    with torch.inference_mode():
+        for b, a in enumerate(alone):
+            assert_close_fp32(got[:, b : b + 1].detach(), ref(**a), tol.FP32_STAGE_REL_L2)
+
+
+def _normal_rope_tables(ref):
+    """The reference rebuilds its rotary tables inside inference-mode calls: make them normal
+    tensors again, as autograd needs."""
+    for layer in ref.layers:
+        for a in (layer.self_attn, layer.cross_attn_image):
+            a.freqs_cis = a.freqs_cis.clone()
+
+
+def test_memory_attention_checks_the_mask():
+    _, batch = padded_banks([(1, 2), (2, 0)])
+    for bad in (batch["memory_mask"].float(), batch["memory_mask"][:, 1:]):
+        with torch.inference_mode(), pytest.raises(ValueError, match="memory_mask"):
+            fast_attention()(**{**batch, "memory_mask": bad})
+
+
 def test_memory_attention_unsupported_memory_falls_back():
     """Memory that is not whole frames plus pointers: the reference decides (it fails)."""
     fast = fast_attention()
@@ -159,11 +228,7 @@ def test_memory_encoder_low_precision(dtype):
 
 def test_memory_modules_fall_back_under_autograd():
     model = _model()
-    # the reference rebuilt its rotary tables inside the inference-mode tests above: make
-    # them normal tensors again, as autograd needs
-    for layer in model.memory_attention.layers:
-        for a in (layer.self_attn, layer.cross_attn_image):
-            a.freqs_cis = a.freqs_cis.clone()
+    _normal_rope_tables(model.memory_attention)
     attn = fast_attention()
     attn.set_reference(model.memory_attention)
     kwargs = attention_inputs(frames=1, pointers=0)
@@ -193,4 +258,27 @@ def test_memory_attention_compiles_once_as_the_memory_bank_fills():
             kwargs = attention_inputs(batch=1, frames=frames, pointers=2 * frames + 2)
             assert_close_fp32(fast(**kwargs), ref(**kwargs), tol.FP32_STAGE_REL_L2)
     assert fast._run_fast.status == "compiled"
+    assert counter.frame_count <= 2, counter.frame_count
+
+
+def test_padded_memory_attention_compiles_once_as_the_banks_fill():
+    """Padded banks with the key mask (objects prompted on different frames) growing over
+    the first frames: at most two more graphs (the mask is an extra input), results equal
+    each object alone."""
+    from torch._dynamo.testing import CompileCounter
+
+    from fastsam_core.models.compiled import LazyCompiled
+
+    ref = _model().memory_attention
+    fast = fast_attention()
+    counter = CompileCounter()
+    fast._run_fast = LazyCompiled(fast._forward_fast, "default", "memory attention",
+                                  backend=counter, dynamic=True)
+    with torch.inference_mode():
+        for frames in range(1, 6):
+            layouts = [(frames, 2 * frames), (frames + 1, 2 * frames + 2), (1, 2)]
+            alone, batch = padded_banks(layouts, seed=frames)
+            got = fast(**batch)
+            for b, a in enumerate(alone):
+                assert_close_fp32(got[:, b : b + 1], ref(**a), tol.FP32_STAGE_REL_L2)
     assert counter.frame_count <= 2, counter.frame_count

@@ -1,0 +1,83 @@
+"""The SAM 2 image path on real masks: the tiny trained SAM 2 (`fastsam_core.models.tiny`),
+a point and a box on each object of generated scenes through `SAM2ImagePredictor`, and the
+automatic mask generator at the reference's default thresholds, fast against reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+import fastsam_core
+from fastsam_core import FastConfig
+from fastsam_core.models.tiny import tiny
+from fastsam_core.models.tiny_data import make_scenes, mask_to_box, sample_point
+from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
+from tests import tolerances as tol
+from tests.parity import assert_close_fp32, mask_iou_outside_margin
+from tests.pipelines.test_amg import compare
+
+SCENES = make_scenes(3, seed=4242, height=256, width=320)  # seeds training never used
+
+
+def feature_sizes(model) -> list[tuple[int, int]]:
+    """The predictor hard-codes the 1024 px feature sizes (design.md, section 8)."""
+    s = model.image_size
+    return [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trained_tiny_sam2_masks_match(dtype):
+    """Masks of real objects through the unchanged SAM2ImagePredictor, before and after
+    optimize(): fp32 logits within the stage tolerance, masks outside the logit margin
+    (tests/tolerances.py) at the fp32 / bf16 IoU thresholds."""
+    model = tiny("sam2")
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = feature_sizes(model)
+    rng = np.random.default_rng(0)
+    prompts = [[dict(point_coords=sample_point(m, rng)[None], point_labels=np.array([1])),
+                dict(box=mask_to_box(m))] for s in SCENES for m in s.masks]
+
+    def run():
+        out, k = [], 0
+        for scene in SCENES:
+            predictor.set_image(scene.image)
+            for _ in scene.masks:
+                out.extend(torch.from_numpy(predictor.predict(**p, return_logits=True)[0])
+                           for p in prompts[k])
+                k += 1
+        return out
+
+    expected = run()
+    fastsam_core.optimize(model, FastConfig(dtype=dtype))
+    assert fastsam_core.report(model).path_of("sam_mask_decoder") == "fast"
+    got = run()
+    assert len(got) == len(expected) >= 10
+    threshold = tol.MASK_IOU_FP32 if dtype == torch.float32 else tol.MASK_IOU_BF16
+    for a, b in zip(got, expected, strict=True):
+        assert mask_iou_outside_margin(a, b) >= threshold
+        if dtype == torch.float32:
+            assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(points_per_side=16),  # the reference's default thresholds and NMS
+    dict(points_per_side=8, use_m2m=True),
+], ids=["defaults", "m2m"])
+def test_mask_generator_same_masks_on_trained_weights(settings, capsys):
+    model = tiny("sam2")
+    counts = []
+    for scene in SCENES[:2]:
+        generator = SAM2AutomaticMaskGenerator(model, **settings)
+        generator.predictor._bb_feat_sizes = feature_sizes(model)
+        ref = generator.generate(scene.image)
+        got = FastSam2AutomaticMaskGenerator(model, **settings).generate(scene.image)
+        borderline = compare(ref, got, {"pred_iou_thresh": 0.8, "stability_score_thresh": 0.95,
+                                        **settings})
+        counts.append((len(scene.kinds), len(ref), len(got), borderline))
+    assert sum(c[1] for c in counts) >= 3, "trained weights keep masks"
+    with capsys.disabled():
+        print(f"\n[tiny sam2 amg {settings}] (shapes, reference masks, fast masks, "
+              f"borderline): {counts}")
