@@ -285,3 +285,50 @@ def test_propagate_in_videos_checks_its_arguments(video_dir):
         with pytest.raises(ValueError, match="start_frame_idx has 1 entries for 2"):
             next(predictor.propagate_in_videos([state, predictor.init_state(video_dir)],
                                                start_frame_idx=[0]))
+
+
+def test_compiled_step_does_not_recompile_as_the_memory_bank_fills(video_dir, monkeypatch,
+                                                                    capsys):
+    """FastConfig(compile=...) compiles the image encoder, heads, memory attention (dynamic
+    shapes) and memory encoder. Over one propagation the memory bank grows on every frame
+    (memory frames up to frame 7, object pointers all 16 frames) while the batch is the same
+    from frame 3 on (all three objects): no compilation from frame 3 on. Counted with
+    CompileCounter (the eager backend: Inductor on 2 cores would take minutes); masks as
+    without compilation."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: compile_(fn, **{**kw, "backend": counter}))
+    torch._dynamo.reset()
+    predictor = video_predictor()
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32, compile="default"))
+    eager = video_predictor()
+    fastsam_core.optimize(eager, FastConfig(dtype=torch.float32))
+    runs = []
+    for model in (predictor, eager):
+        with torch.inference_mode():
+            state = model.init_state(video_dir)
+            model.add_new_points_or_box(state, frame_idx=0, obj_id=1,
+                                        points=np.array([[40, 60]], np.float32),
+                                        labels=np.array([1], np.int32))
+            model.add_new_points_or_box(state, frame_idx=0, obj_id=2,
+                                        box=np.array([106, 11, 134, 39], np.float32))
+            model.add_new_points_or_box(state, frame_idx=2, obj_id=3,
+                                        points=np.array([[48, 60]], np.float32),
+                                        labels=np.array([1], np.int32))
+            counts, masks = [], []
+            for frame, _, m in model.propagate_in_video(state):
+                counts.append((frame, counter.frame_count))
+                masks.append(m)
+        runs.append((counts, masks))
+    (counts, compiled), (_, plain) = runs
+    stages = {s.stage: s.detail for s in fastsam_core.report(predictor).stages}
+    for stage in ("memory_attention", "memory_encoder"):
+        assert "compile: compiled" in stages[stage], stages[stage]
+    settled = {c for f, c in counts if f >= 3}  # the batch is the same from frame 3 on
+    assert len(settled) == 1 and counts[-1][1] > 0, counts
+    with capsys.disabled():
+        print(f"\n[video compile] (frame, graphs compiled so far): {counts}")
+    for a, b in zip(compiled, plain, strict=True):
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)

@@ -6,7 +6,8 @@ names, the forward signature and the output (`{"vision_features", "vision_pos_en
 pix_feat's dtype). Differences: weights and activations in the configured dtype whatever the
 autocast state, channel LayerNorms as `F.layer_norm` (fp32 statistics in low precision; the
 reference computes them in the input dtype), the position encoding computed once per size and
-broadcast over the batch; training mode or autograd recording run the kept reference.
+broadcast over the batch, optional `torch.compile` of the fused computation; training mode or
+autograd recording run the kept reference.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sam2.modeling.position_encoding import PositionEmbeddingSine
 from torch import nn
 
 from fastsam_core.config import FastConfig
+from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module
 from fastsam_core.models.fallback import ReferenceFallback, without_autocast
 from fastsam_core.models.sam.common import LAYER_NORMS_2D, layer_norm_2d
@@ -26,7 +28,8 @@ from fastsam_core.report import StageReport, UnsupportedModule
 class FastMemoryEncoder(ReferenceFallback):
     """SAM 2's memory encoder (see the module docstring)."""
 
-    def __init__(self, ref: MemoryEncoder, dtype: torch.dtype) -> None:
+    def __init__(self, ref: MemoryEncoder, dtype: torch.dtype,
+                 compile_mode: str | None = None) -> None:
         super().__init__()
         self.stage = "SAM 2 memory encoder"
         self.mask_downsampler = adopt_module(ref.mask_downsampler, dtype)
@@ -35,6 +38,7 @@ class FastMemoryEncoder(ReferenceFallback):
         self.out_proj = adopt_module(ref.out_proj, dtype)
         self.position_encoding = ref.position_encoding  # no parameters
         self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self._run_fast = LazyCompiled(self._encode, compile_mode, "SAM 2 memory encoder")
 
     @classmethod
     def from_reference(cls, ref: MemoryEncoder, config: FastConfig,
@@ -51,7 +55,7 @@ class FastMemoryEncoder(ReferenceFallback):
                 type(ref.position_encoding) is PositionEmbeddingSine):
             raise UnsupportedModule("not the reference mask downsampler / fuser / sine "
                                     "position encoding")
-        return cls(ref, dtype)
+        return cls(ref, dtype, config.compile)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,6 +70,14 @@ class FastMemoryEncoder(ReferenceFallback):
         why = self.inference_only_reason(pix_feat, masks)
         if why is not None:
             return self.run_reference(why, pix_feat, masks, skip_mask_sigmoid)
+        x = self._run_fast(pix_feat, masks, skip_mask_sigmoid)
+        # a copy per call, as the reference makes: callers may write into their memories
+        pos = self._pos(x).to(x.dtype).expand(x.shape[0], -1, -1, -1).clone()
+        return {"vision_features": x, "vision_pos_enc": [pos]}
+
+    def _encode(self, pix_feat: torch.Tensor, masks: torch.Tensor,
+                skip_mask_sigmoid: bool) -> torch.Tensor:
+        """The memory features, B x C_out x h x w in pix_feat's dtype."""
         masks = masks.to(self.dtype)
         if not skip_mask_sigmoid:
             masks = torch.sigmoid(masks)
@@ -76,10 +88,7 @@ class FastMemoryEncoder(ReferenceFallback):
         x = self.fuser.proj(x)
         for block in self.fuser.layers:
             x = x + self._cx_block(block, x)
-        x = self.out_proj(x).to(pix_feat.dtype)
-        # a copy per call, as the reference makes: callers may write into their memories
-        pos = self._pos(x).to(x.dtype).expand(x.shape[0], -1, -1, -1).clone()
-        return {"vision_features": x, "vision_pos_enc": [pos]}
+        return self.out_proj(x).to(pix_feat.dtype)
 
     @staticmethod
     def _cx_block(block: CXBlock, x: torch.Tensor) -> torch.Tensor:
@@ -102,4 +111,5 @@ class FastMemoryEncoder(ReferenceFallback):
         dtype = str(self.dtype).replace("torch.", "")
         return [StageReport("memory_encoder", "fast",
                             f"mask downsampler + {len(self.fuser.layers)} ConvNeXt blocks, "
-                            f"{dtype}, cached position encoding" + self.fallback_summary())]
+                            f"{dtype}, cached position encoding, compile: "
+                            f"{self._run_fast.status}" + self.fallback_summary())]
