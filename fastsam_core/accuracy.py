@@ -1,12 +1,14 @@
 """`fastsam accuracy`: what each configuration costs in accuracy, on the tiny trained models.
 
-For every configuration (dtype, quantization), against the fp32 reference model:
+For every configuration (dtype, quantization), against the fp32 reference model (a SAM
+through `SamPredictor`, a SAM 2 through `SAM2ImagePredictor`):
 - mask IoU of the predictor's masks for a point and a box on every object of generated scenes
   (all pixels, and outside the logit margin of tests/tolerances.py's policy);
 - for quantized linears, the signal-to-quantization-noise ratio (dB) of every replaced layer
   on the activations those scenes produce.
 
     python -m fastsam_core accuracy --out bench/results/accuracy-tiny-sam-cpu.json
+    python -m fastsam_core accuracy --model sam2 --out bench/results/accuracy-tiny-sam2-cpu.json
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from segment_anything import SamPredictor
+from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.quant import Int8Linear, Sparse24Linear
@@ -54,8 +57,21 @@ def prompts_of(scenes, seed: int = 0) -> list[list[dict]]:
         dict(box=mask_to_box(m)))] for scene in scenes]
 
 
+def predictor_of(model: nn.Module):
+    """The reference predictor of a SAM or SAM 2 model (SAM 2: its feature sizes set for the
+    model's input size, which the predictor hard-codes for 1024 px; design.md section 8)."""
+    if not hasattr(model, "sam_mask_decoder"):
+        return SamPredictor(model)
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    predictor = SAM2ImagePredictor(model)
+    s = model.image_size
+    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    return predictor
+
+
 def logits_of(sam, scenes, prompts) -> list[torch.Tensor]:
-    predictor = SamPredictor(sam)
+    predictor = predictor_of(sam)
     out = []
     with torch.inference_mode():
         for scene, scene_prompts in zip(scenes, prompts, strict=True):
@@ -78,8 +94,8 @@ def ious(got: list[torch.Tensor], expected: list[torch.Tensor], margin: float | 
 
 
 def layer_sqnr(sam, reference_encoder, scenes) -> dict[str, float]:
-    """SQNR of each replaced linear of an optimized SAM against the float layer at the same
-    path of the reference encoder, on the inputs the scenes give it (mean over calls)."""
+    """SQNR of each replaced linear of an optimized SAM / SAM 2 against the float layer at the
+    same path of the reference encoder, on the inputs the scenes give it (mean over calls)."""
     encoder = sam.image_encoder
     results: dict[str, list[float]] = {}
     hooks = []
@@ -93,7 +109,7 @@ def layer_sqnr(sam, reference_encoder, scenes) -> dict[str, float]:
             results.setdefault(path, []).append(sqnr_db(exact, output))
 
         hooks.append(layer.register_forward_hook(hook))
-    predictor = SamPredictor(sam)
+    predictor = predictor_of(sam)
     with torch.inference_mode():
         for scene in scenes:
             predictor.set_image(scene.image)

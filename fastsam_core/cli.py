@@ -121,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
     acc = commands.add_parser(
         "accuracy",
-        help="accuracy cost of each configuration (dtype, int8, 2:4) on the tiny trained SAM",
+        help="accuracy cost of each configuration (dtype, int8, 2:4) on a tiny trained model",
         description="Mask IoU against the fp32 reference (all pixels and outside the logit "
         "margin) and per-layer SQNR of quantized linears, per configuration, on generated "
-        "scenes, with the shipped tiny trained SAM.",
+        "scenes, with the shipped tiny trained SAM or SAM 2.",
     )
+    acc.add_argument("--model", choices=["sam", "sam2"], default="sam",
+                     help="the tiny trained model to measure on")
     acc.add_argument("--scenes", type=int, default=8)
     acc.add_argument("--seed", type=int, default=4242)
     acc.add_argument("--out", default=None, help="also write the rows to this JSON file")
@@ -242,13 +244,13 @@ def _amg(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _tiny_sam(parser: argparse.ArgumentParser):
+def _tiny_sam(parser: argparse.ArgumentParser, kind: str = "sam"):
     try:
         from fastsam_core.models.tiny import tiny
     except ImportError:
-        parser.error("the tiny SAM is not part of this installation: use --model vit_h "
+        parser.error("the tiny models are not part of this installation: use --model vit_h "
                      "--checkpoint PATH")
-    return tiny("sam")
+    return tiny(kind)
 
 
 def overlay(image, annotations):
@@ -275,14 +277,17 @@ def _accuracy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.scenes < 1:
         parser.error("--scenes must be at least 1")
-    sam = _tiny_sam(parser)
-    scenes = make_scenes(args.scenes, seed=args.seed, height=128, width=160)
-    rows = run_accuracy(sam, scenes, log=lambda m: print(f"[fastsam] {m}", flush=True))
-    print(f"tiny trained SAM, {args.scenes} generated scenes (seed {args.seed}), a point and a "
-          f"box per object, against the fp32 reference")
+    model = _tiny_sam(parser, args.model)
+    size = model.image_encoder.img_size if args.model == "sam" else model.image_size
+    scenes = make_scenes(args.scenes, seed=args.seed, height=size, width=size * 5 // 4)
+    rows = run_accuracy(model, scenes, log=lambda m: print(f"[fastsam] {m}", flush=True))
+    name = {"sam": "SAM", "sam2": "SAM 2"}[args.model]
+    print(f"tiny trained {name}, {args.scenes} generated scenes (seed {args.seed}), a point "
+          f"and a box per object, against the fp32 reference")
     print(format_rows(rows))
     if args.out:
-        payload = {**env_info("cpu"), "commit": commit(), "scenes": args.scenes,
+        payload = {**env_info("cpu"), "commit": commit(), "model": f"tiny {args.model}",
+                   "scenes": args.scenes,
                    "seed": args.seed, "rows": as_dicts(rows)}
         with open(args.out, "w") as f:
             json_module.dump(payload, f, indent=1)
