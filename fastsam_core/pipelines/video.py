@@ -77,9 +77,9 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
                             ) -> Iterator[tuple[int, int, list, torch.Tensor]]:
         """Propagate several videos (inference states of this predictor, each prompted as
         for `propagate_in_video`) at once: step t tracks the t-th frame of every video's
-        processing order, and the objects of all the videos go through the per-frame step
-        as one batch (their frames through the image encoder one at a time, as the
-        reference does, each cached in its own state). Each video gets what
+        processing order: the frames of the step go through the image encoder as one batch
+        (each cached in its own state, as the reference caches a frame), and the objects of
+        all the videos through the per-frame step as one batch. Each video gets what
         `propagate_in_video` alone gives it.
 
         Args:
@@ -122,6 +122,7 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
             pred_masks = {v: self._prompted_outputs(states[v], t) for v, t in frames}
             tracked = [_Entry(states[v], v, t, obj_idx) for v, t in frames
                        for obj_idx, mask in enumerate(pred_masks[v]) if mask is None]
+            self._encode_frames(tracked)
             for batch in self._batches(tracked):
                 for entry, masks in zip(batch, self._track_batch(batch, reverse),
                                         strict=True):
@@ -133,6 +134,24 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
                 _, video_res_masks = self._get_orig_video_res_output(
                     state, torch.cat(pred_masks[v], dim=0))
                 yield v, t, state["obj_ids"], video_res_masks
+
+    def _encode_frames(self, entries: list[_Entry]) -> None:
+        """Encode the frames that `entries` need and their states have not cached, several
+        videos' frames in one image-encoder call, and cache each in its own state as
+        `_get_image_feature` does (a lone frame is left to it)."""
+        todo: dict[int, _Entry] = {}
+        for e in entries:
+            if e.video not in todo and e.frame_idx not in e.state["cached_features"]:
+                todo[e.video] = e
+        if len(todo) < 2:
+            return
+        # B x 3 x S x S, each frame as _get_image_feature loads it
+        images = torch.cat([e.state["images"][e.frame_idx].to(e.state["device"]).float()[None]
+                            for e in todo.values()])
+        backbone_out = self.forward_image(images)
+        for k, e in enumerate(todo.values()):
+            own = {name: _rows(value, slice(k, k + 1)) for name, value in backbone_out.items()}
+            e.state["cached_features"] = {e.frame_idx: (images[k : k + 1], own)}
 
     def _prompted_outputs(self, state: dict, frame_idx: int) -> list[torch.Tensor | None]:
         """Per object: its stored mask if it was prompted on `frame_idx` (to be tracked:

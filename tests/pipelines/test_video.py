@@ -246,7 +246,8 @@ def prompt_two_videos(predictor, video_dir, short_video_dir):
 
 def test_two_videos_in_one_batch_equal_each_alone(video_dir, short_video_dir):
     """propagate_in_videos on two videos of different lengths, sizes and start frames gives
-    each what the reference gives it alone (fp32); their objects share one batch per step."""
+    each what the reference gives it alone (fp32); their frames share one image-encoder batch
+    and their objects one batch per step."""
     reference = video_predictor()
     reference.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
     with torch.inference_mode():
@@ -260,14 +261,20 @@ def test_two_videos_in_one_batch_equal_each_alone(video_dir, short_video_dir):
         lambda module, args, kwargs: calls.append(
             (kwargs["memory"].shape[1], kwargs.get("memory_mask") is not None)),
         with_kwargs=True)
+    encoded = []  # image encoder batch sizes
+    predictor.image_encoder.register_forward_pre_hook(
+        lambda module, args: encoded.append(args[0].shape[0]))
     got = [[], []]
     with torch.inference_mode():
         states = prompt_two_videos(predictor, video_dir, short_video_dir)
         calls.clear()
+        encoded.clear()
         for v, t, ids, masks in predictor.propagate_in_videos(states, max_frame_num_to_track=5):
             got[v].append((t, list(ids), masks))
-    # steps 1-4: frames 1-4 of A (2 objects) with frames 2-5 of B; step 5: A's frame 5 alone
+    # step 0: A's frame 0 and B's frame 1 are prompted (stored outputs, B's frame cached); steps
+    # 1-4: frames 1-4 of A (2 objects) with frames 2-5 of B; step 5: A's frame 5 alone
     assert calls == [(3, True)] * 4 + [(2, False)], calls
+    assert encoded == [2] * 4 + [1], encoded
     for mine, theirs in zip(got, expected, strict=True):
         assert [m[:2] for m in mine] == [e[:2] for e in theirs]
         for (t, _, a), (_, _, b) in zip(mine, theirs, strict=True):
