@@ -1,0 +1,114 @@
+"""pytest-benchmark: memory of a long SAM 2 video session, reference vs fast.
+
+One `propagate_in_video` of one object (prompted with a point on frame 0) over a long
+synthetic video; `extra_info` holds what the session keeps: `frames_mib` (the video frames of
+the inference state), `memories_mib` (every stored per-frame output: memory features, masks,
+pointers) and, on CUDA, `peak_mem_mib` (peak allocated device memory over init_state and the
+propagation), with `img_s` the frames per second of the propagation.
+
+- CUDA: sam2.1 hiera_b+ at 1024 px, 200 frames (the issue's long-video case); the reference
+  under bf16 autocast, the fast path in bf16, and the fast path with
+  `init_state(offload_video_to_cpu=True)` (frames on the host, one on the device at a time).
+- CPU: hiera_t at 256 px, 8 frames, fp32 (the CPU cannot run the real case in a test's time).
+
+    pytest bench/test_bench_video_memory.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastsam_core
+from bench.common import DEVICE, record
+from bench.test_bench_video import build, memory_in_fp32
+from fastsam_core import FastConfig
+from fastsam_core.benchmark import synchronize
+
+CUDA = DEVICE.type == "cuda"
+if CUDA:
+    MODEL, IMAGE_SIZE, FRAMES, DTYPE = "hiera_b+", 1024, 200, torch.bfloat16
+else:
+    MODEL, IMAGE_SIZE, FRAMES, DTYPE = "hiera_t", 256, 8, torch.float32
+SIDE = 512  # frames on disk; the loader resizes them to IMAGE_SIZE
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory):
+    """A disc circling over a striped background."""
+    root = tmp_path_factory.mktemp("long_video")
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    for i in range(FRAMES):
+        img = np.full((SIDE, SIDE, 3), 40, np.uint8)
+        img[(xx // 16) % 2 == 0] = (60, 60, 70)
+        cx, cy = SIDE / 2 + SIDE / 4 * np.cos(i / 20), SIDE / 2 + SIDE / 4 * np.sin(i / 20)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < (SIDE / 12) ** 2] = (200, 80, 60)
+        Image.fromarray(img).save(root / f"{i:05d}.jpg", quality=90)
+    return str(root), np.array([[SIDE / 2 + SIDE / 4, SIDE / 2]], np.float32)
+
+
+def tensor_mib(*trees: object) -> float:
+    """MiB held by the tensors in nested dicts / lists (each storage counted once)."""
+    seen, total, stack = set(), 0, list(trees)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            key = (item.untyped_storage().data_ptr(), item.device)
+            if key not in seen:
+                seen.add(key)
+                total += item.untyped_storage().nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total / 2**20
+
+
+CASES = ["reference", "fast"] + (["fast-offload"] if CUDA else [])
+
+
+@pytest.mark.parametrize("impl", CASES)
+def test_long_video_memory(benchmark, long_video, impl):
+    path, point = long_video
+    group = f"sam2 long video {MODEL}-{IMAGE_SIZE} {FRAMES} frames"
+    benchmark.group = group
+    predictor = build()
+    autocast = contextlib.nullcontext
+    if impl != "reference":
+        fastsam_core.optimize(predictor, FastConfig(dtype=DTYPE))
+    elif CUDA:
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        predictor.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
+    sizes = {}
+
+    def setup():
+        if CUDA:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode(), autocast():
+            state = predictor.init_state(path, offload_video_to_cpu=impl == "fast-offload")
+            predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=point,
+                                            labels=np.array([1], np.int32))
+        synchronize(DEVICE)
+        return (state,), {}
+
+    def run(state):
+        with torch.inference_mode(), autocast():
+            for _ in predictor.propagate_in_video(state):
+                pass
+        synchronize(DEVICE)
+        sizes["frames_mib"] = tensor_mib(state["images"])
+        sizes["memories_mib"] = tensor_mib(state["output_dict_per_obj"])
+
+    benchmark.pedantic(run, setup=setup, rounds=1, iterations=1)
+    if CUDA:
+        sizes["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    record(benchmark, group, impl, items=FRAMES, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
+           frames=FRAMES, objects=1, dtype=str(DTYPE).replace("torch.", ""),
+           offload_video_to_cpu=impl == "fast-offload", **sizes)
