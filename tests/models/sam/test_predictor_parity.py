@@ -69,29 +69,16 @@ def test_trained_tiny_sam_masks_match(dtype):
     64 x 64 logits of this 128 px model are shallow at object edges; the committed accuracy
     report, bench/results/accuracy-tiny-sam-cpu.json, has mean 0.993 and worst 0.910), so the
     masks are compared outside the logit margin (tests/tolerances.py)."""
+    from fastsam_core.accuracy import logits_of, prompts_of
     from fastsam_core.models.tiny import tiny
-    from fastsam_core.models.tiny_data import make_scenes, mask_to_box, sample_point
+    from fastsam_core.models.tiny_data import make_scenes
 
     sam = tiny("sam")
-    predictor = SamPredictor(sam)
     scenes = make_scenes(3, seed=4242, height=128, width=160)
-    rng = np.random.default_rng(0)
-    prompts = [[dict(point_coords=sample_point(m, rng)[None], point_labels=np.array([1])),
-                dict(box=mask_to_box(m))] for s in scenes for m in s.masks]
-
-    def run():
-        out, k = [], 0
-        for scene in scenes:
-            predictor.set_image(scene.image)
-            for _ in scene.masks:
-                out.extend(torch.from_numpy(predictor.predict(**p, return_logits=True)[0])
-                           for p in prompts[k])
-                k += 1
-        return out
-
-    expected = run()
+    prompts = prompts_of(scenes)  # a point and a box on each object
+    expected = logits_of(sam, scenes, prompts)
     fastsam_core.optimize(sam, FastConfig(dtype=dtype))
-    got = run()
+    got = logits_of(sam, scenes, prompts)
     threshold = tol.MASK_IOU_FP32 if dtype == torch.float32 else tol.MASK_IOU_BF16
     for a, b in zip(got, expected, strict=True):
         assert mask_iou_outside_margin(a, b) >= threshold

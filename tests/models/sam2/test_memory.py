@@ -239,20 +239,25 @@ def test_memory_modules_fall_back_under_autograd():
     assert kwargs["curr"].grad is not None
 
 
-def test_memory_attention_compiles_once_as_the_memory_bank_fills():
-    """The per-frame memory attention under torch.compile(dynamic=True): 1 to 7 memory frames
-    and 0 to 16 object pointers (a bank filling over the first frames) give at most two
-    graphs (the first size is specialized), counted with CompileCounter (the eager backend:
-    Inductor on 2 cores would take minutes); results equal the reference."""
+def counted_fast_attention():
+    """A fast memory attention compiled as FastConfig(compile=...) does (dynamic shapes),
+    through CompileCounter (the eager backend: Inductor on 2 cores would take minutes)."""
     from torch._dynamo.testing import CompileCounter
 
     from fastsam_core.models.compiled import LazyCompiled
 
-    ref = _model().memory_attention
-    fast = fast_attention()
-    counter = CompileCounter()
+    fast, counter = fast_attention(), CompileCounter()
     fast._run_fast = LazyCompiled(fast._forward_fast, "default", "memory attention",
                                   backend=counter, dynamic=True)
+    return fast, counter
+
+
+def test_memory_attention_compiles_once_as_the_memory_bank_fills():
+    """The per-frame memory attention under torch.compile(dynamic=True): 1 to 7 memory frames
+    and 0 to 16 object pointers (a bank filling over the first frames) give at most two
+    graphs (the first size is specialized); results equal the reference."""
+    ref = _model().memory_attention
+    fast, counter = counted_fast_attention()
     with torch.inference_mode():
         for frames in range(1, 8):
             kwargs = attention_inputs(batch=1, frames=frames, pointers=2 * frames + 2)
@@ -263,17 +268,9 @@ def test_memory_attention_compiles_once_as_the_memory_bank_fills():
 
 def test_padded_memory_attention_compiles_once_as_the_banks_fill():
     """Padded banks with the key mask (objects prompted on different frames) growing over
-    the first frames: at most two more graphs (the mask is an extra input), results equal
-    each object alone."""
-    from torch._dynamo.testing import CompileCounter
-
-    from fastsam_core.models.compiled import LazyCompiled
-
+    the first frames: at most two graphs too, results equal each object alone."""
     ref = _model().memory_attention
-    fast = fast_attention()
-    counter = CompileCounter()
-    fast._run_fast = LazyCompiled(fast._forward_fast, "default", "memory attention",
-                                  backend=counter, dynamic=True)
+    fast, counter = counted_fast_attention()
     with torch.inference_mode():
         for frames in range(1, 6):
             layouts = [(frames, 2 * frames), (frames + 1, 2 * frames + 2), (1, 2)]

@@ -4,16 +4,15 @@ automatic mask generator at the reference's default thresholds, fast against ref
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
-from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 import fastsam_core
 from fastsam_core import FastConfig
+from fastsam_core.accuracy import logits_of, prompts_of
 from fastsam_core.models.tiny import tiny
-from fastsam_core.models.tiny_data import make_scenes, mask_to_box, sample_point
+from fastsam_core.models.tiny_data import make_scenes
 from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
 from tests import tolerances as tol
 from tests.parity import assert_close_fp32, mask_iou_outside_margin
@@ -30,30 +29,16 @@ def feature_sizes(model) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_trained_tiny_sam2_masks_match(dtype):
-    """Masks of real objects through the unchanged SAM2ImagePredictor, before and after
-    optimize(): fp32 logits within the stage tolerance, masks outside the logit margin
-    (tests/tolerances.py) at the fp32 / bf16 IoU thresholds."""
+    """Masks of real objects through the unchanged SAM2ImagePredictor (a point and a box per
+    object, as `fastsam accuracy` prompts), before and after optimize(): fp32 logits within
+    the stage tolerance, masks outside the logit margin (tests/tolerances.py) at the fp32 /
+    bf16 IoU thresholds."""
     model = tiny("sam2")
-    predictor = SAM2ImagePredictor(model)
-    predictor._bb_feat_sizes = feature_sizes(model)
-    rng = np.random.default_rng(0)
-    prompts = [[dict(point_coords=sample_point(m, rng)[None], point_labels=np.array([1])),
-                dict(box=mask_to_box(m))] for s in SCENES for m in s.masks]
-
-    def run():
-        out, k = [], 0
-        for scene in SCENES:
-            predictor.set_image(scene.image)
-            for _ in scene.masks:
-                out.extend(torch.from_numpy(predictor.predict(**p, return_logits=True)[0])
-                           for p in prompts[k])
-                k += 1
-        return out
-
-    expected = run()
+    prompts = prompts_of(SCENES)
+    expected = logits_of(model, SCENES, prompts)
     fastsam_core.optimize(model, FastConfig(dtype=dtype))
     assert fastsam_core.report(model).path_of("sam_mask_decoder") == "fast"
-    got = run()
+    got = logits_of(model, SCENES, prompts)
     assert len(got) == len(expected) >= 10
     threshold = tol.MASK_IOU_FP32 if dtype == torch.float32 else tol.MASK_IOU_BF16
     for a, b in zip(got, expected, strict=True):
