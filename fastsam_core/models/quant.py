@@ -22,7 +22,13 @@ import copy
 import torch
 from torch import nn
 
-from fastsam_core.ops.quant import int8_linear, int_mm_supported, prune_2_4, quantize_per_row
+from fastsam_core.ops.quant import (
+    int8_linear,
+    int8_matmul,
+    int_mm_supported,
+    prune_2_4,
+    quantize_per_row,
+)
 from fastsam_core.report import StageReport
 
 
@@ -45,6 +51,15 @@ class Int8Linear(nn.Module):
         backend = ("int_mm" if int_mm_supported(n_tokens, self.in_features, self.out_features,
                                                 x.device) else "dequant")
         return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, backend)
+
+    def forward_codes(self, x_q: torch.Tensor, x_scale: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """The layer on activations already quantized per token (N x in int8 codes, N x 1
+        fp32 scales, e.g. from `ops.quant.layer_norm_quantize`) -> N x out in `dtype`."""
+        backend = ("int_mm" if int_mm_supported(x_q.shape[0], self.in_features,
+                                                self.out_features, x_q.device) else "dequant")
+        return int8_matmul(x_q, x_scale, self.weight_int8, self.weight_scale, self.bias, dtype,
+                           backend)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]

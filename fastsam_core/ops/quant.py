@@ -58,6 +58,15 @@ def int8_linear(
     """
     shape = x.shape
     x_q, x_scale = quantize_per_row(x.reshape(-1, shape[-1]))  # N x K, N x 1
+    y = int8_matmul(x_q, x_scale, weight_q, weight_scale, bias, x.dtype, backend)
+    return y.reshape(*shape[:-1], weight_q.shape[0])
+
+
+def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
+                weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                backend: str = "dequant") -> torch.Tensor:
+    """y = (s_x x_q)(s_w W_q)^T + b from int8 codes: x_q N x K int8, x_scale N x 1 fp32,
+    weight_q M x K int8, weight_scale M fp32, bias M or None -> N x M in `dtype`."""
     if backend == "int_mm":
         acc = torch._int_mm(x_q, weight_q.t()).float()  # N x M, exact int32 sums
     elif backend == "dequant":
@@ -67,7 +76,29 @@ def int8_linear(
     y = acc * x_scale * weight_scale
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*shape[:-1], weight_q.shape[0])
+    return y.to(dtype)
+
+
+def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        eps: float, backend: str = "auto"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over x's last dim (... x K) and the int8 codes of its output per row:
+    (N x K int8, N x 1 fp32 scale), N = rows of x. What an int8 linear after a LayerNorm
+    quantizes, in one pass with backend "triton" (the fused kernel of
+    `fastsam_core.kernels.layer_norm_quant`), in three with "torch"; "auto": the kernel on
+    CUDA, torch elsewhere."""
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
+    rows = x.reshape(-1, x.shape[-1])
+    if backend == "triton":
+        from fastsam_core.kernels.layer_norm_quant import layer_norm_quant
+
+        return layer_norm_quant(rows, weight, bias, eps)
+    if backend == "torch":
+        from fastsam_core.kernels.layer_norm_quant import layer_norm_quant_ref
+
+        return layer_norm_quant_ref(rows, weight, bias, eps)
+    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 
 def int_mm_supported(n_tokens: int, in_features: int, out_features: int,
