@@ -244,18 +244,30 @@ def prompt_two_videos(predictor, video_dir, short_video_dir):
     return a, b
 
 
-def test_two_videos_in_one_batch_equal_each_alone(video_dir, short_video_dir):
-    """propagate_in_videos on two videos of different lengths, sizes and start frames gives
-    each what the reference gives it alone (fp32); their frames share one image-encoder batch
-    and their objects one batch per step."""
+@pytest.fixture(scope="module")
+def two_videos_reference(video_dir, short_video_dir):
     reference = video_predictor()
     reference.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
     with torch.inference_mode():
-        expected = [[(t, list(ids), m) for t, ids, m in
-                     reference.propagate_in_video(state, max_frame_num_to_track=5)]
-                    for state in prompt_two_videos(reference, video_dir, short_video_dir)]
+        return [[(t, list(ids), m) for t, ids, m in
+                 reference.propagate_in_video(state, max_frame_num_to_track=5)]
+                for state in prompt_two_videos(reference, video_dir, short_video_dir)]
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["fast-memory", "reference-memory"])
+def test_two_videos_in_one_batch_equal_each_alone(video_dir, short_video_dir,
+                                                  two_videos_reference, masked):
+    """propagate_in_videos on two videos of different lengths, sizes and start frames gives
+    each what the reference gives it alone (fp32); their frames share one image-encoder batch
+    and their objects one batch per step. With the reference memory attention (it takes no
+    key mask) each video's objects form their own batch, with the same results."""
+    expected = two_videos_reference
     predictor = video_predictor()
     fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    if not masked:  # the kept reference module in place of the fast one
+        predictor.memory_attention = predictor.memory_attention.__dict__["_reference"]
+        predictor.memory_attention.register_forward_pre_hook(memory_in_fp32,
+                                                             with_kwargs=True)
     calls = []
     predictor.memory_attention.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(
@@ -273,7 +285,8 @@ def test_two_videos_in_one_batch_equal_each_alone(video_dir, short_video_dir):
             got[v].append((t, list(ids), masks))
     # step 0: A's frame 0 and B's frame 1 are prompted (stored outputs, B's frame cached); steps
     # 1-4: frames 1-4 of A (2 objects) with frames 2-5 of B; step 5: A's frame 5 alone
-    assert calls == [(3, True)] * 4 + [(2, False)], calls
+    per_step = [(3, True)] if masked else [(2, False), (1, False)]
+    assert calls == per_step * 4 + [(2, False)], calls
     assert encoded == [2] * 4 + [1], encoded
     for mine, theirs in zip(got, expected, strict=True):
         assert [m[:2] for m in mine] == [e[:2] for e in theirs]
