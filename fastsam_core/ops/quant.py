@@ -66,13 +66,21 @@ def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor
                 weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                 backend: str = "dequant") -> torch.Tensor:
     """y = (s_x x_q)(s_w W_q)^T + b from int8 codes: x_q N x K int8, x_scale N x 1 fp32,
-    weight_q M x K int8, weight_scale M fp32, bias M or None -> N x M in `dtype`."""
+    weight_q M x K int8, weight_scale M fp32, bias M or None -> N x M in `dtype`.
+
+    backend: "int_mm" (CUDA's int32 product, then the rescale and bias), "dequant" (fp32
+    products of the codes), "triton" (`fastsam_core.kernels.int8_matmul`: product, rescale
+    and bias in one kernel)."""
+    if backend == "triton":
+        from fastsam_core.kernels.int8_matmul import int8_matmul as fused
+
+        return fused(x_q, x_scale, weight_q, weight_scale, bias, dtype)
     if backend == "int_mm":
         acc = torch._int_mm(x_q, weight_q.t()).float()  # N x M, exact int32 sums
     elif backend == "dequant":
         acc = x_q.float() @ weight_q.float().t()
     else:
-        raise ValueError(f"backend must be 'int_mm' or 'dequant', got {backend!r}")
+        raise ValueError(f"backend must be 'int_mm', 'dequant' or 'triton', got {backend!r}")
     y = acc * x_scale * weight_scale
     if bias is not None:
         y = y + bias.float()
