@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fastsam_core.ops.quant import (
-    int8_linear,
+    int8_backend,
     int8_matmul,
     int_mm_supported,
     prune_2_4,
@@ -47,19 +47,27 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ... x in -> ... x out, x's dtype."""
-        n_tokens = x.numel() // self.in_features
-        backend = ("int_mm" if int_mm_supported(n_tokens, self.in_features, self.out_features,
-                                                x.device) else "dequant")
-        return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, backend)
+        x_q, x_scale = quantize_per_row(x.reshape(-1, self.in_features))  # N x in, N x 1
+        y = self.forward_codes(x_q, x_scale, x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward_codes(self, x_q: torch.Tensor, x_scale: torch.Tensor,
                       dtype: torch.dtype) -> torch.Tensor:
         """The layer on activations already quantized per token (N x in int8 codes, N x 1
-        fp32 scales, e.g. from `ops.quant.layer_norm_quantize`) -> N x out in `dtype`."""
-        backend = ("int_mm" if int_mm_supported(x_q.shape[0], self.in_features,
-                                                self.out_features, x_q.device) else "dequant")
-        return int8_matmul(x_q, x_scale, self.weight_int8, self.weight_scale, self.bias, dtype,
-                           backend)
+        fp32 scales, e.g. from `ops.quant.layer_norm_quantize`) -> N x out in `dtype`.
+
+        The matmul backend: on CUDA, `torch._int_mm` or the fused Triton kernel, whichever
+        measured faster for this shape on this GPU (`ops.quant.int8_backend`; `_int_mm` while
+        torch.compile traces, which sees no Triton launch); elsewhere "dequant"."""
+        args = (x_q, x_scale, self.weight_int8, self.weight_scale, self.bias, dtype)
+        if not int_mm_supported(x_q.shape[0], self.in_features, self.out_features,
+                                x_q.device):
+            backend = "dequant"
+        elif torch.compiler.is_compiling():
+            backend = "int_mm"
+        else:
+            backend = int8_backend(*args)
+        return int8_matmul(*args, backend)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]
@@ -142,8 +150,9 @@ def quantize_linears(encoder: nn.Module, mode: str, layers: str) -> StageReport:
             continue  # 2:4 needs groups of 4 input features: this layer stays dense
         _replace(encoder, path, MODES[mode](linear))
         swapped += 1
-    how = {"int8": "int8 weights per channel, int8 activations per token (int_mm on CUDA, "
-                   "dequantized fp32 products elsewhere)",
+    how = {"int8": "int8 weights per channel, int8 activations per token (on CUDA int_mm or "
+                   "the fused Triton kernel, chosen per shape by measurement; dequantized "
+                   "fp32 products elsewhere)",
            "2:4": "2:4 magnitude-pruned weights (sparse tensor cores on CUDA, dense "
                   "elsewhere)"}[mode]
     return StageReport("image_encoder.linears", mode, f"{swapped} layers ({layers}): {how}")

@@ -20,11 +20,16 @@ cores); elsewhere it stays a dense tensor with the zeros (same numbers, no speed
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from fastsam_core.kernels.tuning import Tuner
+
 INT8_MAX = 127
+INT8_TUNER = Tuner("int8_matmul")  # the per-shape, per-GPU choice of int8 matmul backend
+INT8_KERNEL_VERSION = 1  # part of every tuning key: bump when kernels/int8_matmul.py changes
 
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +112,32 @@ def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
         return layer_norm_quant_ref(rows, weight, bias, eps)
     raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def int8_backend(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
+                 weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 tuner: Tuner = INT8_TUNER) -> str:
+    """"int_mm" or "triton" for this layer's shape on this GPU, decided by measurement: on
+    first use both run on the real codes, a backend whose output differs from the fp32
+    reference ("dequant") beyond `tuning.MATCH_REL_L2` is discarded, the faster of the rest
+    is kept (in memory, in the per-user cache, or from the shipped table; see
+    `fastsam_core.kernels.tuning`). Token counts are bucketed to powers of two. With
+    FASTSAM_DISABLE_TRITON set: "int_mm"."""
+    from fastsam_core.ops.attention import kernel_disabled
+
+    if kernel_disabled():
+        return "int_mm"
+    n, k = x_q.shape
+    m = weight_q.shape[0]
+    device = torch.cuda.get_device_name(x_q.device) if x_q.is_cuda else str(x_q.device)
+    key = f"v{INT8_KERNEL_VERSION}:n{1 << max(0, n - 1).bit_length()}:k{k}:m{m}:{dtype}"
+    names = ["int_mm", "triton"]
+    choice = tuner.cached(device, key, names)
+    if choice is not None:
+        return choice
+    run = partial(int8_matmul, x_q, x_scale, weight_q, weight_scale, bias, dtype)
+    reference = run("dequant")
+    return tuner.tune(device, key, {name: partial(run, name) for name in names}, reference)
 
 
 def int_mm_supported(n_tokens: int, in_features: int, out_features: int,

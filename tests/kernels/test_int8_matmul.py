@@ -70,3 +70,46 @@ def test_bf16_real_widths(k, m):
     got = int8_matmul(x_q, x_scale, w_q, w_scale, b, torch.bfloat16)
     expected = int8_matmul_ref(x_q, x_scale, w_q, w_scale, b, torch.float32)
     torch.testing.assert_close(got.float(), expected, rtol=2**-8, atol=1e-3)
+
+
+def test_backend_chosen_by_measurement_and_kept(tmp_path, monkeypatch):
+    """ops.quant.int8_backend: both backends run on the real codes, the faster one matching
+    the fp32 reference wins, and the choice is kept (no second measurement). Fake timings
+    (the real ones need a GPU), CPU tensors (torch._int_mm runs there too)."""
+    from fastsam_core.kernels.tuning import Tuner
+    from fastsam_core.ops.quant import int8_backend
+
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
+    timed = []
+    fake_ms = {"int_mm": 2.0, "triton": 1.0}
+
+    def timer(run):
+        timed.append(run.args[-1])  # partial(int8_matmul, ..., backend)
+        return fake_ms[run.args[-1]]
+
+    tuner = Tuner("int8_matmul_test", timer=timer)
+    args = codes(48, 32, 64)[:4] + [None, torch.float32]
+    assert int8_backend(*args, tuner=tuner) == "triton"
+    assert sorted(timed) == ["int_mm", "triton"]
+    assert int8_backend(*args, tuner=tuner) == "triton" and len(timed) == 2  # kept
+    assert tuner.cache_entries() == 1  # recorded in the per-user cache
+    fake_ms["triton"] = 3.0
+    other = codes(48, 40, 64)[:4] + [None, torch.float32]  # another shape: measured anew
+    assert int8_backend(*other, tuner=tuner) == "int_mm"
+
+
+def test_backend_never_picks_a_wrong_kernel(tmp_path, monkeypatch):
+    """A backend whose output does not match the reference is not a candidate, however fast."""
+    import fastsam_core.kernels.int8_matmul as kernel
+    from fastsam_core.kernels.tuning import Tuner
+    from fastsam_core.ops.quant import int8_backend
+
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
+    monkeypatch.setattr(kernel, "int8_matmul", lambda *a, **k: torch.zeros(48, 32))
+    tuner = Tuner("int8_matmul_test", timer=lambda run: {"int_mm": 2.0, "triton": 1.0}[
+        run.args[-1]])
+    assert int8_backend(*codes(48, 32, 64)[:4], None, torch.float32, tuner=tuner) == "int_mm"
+    monkeypatch.setenv("FASTSAM_DISABLE_TRITON", "1")
+    assert int8_backend(*codes(48, 24, 64)[:4], None, torch.float32, tuner=tuner) == "int_mm"
