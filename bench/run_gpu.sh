@@ -12,6 +12,7 @@
 #        commit it under bench/baselines/<device>/<platform>/ as the gate's baseline)
 #   $OUT/tuned-rel_pos_attention.json   the kernel's measured launch choices (to ship in
 #        fastsam_core/kernels/tuned/rel_pos_attention.json under the GPU's name)
+#   $OUT/tuned-int8_matmul.json   the int8 linears' measured backend choices (likewise)
 #   $OUT/profile-<name>.md, $OUT/profile-<name>.trace.json.gz
 #   $OUT/logs.tar.gz                    every stage's full log
 # Overrides: PYTHON (default python3), FASTSAM_RUNNER_BENCH (bench paths, default "bench"), FASTSAM_RUNNER_PROFILE
@@ -67,8 +68,9 @@ for stage in $stages; do
   esac
 done
 
-[ -f "$FASTSAM_CACHE_DIR/rel_pos_attention.json" ] && \
-  cp "$FASTSAM_CACHE_DIR/rel_pos_attention.json" "$OUT/tuned-rel_pos_attention.json"
+for tuned in rel_pos_attention int8_matmul; do
+  [ -f "$FASTSAM_CACHE_DIR/$tuned.json" ] && cp "$FASTSAM_CACHE_DIR/$tuned.json" "$OUT/tuned-$tuned.json"
+done
 tar czf "$OUT/logs.tar.gz" -C "$WORK" logs
 echo
 echo "== stages"
