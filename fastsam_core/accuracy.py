@@ -64,9 +64,10 @@ def predictor_of(model: nn.Module):
         return SamPredictor(model)
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
+    from fastsam_core.models.tiny import sam2_feature_sizes
+
     predictor = SAM2ImagePredictor(model)
-    s = model.image_size
-    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    predictor._bb_feat_sizes = sam2_feature_sizes(model.image_size)
     return predictor
 
 

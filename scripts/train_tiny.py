@@ -38,7 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsam_core.models.tiny import WEIGHTS_DIR, build_from_config, load_config, load_state
+from fastsam_core.models.tiny import (
+    WEIGHTS_DIR,
+    build_from_config,
+    load_config,
+    load_state,
+    sam2_feature_sizes,
+)
 from fastsam_core.models.tiny_data import (
     Scene,
     jitter_box,
@@ -418,8 +424,7 @@ def make_predictor(kind: str, model: nn.Module) -> Any:
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     predictor = SAM2ImagePredictor(model)
-    s = model.image_size
-    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    predictor._bb_feat_sizes = sam2_feature_sizes(model.image_size)
     return predictor
 
 
@@ -462,8 +467,7 @@ def amg_eval(kind: str, model: nn.Module, scenes: list[Scene]) -> dict[str, floa
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator as Generator
     generator = Generator(model)
     if kind == "sam2":
-        s = model.image_size
-        generator.predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16,) * 2]
+        generator.predictor._bb_feat_sizes = sam2_feature_sizes(model.image_size)
     kept, recall = [], []
     for scene in scenes:
         anns = generator.generate(scene.image)

@@ -38,3 +38,13 @@ AMG_MAX_BORDERLINE = 2  # more than this many one-sided masks is a defect, not a
 # Lossy linears (int8): signal-to-quantization-noise ratio against the float result, dB.
 INT8_LINEAR_MIN_SQNR_DB = 30.0  # 8-bit symmetric codes give ~40 dB on Gaussian-like data
 INT8_ENCODER_MIN_SQNR_DB = 20.0  # the whole encoder: per-layer noise accumulates over blocks
+
+# Fused int8 kernels against their plain-torch references.
+# A fused LayerNorm sums its statistics in another order: a value within this distance (in
+# code units) of a rounding half may round to the neighbouring code, nothing else may differ.
+INT8_CODE_TIE_BAND = 1e-3
+# A linear fed such codes: identical outputs but for a rare one-code flip at a tie, which
+# costs ~65 dB on the tests' shapes (quantization noise itself is ~40 dB, INT8_LINEAR_*).
+INT8_TIE_FLIP_MIN_SQNR_DB = 60.0
+# An fp32 result stored in bf16: one rounding, half an ulp of bf16's 8 significant bits.
+BF16_ROUNDING_REL = 2.0**-8

@@ -51,6 +51,13 @@ def tiny(kind: str = "sam") -> nn.Module:
     return model.eval()
 
 
+def sam2_feature_sizes(image_size: int) -> list[tuple[int, int]]:
+    """The backbone feature sizes (strides 4, 8, 16) that `SAM2ImagePredictor._bb_feat_sizes`
+    must hold for a SAM 2 model of `image_size` px (the predictor hard-codes 1024 px's;
+    design.md section 8)."""
+    return [(image_size // s, image_size // s) for s in (4, 8, 16)]
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint's json config (see the module docstring for its keys)."""
     with open(path) as f:

@@ -123,8 +123,8 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
             tracked = [_Entry(states[v], v, t, obj_idx) for v, t in frames
                        for obj_idx, mask in enumerate(pred_masks[v]) if mask is None]
             self._encode_frames(tracked)
-            for batch in self._batches(tracked):
-                for entry, masks in zip(batch, self._track_batch(batch, reverse),
+            for batch, uniform in self._batches(tracked):
+                for entry, masks in zip(batch, self._track_batch(batch, uniform, reverse),
                                         strict=True):
                     pred_masks[entry.video][entry.obj_idx] = masks
             for v, t in frames:
@@ -168,30 +168,31 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
                 masks.append(None)
         return masks
 
-    def _batches(self, entries: list[_Entry]) -> list[list[_Entry]]:
-        """The batches of one step: entries (objects to track) of one video with one memory
-        layout read their memories concatenated (a uniform batch); all entries go in one
-        batch if the memory attention takes a key mask, else one batch per video and
-        layout."""
+    def _batches(self, entries: list[_Entry]) -> list[tuple[list[_Entry], bool]]:
+        """The batches of one step, each with whether it is uniform: entries (objects to
+        track) of one video with one memory layout read their memories concatenated; all
+        entries go in one batch if the memory attention takes a key mask, else one uniform
+        batch per video and layout."""
         by_layout: dict[tuple, list[_Entry]] = {}
         for e in entries:
             out = e.state["output_dict_per_obj"][e.obj_idx]
             by_layout.setdefault((e.video, self._memory_layout(out, e.frame_idx)), []).append(e)
         if len(by_layout) > 1 and isinstance(self.memory_attention, FastMemoryAttention):
-            return [[e for group in by_layout.values() for e in group]]
-        return list(by_layout.values())
+            return [([e for group in by_layout.values() for e in group], False)]
+        return [(group, True) for group in by_layout.values()]
 
-    def _track_batch(self, batch: list[_Entry], reverse: bool) -> list[torch.Tensor]:
-        """Run the per-frame step once for `batch` (entries grouped by video), store each
-        object's compact output as `_run_single_frame_inference` does, and return each
-        object's 1 x 1 x h x w low-resolution mask logits."""
+    def _track_batch(self, batch: list[_Entry], uniform: bool,
+                     reverse: bool) -> list[torch.Tensor]:
+        """Run the per-frame step once for `batch` (entries grouped by video; `uniform`: one
+        video, one memory layout), store each object's compact output as
+        `_run_single_frame_inference` does, and return each object's 1 x 1 x h x w
+        low-resolution mask logits."""
         parts = _by_video(batch)
         # per video: (vision feats, their position encodings, feature sizes), HW x B_v x C
         feats = [self._get_image_feature(p[0].state, p[0].frame_idx, len(p))[2:] for p in parts]
         first = batch[0]
         per_obj = [e.state["output_dict_per_obj"][e.obj_idx] for e in batch]
-        if len(parts) == 1 and len({self._memory_layout(o, first.frame_idx)
-                                    for o in per_obj}) == 1:
+        if uniform:
             output_dict: object = {
                 name: _BatchedOutputs([o[name] for o in per_obj])
                 for name in ("cond_frame_outputs", "non_cond_frame_outputs")}

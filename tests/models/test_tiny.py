@@ -20,7 +20,13 @@ import pytest
 import torch
 
 from fastsam_core.models import tiny
-from fastsam_core.models.tiny import WEIGHTS_DIR, build_from_config, load_config, load_state
+from fastsam_core.models.tiny import (
+    WEIGHTS_DIR,
+    build_from_config,
+    load_config,
+    load_state,
+    sam2_feature_sizes,
+)
 from fastsam_core.models.tiny_data import make_scenes, mask_iou, mask_to_box, sample_point
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,8 +51,7 @@ def _predictor(kind: str, model: torch.nn.Module):
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     predictor = SAM2ImagePredictor(model)
-    s = model.image_size  # the predictor hard-codes the 1024 px sizes (design.md, section 8)
-    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    predictor._bb_feat_sizes = sam2_feature_sizes(model.image_size)
     return predictor
 
 

@@ -11,7 +11,7 @@ from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 import fastsam_core
 from fastsam_core import FastConfig
 from fastsam_core.accuracy import logits_of, prompts_of
-from fastsam_core.models.tiny import tiny
+from fastsam_core.models.tiny import sam2_feature_sizes, tiny
 from fastsam_core.models.tiny_data import make_scenes
 from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
 from tests import tolerances as tol
@@ -19,12 +19,6 @@ from tests.parity import assert_close_fp32, mask_iou_outside_margin
 from tests.pipelines.test_amg import compare
 
 SCENES = make_scenes(3, seed=4242, height=256, width=320)  # seeds training never used
-
-
-def feature_sizes(model) -> list[tuple[int, int]]:
-    """The predictor hard-codes the 1024 px feature sizes (design.md, section 8)."""
-    s = model.image_size
-    return [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -56,7 +50,7 @@ def test_mask_generator_same_masks_on_trained_weights(settings, capsys):
     counts = []
     for scene in SCENES[:2]:
         generator = SAM2AutomaticMaskGenerator(model, **settings)
-        generator.predictor._bb_feat_sizes = feature_sizes(model)
+        generator.predictor._bb_feat_sizes = sam2_feature_sizes(model.image_size)
         ref = generator.generate(scene.image)
         got = FastSam2AutomaticMaskGenerator(model, **settings).generate(scene.image)
         borderline = compare(ref, got, {"pred_iou_thresh": 0.8, "stability_score_thresh": 0.95,
