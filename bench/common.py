@@ -3,7 +3,8 @@
 Every suite has, per group, a "reference" case and one or more "fast*" cases, timed in the same
 run; `record()` fills `extra_info` the same way everywhere: device, torch/triton versions,
 impl, the case's own fields (dtype, batch, ...), ms, and for fast cases the speedup over the
-group's reference measured in this run. img/s and TFLOP/s when the case passes `items` (images
+group's reference measured in this run (for variants "fast_*" also `speedup_vs_fast`, over
+the group's "fast" case). img/s and TFLOP/s when the case passes `items` (images
 per call) and `flops` (per call).
 
 FASTSAM_BENCH_FAST_REPEAT (default 1) makes every timed call of a fast case do its work that
@@ -43,4 +44,6 @@ def record(benchmark, group: str, impl: str, items: int | None = None,
             info["tflop_s"] = flops / median / 1e12
         if impl != "reference" and (group, "reference") in _median_s:
             info["speedup"] = _median_s[(group, "reference")] / median
+        if impl.startswith("fast_") and (group, "fast") in _median_s:
+            info["speedup_vs_fast"] = _median_s[(group, "fast")] / median
     benchmark.extra_info.update(info)

@@ -4,39 +4,67 @@
 #
 # From the repository root, after ../shared/device/prepare.sh (see its README for the wheel
 # prefix that makes segment_anything, sam2, ... importable; nothing else is pip-installed):
-#   bash bench/run_gpu.sh                   # all stages: tests bench profile
+#   bash bench/run_gpu.sh                   # all stages: tests bench accuracy profile
 #   bash bench/run_gpu.sh bench profile     # a selection
-# Everything runs as `python -m ...` from the repository root. At most 8 files come back
-# under $OUT, none deeper than $OUT/a/b/file:
+# Everything runs as `python -m ...` from the repository root. The whole script keeps to a
+# deadline (FASTSAM_RUNNER_DEADLINE seconds, default 540: under the device tool's 600 s per
+# command): every step runs under `timeout` with what is left, a step that would start with
+# too little time left is skipped (and listed so), and the files below are always written.
+# The bench stage runs one suite file per pytest process, most wanted first (the rel-pos
+# kernel, the image encoder with its int8 / 2:4 cases, the int8 kernels, video, ...), so an
+# overrunning suite loses only its own results; the parts are merged into one file.
+# At most 8 files come back under $OUT, none deeper than $OUT/a/b/file:
 #   $OUT/baselines/<platform>/0001_baseline.json  the bench results (pytest-benchmark file:
 #        commit it under bench/baselines/<device>/<platform>/ as the gate's baseline)
 #   $OUT/tuned-rel_pos_attention.json   the kernel's measured launch choices (to ship in
 #        fastsam_core/kernels/tuned/rel_pos_attention.json under the GPU's name)
-#   $OUT/tuned-int8_matmul.json   the int8 linears' measured backend choices (likewise)
+#   $OUT/tuned-int8_matmul.json, $OUT/tuned-int8_mlp.json   the int8 linears' measured
+#        matmul backends and the int8 MLPs' fused-or-separate choices (likewise)
+#   $OUT/accuracy-<model>-cuda.json   `fastsam accuracy` at real size (random weights; bf16,
+#        int8, 2:4 against fp32: mask IoU and per-layer SQNR), to commit under bench/results/
 #   $OUT/profile-<name>.md, $OUT/profile-<name>.trace.json.gz
-#   $OUT/logs.tar.gz                    every stage's full log
-# Overrides: PYTHON (default python3), FASTSAM_RUNNER_BENCH (bench paths, default "bench"), FASTSAM_RUNNER_PROFILE
-# (profile arguments, default "--model vit_h --stage image_encoder --batch 8").
+#   $OUT/logs.tar.gz                    every step's full log
+# Overrides: PYTHON (default python3), FASTSAM_RUNNER_BENCH (bench files, in order; default
+# below), FASTSAM_RUNNER_ACCURACY (model, default vit_h), FASTSAM_RUNNER_PROFILE (profile
+# arguments, default "--model vit_h --stage image_encoder --batch 8"),
+# FASTSAM_RUNNER_DEADLINE (seconds), FASTSAM_RUNNER_MIN_STEP (seconds, default 20).
 set -u
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/fastsam-gpu-out}
 WORK=$(mktemp -d)
-mkdir -p "$OUT" "$WORK/logs"
+mkdir -p "$OUT" "$WORK/logs" "$WORK/bench"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export FASTSAM_CACHE_DIR="$WORK/cache"  # a cold start: the tuning is measured in this run
-stages=${*:-tests bench profile}
+DEADLINE=${FASTSAM_RUNNER_DEADLINE:-540}
+RESERVE=15  # seconds kept for merging, packing and the summary
+MIN_STEP=${FASTSAM_RUNNER_MIN_STEP:-20}  # a step is not started with less than this left
+BENCH_ORDER="bench/test_bench_attention.py bench/test_bench_image_encoder.py
+  bench/test_bench_int8_mlp.py bench/test_bench_int8_matmul.py
+  bench/test_bench_layer_norm_quant.py bench/test_bench_video.py
+  bench/test_bench_sam2_image.py bench/test_bench_prompt.py bench/test_bench_amg.py
+  bench/test_bench_end_to_end.py bench/test_bench_video_memory.py"
+stages=${*:-tests bench accuracy profile}
 status=0
 summary=()
 
-run() {  # run NAME COMMAND...: log to $WORK/logs/NAME.log, remember the outcome
+run() {  # run NAME COMMAND...: log to $WORK/logs/NAME.log, within the deadline
   local name=$1
   shift
+  local left=$((DEADLINE - SECONDS - RESERVE))
+  if [ "$left" -lt "$MIN_STEP" ]; then
+    summary+=("$(printf '%-22s skipped: %ss left of the %ss deadline' "$name" \
+      $((DEADLINE - SECONDS)) "$DEADLINE")")
+    status=1
+    return 0
+  fi
   local start=$SECONDS
-  echo "== $name: $*"
-  "$@" > "$WORK/logs/$name.log" 2>&1
+  echo "== $name (${left}s left): $*"
+  timeout --kill-after=5 "$left" "$@" > "$WORK/logs/$name.log" 2>&1
   local rc=$?
-  summary+=("$(printf '%-8s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - start)) \
-    "$(tail -n 1 "$WORK/logs/$name.log" | cut -c1-90)")")
+  local last
+  last=$(tail -n 1 "$WORK/logs/$name.log" | cut -c1-70)
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && last="stopped at the deadline; $last"
+  summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - start)) "$last")")
   [ "$rc" -eq 0 ] || status=1
   return 0
 }
@@ -55,25 +83,40 @@ for stage in $stages; do
       run cuda_tests "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rs \
         --deselect tests/kernels --deselect tests/ops ;;
     bench)
-      run bench "$PY" -m pytest ${FASTSAM_RUNNER_BENCH:-bench} --benchmark-only -q \
-        -p no:cacheprovider --benchmark-storage="file://$OUT/baselines" \
-        --benchmark-save=baseline ;;
+      for file in ${FASTSAM_RUNNER_BENCH:-$BENCH_ORDER}; do
+        name=$(basename "$file" .py)
+        run "${name#test_}" "$PY" -m pytest "$file" --benchmark-only -q -p no:cacheprovider \
+          --benchmark-json="$WORK/bench/$name.json"
+      done ;;
+    accuracy)
+      model=${FASTSAM_RUNNER_ACCURACY:-vit_h}
+      run accuracy "$PY" -m fastsam_core accuracy --model "$model" --scenes 2 \
+        --out "$OUT/accuracy-$model-cuda.json" ;;
     profile)
       run profile "$PY" -m fastsam_core profile \
         ${FASTSAM_RUNNER_PROFILE:---model vit_h --stage image_encoder --batch 8} \
         --out "$WORK/profile"
       for f in "$WORK"/profile/*; do [ -e "$f" ] && cp "$f" "$OUT/profile-$(basename "$f")"; done ;;
     *)
-      echo "unknown stage $stage (tests, bench, profile)"; status=2 ;;
+      echo "unknown stage $stage (tests, bench, accuracy, profile)"; status=2 ;;
   esac
 done
 
-for tuned in rel_pos_attention int8_matmul; do
+parts=$(ls "$WORK"/bench/*.json 2>/dev/null)
+if [ -n "$parts" ]; then
+  "$PY" -c "import sys; from pathlib import Path
+from pytest_benchmark.utils import get_machine_id
+from fastsam_core.gate import merge_results
+out = Path(sys.argv[1]) / 'baselines' / get_machine_id() / '0001_baseline.json'
+print('merged', merge_results([Path(p) for p in sys.argv[2:]], out), 'cases into', out)" \
+    "$OUT" $parts >> "$WORK/logs/env.log" 2>&1
+fi
+for tuned in rel_pos_attention int8_matmul int8_mlp; do
   [ -f "$FASTSAM_CACHE_DIR/$tuned.json" ] && cp "$FASTSAM_CACHE_DIR/$tuned.json" "$OUT/tuned-$tuned.json"
 done
 tar czf "$OUT/logs.tar.gz" -C "$WORK" logs
 echo
-echo "== stages"
+echo "== stages (deadline ${DEADLINE}s, ${SECONDS}s used)"
 printf '%s\n' "${summary[@]}"
 result=$(ls "$OUT"/baselines/*/*.json 2>/dev/null | tail -n 1)
 if [ -n "$result" ]; then

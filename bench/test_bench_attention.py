@@ -7,7 +7,10 @@ windows), bf16. On CPU: one small shape in fp32, the kernel through the Triton i
 
 Cases: "reference" is SDPA with the bias materialized, "fast" the fused kernel,
 "floor_sdpa_nobias" SDPA without bias. Every case starts from q, k, v and the gathered
-position tables, so the bias terms' cost is included where a backend needs them.
+position tables, so the bias terms' cost is included where a backend needs them; but
+"fast_terms_given", the kernel alone on bias terms computed beforehand: "fast" minus it is
+what computing the terms (two small matmuls) costs, so the most a kernel computing them from
+q and the tables itself could save (the issue's decision between the two, by measurement).
 
     pytest bench/test_bench_attention.py --benchmark-only
 """
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from bench.common import DEVICE, record, repeats
 from fastsam_core.benchmark import synchronize
 from fastsam_core.kernels.rel_pos_attention import flops
-from fastsam_core.ops.attention import rel_pos_attention
+from fastsam_core.ops.attention import rel_pos_attention, rel_pos_terms
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,9 @@ else:
     SHAPES = [Shape("small-window-7x7", 4, 2, (7, 7), 32, torch.float32, 2)]
 
 # "reference": SDPA with the bias materialized (what the fast encoder's sdpa path does);
-# "fast": the fused kernel; "floor_sdpa_nobias": SDPA without any bias, the floor.
-IMPLS = ["reference", "fast", "floor_sdpa_nobias"]
+# "fast": the fused kernel; "floor_sdpa_nobias": SDPA without any bias, the floor;
+# "fast_terms_given": the kernel on precomputed bias terms.
+IMPLS = ["reference", "fast", "fast_terms_given", "floor_sdpa_nobias"]
 
 
 def inputs(shape: Shape):
@@ -68,12 +72,17 @@ def test_attention(benchmark, shape, impl):
     q, k, v, pos_h, pos_w = inputs(shape)
     scale = shape.dim**-0.5
     benchmark.group = f"attention {shape.name}"
+    with torch.inference_mode():
+        rel_h, rel_w = rel_pos_terms(q, pos_h, pos_w, shape.grid)
 
     def run():
         with torch.inference_mode():
             for _ in range(repeats(impl)):
                 if impl == "floor_sdpa_nobias":
                     F.scaled_dot_product_attention(q, k, v, scale=scale)
+                elif impl == "fast_terms_given":  # what the "triton" backend calls
+                    torch.ops.fastsam.rel_pos_attention(q, k, v, rel_h, rel_w, shape.grid[1],
+                                                        scale, False)
                 else:
                     backend = "triton" if impl == "fast" else "sdpa"
                     rel_pos_attention(q, k, v, pos_h, pos_w, shape.grid, scale, backend)

@@ -1,12 +1,16 @@
 """pytest-benchmark: reference vs fast SAM image encoder, one group per model.
 
 On CUDA: real sizes (vit_b, vit_h at 1024 px), batch 8, bf16; "fast" is the default config
-(attention "auto": the Triton kernel where it measured faster), "fast_sdpa" forces SDPA, and
-the fast cases record their cold start (first forward, kernel tuning included, which is a
-true cold start when `tuning_cache_entries` is 0, as in bench/run_gpu.sh). On CPU: a small
-encoder, so the suite runs in seconds and never rots. The reference runs in the same dtype
-(the model converted with `.to(dtype)`). FLOPs from torch.utils.flop_counter. Conventions:
-bench/common.py.
+(attention "auto": the Triton kernel where it measured faster), "fast_sdpa" forces SDPA,
+"fast_int8" / "fast_int8_mlp" / "fast_24" / "fast_24_mlp" add `FastConfig(quantize=...)`
+(int8 or 2:4 on all linears or the MLPs only), and the fast cases record their cold start
+(first forward, kernel tuning included, which is a true cold start when
+`tuning_cache_entries` is 0, as in bench/run_gpu.sh). On CPU: a small encoder, so the suite
+runs in seconds and never rots (int8 there is an accuracy path, not a fast one). The
+reference runs in the same dtype (the model converted with `.to(dtype)`). The quantized
+cases also record `speedup_vs_fast` (against "fast", the issue's measure) and `sqnr_db`, the
+image embedding's signal-to-noise ratio against the unquantized fast encoder's. FLOPs from
+torch.utils.flop_counter. Conventions: bench/common.py.
 
     pytest bench/test_bench_image_encoder.py --benchmark-only
 """
@@ -26,6 +30,9 @@ from fastsam_core.benchmark import encoder_flops, synchronize
 from fastsam_core.models.convert import adopt_module
 from fastsam_core.models.sam.reference import build_sam
 from fastsam_core.ops import attention
+from fastsam_core.ops.quant import sqnr_db
+
+_unquantized: dict[str, torch.Tensor] = {}  # case -> the "fast" case's embedding
 
 
 @dataclass(frozen=True)
@@ -44,11 +51,14 @@ if DEVICE.type == "cuda":
         Case("vit_b-1024-bs8", "vit_b", 1024, 8, torch.bfloat16, rounds=10),
         Case("vit_h-1024-bs8", "vit_h", 1024, 8, torch.bfloat16, rounds=5),
     ]
-    IMPLS = ["reference", "fast", "fast_sdpa"]
+    IMPLS = ["reference", "fast", "fast_sdpa", "fast_int8", "fast_int8_mlp", "fast_24",
+             "fast_24_mlp"]
 else:
     SMALL = dict(depth=4, embed_dim=128, num_heads=4, global_attn_indexes=(1, 3))
     CASES = [Case("small-256-bs2", "vit_b", 256, 2, torch.float32, rounds=3, overrides=SMALL)]
-    IMPLS = ["reference", "fast"]
+    IMPLS = ["reference", "fast", "fast_int8"]
+QUANTIZED = {"fast_int8": ("int8", "all"), "fast_int8_mlp": ("int8", "mlp"),
+             "fast_24": ("2:4", "all"), "fast_24_mlp": ("2:4", "mlp")}
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
@@ -74,7 +84,9 @@ def test_image_encoder(benchmark, case_model, impl, monkeypatch):
         monkeypatch.setattr(attention.TUNER, "choices", {})
         info["tuning_cache_entries"] = attention.TUNER.cache_entries()
         mode = "sdpa" if impl == "fast_sdpa" else "auto"
-        fastsam_core.optimize(sam, FastConfig(dtype=case.dtype, attention=mode))
+        quantize, layers = QUANTIZED.get(impl, (None, "all"))
+        fastsam_core.optimize(sam, FastConfig(dtype=case.dtype, attention=mode,
+                                              quantize=quantize, quantize_layers=layers))
         encoder, inputs = sam.image_encoder, x
 
     def run():
@@ -90,6 +102,13 @@ def test_image_encoder(benchmark, case_model, impl, monkeypatch):
         run()
         info["cold_start_s"] = time.perf_counter() - start
         benchmark.pedantic(run, rounds=case.rounds, warmup_rounds=1, iterations=1)
+        if impl in ("fast", *QUANTIZED):
+            with torch.inference_mode():
+                embedding = encoder(inputs).float()  # the timed shapes: no new tuning
+            if impl == "fast":
+                _unquantized[case.name] = embedding
+            elif case.name in _unquantized:
+                info["sqnr_db"] = sqnr_db(_unquantized[case.name], embedding)
     finally:
         if impl != "reference":
             fastsam_core.restore(sam)

@@ -39,6 +39,15 @@ CONFIGS = {
 }
 
 
+def configs_for(device: torch.device) -> dict[str, FastConfig]:
+    """CONFIGS as measured on `device`: on CUDA the quantized ones compute in bf16 (what the
+    GPU runs them in: int_mm / sparse kernels take bf16 activations), elsewhere in fp32."""
+    if device.type != "cuda":
+        return CONFIGS
+    return {name: config if config.quantize is None else config.replace(dtype=torch.bfloat16)
+            for name, config in CONFIGS.items()}
+
+
 @dataclass
 class AccuracyRow:
     config: str
@@ -71,15 +80,22 @@ def predictor_of(model: nn.Module):
     return predictor
 
 
-def logits_of(sam, scenes, prompts) -> list[torch.Tensor]:
+def predictions_of(sam, scenes, prompts) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(mask logits C x H x W, predicted IoUs C) per prompt, through the reference predictor."""
     predictor = predictor_of(sam)
     out = []
     with torch.inference_mode():
         for scene, scene_prompts in zip(scenes, prompts, strict=True):
             predictor.set_image(scene.image)
-            out += [torch.from_numpy(predictor.predict(**p, return_logits=True)[0]).float()
-                    for p in scene_prompts]
+            for p in scene_prompts:
+                logits, scores = predictor.predict(**p, return_logits=True)[:2]
+                out.append((torch.from_numpy(logits).float(), torch.from_numpy(scores)))
     return out
+
+
+def logits_of(sam, scenes, prompts) -> list[torch.Tensor]:
+    """Mask logits (C x H x W) per prompt, through the reference predictor."""
+    return [logits for logits, _ in predictions_of(sam, scenes, prompts)]
 
 
 def ious(got: list[torch.Tensor], expected: list[torch.Tensor], margin: float | None):

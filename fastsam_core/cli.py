@@ -121,13 +121,21 @@ def main(argv: list[str] | None = None) -> int:
 
     acc = commands.add_parser(
         "accuracy",
-        help="accuracy cost of each configuration (dtype, int8, 2:4) on a tiny trained model",
+        help="accuracy cost of each configuration (dtype, int8, 2:4) on a tiny trained model "
+        "or a real-size random one",
         description="Mask IoU against the fp32 reference (all pixels and outside the logit "
         "margin) and per-layer SQNR of quantized linears, per configuration, on generated "
-        "scenes, with the shipped tiny trained SAM or SAM 2.",
+        "scenes, with the shipped tiny trained SAM or SAM 2, or a random-weight SAM at "
+        "1024 px.",
     )
-    acc.add_argument("--model", choices=["sam", "sam2"], default="sam",
-                     help="the tiny trained model to measure on")
+    acc.add_argument("--model", choices=["sam", "sam2", "vit_b", "vit_l", "vit_h"],
+                     default="sam",
+                     help="the tiny trained model to measure on (sam, sam2), or a real-size "
+                     "SAM with random weights at 1024 px (vit_*: parity at real shapes; "
+                     "its masks mean nothing by themselves)")
+    acc.add_argument("--device", default=None,
+                     help="cpu or cuda (default: cuda when available); on CUDA the low-"
+                     "precision and quantized configurations compute in bf16")
     acc.add_argument("--scenes", type=int, default=8)
     acc.add_argument("--seed", type=int, default=4242)
     acc.add_argument("--out", default=None, help="also write the rows to this JSON file")
@@ -270,23 +278,33 @@ def overlay(image, annotations):
 def _accuracy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json as json_module
 
-    from fastsam_core.accuracy import as_dicts, format_rows, run_accuracy
+    from fastsam_core.accuracy import as_dicts, configs_for, format_rows, run_accuracy
     from fastsam_core.benchmark import env_info
+    from fastsam_core.models.sam.reference import build_sam
     from fastsam_core.models.tiny_data import make_scenes
     from fastsam_core.profiling import commit
 
     if args.scenes < 1:
         parser.error("--scenes must be at least 1")
-    model = _tiny_sam(parser, args.model)
-    size = model.image_encoder.img_size if args.model == "sam" else model.image_size
+    device = _device(parser, args.device)
+    if args.model in ("sam", "sam2"):
+        model = _tiny_sam(parser, args.model)
+        what = f"tiny trained {'SAM' if args.model == 'sam' else 'SAM 2'}"
+    else:
+        model = build_sam(args.model, 1024, seed=0)
+        what = f"SAM {args.model} with random weights (seed 0)"
+    model = model.to(device)
+    size = model.image_size if args.model == "sam2" else model.image_encoder.img_size
     scenes = make_scenes(args.scenes, seed=args.seed, height=size, width=size * 5 // 4)
-    rows = run_accuracy(model, scenes, log=lambda m: print(f"[fastsam] {m}", flush=True))
-    name = {"sam": "SAM", "sam2": "SAM 2"}[args.model]
-    print(f"tiny trained {name}, {args.scenes} generated scenes (seed {args.seed}), a point "
-          f"and a box per object, against the fp32 reference")
+    configs = configs_for(device)
+    rows = run_accuracy(model, scenes, configs,
+                        log=lambda m: print(f"[fastsam] {m}", flush=True))
+    print(f"{what} on {device.type}, {args.scenes} generated scenes (seed {args.seed}), a "
+          f"point and a box per object, against the fp32 reference")
     print(format_rows(rows))
     if args.out:
-        payload = {**env_info("cpu"), "commit": commit(), "model": f"tiny {args.model}",
+        payload = {**env_info(device), "commit": commit(), "model": what,
+                   "configs": {name: repr(config) for name, config in configs.items()},
                    "scenes": args.scenes,
                    "seed": args.seed, "rows": as_dicts(rows)}
         with open(args.out, "w") as f:
@@ -312,17 +330,26 @@ def _gate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     args.ratio_tolerance / 100, args.extra)
 
 
-def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    """Device, FastConfig and image size from the shared options (errors via parser)."""
+def _device(parser: argparse.ArgumentParser, value: str | None) -> torch.device:
+    """--device (default: cuda when available), checked (errors via parser)."""
     from fastsam_core.benchmark import default_device
 
     try:
-        device = torch.device(args.device) if args.device else default_device()
-        config = FastConfig(dtype=args.dtype, attention=args.attention, compile=args.compile)
-    except (RuntimeError, TypeError, ValueError) as err:
+        device = torch.device(value) if value else default_device()
+    except RuntimeError as err:
         parser.error(str(err))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    return device
+
+
+def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Device, FastConfig and image size from the shared options (errors via parser)."""
+    device = _device(parser, args.device)
+    try:
+        config = FastConfig(dtype=args.dtype, attention=args.attention, compile=args.compile)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
     for name in ("batch", "runs", "active"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be at least 1")

@@ -96,6 +96,28 @@ def run_gate(paths: list[str], baselines: Path, save: bool, abs_tolerance: float
     return status
 
 
+def merge_results(parts: list[Path], out: Path) -> int:
+    """Write one pytest-benchmark file holding the cases of several (runs of single suites,
+    e.g. bench/run_gpu.sh's, one per file so that a suite that overruns loses only itself):
+    the first file's machine and commit info, every file's benchmarks. Returns the number of
+    cases; unreadable parts (a suite killed before writing) are skipped."""
+    merged: dict | None = None
+    for part in parts:
+        try:
+            data = json.loads(Path(part).read_text())
+        except (OSError, ValueError):
+            continue
+        if merged is None:
+            merged = data
+        else:
+            merged["benchmarks"] += data["benchmarks"]
+    if merged is None:
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1))
+    return len(merged["benchmarks"])
+
+
 def summarize(result_file: Path) -> str:
     """A table of a pytest-benchmark result file: per group, each case's median ms, img/s,
     TFLOP/s and speedup (from `extra_info`, see bench/common.py)."""

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastsam_core.cli import main
 from tests import tolerances as tol
@@ -60,3 +61,40 @@ def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "fastsam_core", "bench", "--help"],
                           capture_output=True, text=True, check=True)
     assert "--image-size" in done.stdout
+
+
+def test_accuracy_on_the_tiny_sam_writes_its_rows(capsys, tmp_path):
+    out_file = tmp_path / "accuracy.json"
+    assert main(["accuracy", "--scenes", "1", "--device", "cpu", "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny trained SAM on cpu, 1 generated scenes" in out
+    result = json.loads(out_file.read_text())
+    rows = {row["config"]: row for row in result["rows"]}
+    assert set(rows) == {"fp32", "bf16", "int8", "int8-mlp", "2:4", "2:4-mlp"}
+    assert rows["fp32"]["mask_iou_margin_min"] == tol.MASK_IOU_FP32
+    assert result["model"] == "tiny trained SAM" and "int8" in result["configs"]
+
+
+def test_accuracy_at_real_size_builds_a_random_model(capsys, monkeypatch):
+    """--model vit_*: a random-weight SAM at 1024 px (the argument handling only: its
+    measurement is the GPU runner's), the configurations of the device."""
+    import fastsam_core.accuracy as accuracy
+
+    seen = {}
+
+    def fake_run(model, scenes, configs, log):
+        seen.update(size=model.image_encoder.img_size, depth=len(model.image_encoder.blocks),
+                    scene=scenes[0].image.shape, configs=configs)
+        return []
+
+    monkeypatch.setattr(accuracy, "run_accuracy", fake_run)
+    assert main(["accuracy", "--model", "vit_b", "--device", "cpu", "--scenes", "1"]) == 0
+    assert seen["size"] == 1024 and seen["depth"] == 12 and seen["scene"] == (1024, 1280, 3)
+    assert seen["configs"] is accuracy.CONFIGS
+    assert "SAM vit_b with random weights (seed 0) on cpu" in capsys.readouterr().out
+    cuda = accuracy.configs_for(torch.device("cuda"))
+    assert cuda["int8"].dtype == torch.bfloat16 and cuda["fp32"].dtype == torch.float32
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["accuracy", "--device", "cuda"])
+        assert "no CUDA device" in capsys.readouterr().err

@@ -73,3 +73,21 @@ def test_gate_rejects_bad_arguments(args):
     done = subprocess.run([sys.executable, "-m", "fastsam_core", "gate", *args], cwd=REPO,
                           capture_output=True, text=True)
     assert done.returncode == 2
+
+
+def test_merge_results_keeps_every_readable_part(tmp_path):
+    from fastsam_core.gate import merge_results
+
+    parts = []
+    for i in range(2):
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps({"machine_info": {"node": f"m{i}"}, "benchmarks": [
+            {"fullname": f"suite{i}[fast]", "extra_info": {"speedup": 2.0}}]}))
+    killed = tmp_path / "killed.json"  # a suite stopped before pytest-benchmark wrote it
+    out = tmp_path / "baselines" / "platform" / "0001_baseline.json"
+    assert merge_results([parts[0], killed, parts[1]], out) == 2
+    merged = json.loads(out.read_text())
+    assert merged["machine_info"] == {"node": "m0"}
+    assert speedups(out) == {"suite0[fast]": 2.0, "suite1[fast]": 2.0}
+    assert merge_results([killed], tmp_path / "none.json") == 0
+    assert not (tmp_path / "none.json").exists()

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from segment_anything.modeling.common import MLPBlock
 from torch import nn
 
 import fastsam_core
 from fastsam_core import FastConfig
-from fastsam_core.models.quant import Int8Linear, Sparse24Linear
+from fastsam_core.models.quant import (
+    DeferredLayerNorm,
+    Int8Linear,
+    Int8MLP,
+    Sparse24Linear,
+    fusable_mlp,
+)
 from fastsam_core.ops.quant import (
     int8_linear,
     is_2_4_sparse,
@@ -128,3 +137,161 @@ def test_int_mm_and_semi_structured_on_cuda():
     sparse = Sparse24Linear(linear)
     dense = x @ sparse.weight.t() + linear.bias
     assert sqnr_db(dense, sparse(x)) > 40  # same pruned weight, sparse tensor cores
+
+
+def mlps_of(encoder) -> list[Int8MLP]:
+    return [m for m in encoder.modules() if isinstance(m, Int8MLP)]
+
+
+def set_mlp_paths(encoder, path: str) -> None:
+    for mlp in mlps_of(encoder):
+        mlp.path = path
+
+
+def assert_fused_mlps_match(encoder, run) -> None:
+    """Every Int8MLP of `encoder`, on the input it gets in `run()`: the fused path (the
+    Triton interpreter here) equals the separate one but for rare one-code flips at rounding
+    ties (whole encoders are compared against the float reference instead: a flip moves the
+    next layers' inputs, which then flip codes of their own)."""
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0])))
+             for m in mlps_of(encoder)]
+    run()
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == len(mlps_of(encoder))
+    for mlp, x in inputs:
+        assert sqnr_db(mlp.run("separate", x), mlp.run("fused", x)) \
+            >= tol.INT8_TIE_FLIP_MIN_SQNR_DB
+
+
+@torch.inference_mode()
+def test_int8_mlps_fused_equal_separate_and_keep_the_keys():
+    """optimize(quantize="int8") makes each block's MLP an Int8MLP after a deferred norm2,
+    with the state_dict keys of plain int8 linears; on the CPU ("auto") the separate path
+    runs, as before; forced through the fused kernels each MLP gives what the separate path
+    gives, and the encoder stays as close to the float one as int8 must."""
+    sam = small_sam()
+    x = image_batch(batch=1)  # the interpreter runs the fused kernels program by program
+    before = sam.image_encoder(x)
+    keys = set(sam.image_encoder.state_dict())
+    fastsam_core.optimize(sam, FastConfig(quantize="int8"))
+    encoder = sam.image_encoder
+    assert len(mlps_of(encoder)) == 4
+    assert all(type(b.norm2) is DeferredLayerNorm for b in encoder.blocks)
+    assert "4 MLPs can run as fused kernels" in str(fastsam_core.report(sam))
+    quantized = {k for k in keys if ".attn.qkv.weight" in k or ".attn.proj.weight" in k
+                 or ".mlp.lin" in k and k.endswith(".weight")}
+    assert set(encoder.state_dict()) == (keys - quantized) | {
+        k.replace(".weight", ".weight_int8") for k in quantized} | {
+        k.replace(".weight", ".weight_scale") for k in quantized}
+    separate = encoder(x)
+    assert [m.choose_path(torch.zeros(1)) for m in mlps_of(encoder)] == ["separate"] * 4
+    assert_fused_mlps_match(encoder, lambda: encoder(x))
+    set_mlp_paths(encoder, "fused")
+    assert sqnr_db(before, encoder(x)) > tol.INT8_ENCODER_MIN_SQNR_DB
+    set_mlp_paths(encoder, "separate")
+    assert torch.equal(encoder(x), separate)
+    fastsam_core.restore(sam)
+    assert not any(isinstance(m, (Int8MLP, DeferredLayerNorm)) for m in sam.modules())
+
+
+@torch.inference_mode()
+def test_int8_mlp_without_a_deferred_norm_and_on_sam2():
+    """An MLP whose input is a plain tensor (quantized in one pass, no LayerNorm fused), and
+    SAM 2's Hiera blocks (sam2 MLP, MultiScaleBlock's norm2 deferred)."""
+    from tests.models.sam2.test_image_encoder import images, small_encoder, small_sam2
+
+    mlp = Int8MLP(MLPBlock(48, 96).eval())
+    assert not fusable_mlp(MLPBlock(48, 96))  # float linears: not an int8 MLP
+    mlp.lin1, mlp.lin2 = Int8Linear(mlp.lin1), Int8Linear(mlp.lin2)
+    h = torch.randn(3, 5, 48)
+    expected = mlp.run("separate", h)
+    assert expected.shape == (3, 5, 48)
+    assert sqnr_db(expected, mlp.run("fused", h)) >= tol.INT8_TIE_FLIP_MIN_SQNR_DB
+
+    model = small_sam2()
+    model.image_encoder = small_encoder()
+    x = images(batch=1, size=64)  # the interpreter runs the fused kernels program by program
+    fastsam_core.optimize(model, FastConfig(quantize="int8", quantize_layers="mlp"))
+    encoder = model.image_encoder
+    mlps = mlps_of(encoder)
+    assert len(mlps) == len(encoder.trunk.blocks)
+    assert all(type(b.norm2) is DeferredLayerNorm for b in encoder.trunk.blocks)
+    assert_fused_mlps_match(encoder, lambda: encoder(x))
+    set_mlp_paths(encoder, "bogus")
+    with pytest.raises(ValueError, match="Int8MLP.path"):
+        encoder(x)
+    fastsam_core.restore(model)
+
+
+def test_int8_mlp_path_chosen_by_measurement_and_kept(tmp_path, monkeypatch):
+    """ops.quant.int8_mlp_path: both paths run on the real input, the faster one matching the
+    separate path wins and is kept; a fused path that does not match is never picked; with
+    FASTSAM_DISABLE_TRITON: separate. Fake timings (the real ones need a GPU)."""
+    from fastsam_core.kernels.tuning import Tuner
+    from fastsam_core.ops.quant import int8_mlp_path
+
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
+    fake_ms = {"fused": 1.0, "separate": 2.0}
+    timed = []
+
+    def timer(run):
+        timed.append(run.args[0])  # partial(run, path)
+        return fake_ms[run.args[0]]
+
+    tuner = Tuner("int8_mlp_test", timer=timer)
+    x = torch.randn(40, 16)
+    outputs = {"fused": x * 2, "separate": x * 2}
+    run = outputs.__getitem__
+    assert int8_mlp_path(x, 64, True, run, tuner) == "fused"
+    assert sorted(timed) == ["fused", "separate"]
+    assert int8_mlp_path(x, 64, True, run, tuner) == "fused" and len(timed) == 2  # kept
+    assert tuner.cache_entries() == 1
+    outputs["fused"] = torch.zeros_like(x)  # a wrong fused result, however fast
+    assert int8_mlp_path(x, 64, False, run, tuner) == "separate"  # another key
+    monkeypatch.setenv("FASTSAM_DISABLE_TRITON", "1")
+    assert int8_mlp_path(x, 128, True, run, tuner) == "separate"
+
+
+def test_int8_mlp_runs_separately_for_hooks_and_compile():
+    """Forward hooks on fc1 / fc2 see their inputs only through module calls, and torch.compile
+    traces the separate path (no Triton launch): a hooked MLP, and a compiled block with a
+    deferred norm2 (fullgraph: the pending LayerNorm object traces), run it."""
+    mlp = Int8MLP(MLPBlock(32, 64).eval())
+    mlp.lin1, mlp.lin2 = Int8Linear(mlp.lin1), Int8Linear(mlp.lin2)
+    seen = []
+    mlp.lin1.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    x = torch.randn(4, 32)
+    assert mlp.choose_path(x) == "separate"  # on CPU anyway; the hook rule is for CUDA
+    norm = DeferredLayerNorm(nn.LayerNorm(32))
+    with torch.inference_mode():
+        eager = mlp(norm(x))
+    assert seen == [(4, 32)]
+
+    def block(t):
+        return t + mlp(norm(t))
+
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        assert torch.equal(compiled(x), x + eager)
+
+
+@pytest.mark.cuda
+@torch.inference_mode()
+@pytest.mark.parametrize("k, hidden", [(768, 3072), (1280, 5120)])
+def test_int8_mlp_bf16_real_widths(k, hidden):
+    """The compiled fused kernels at vit_b / vit_h MLP widths in bf16: both paths as close to
+    the float MLP (fp32) as two int8 layers allow, and "auto" picks one of them."""
+    torch.manual_seed(0)
+    norm, mlp = nn.LayerNorm(k).cuda(), MLPBlock(k, hidden).eval().cuda()
+    x = torch.randn(1024, k, device="cuda")
+    exact = mlp(norm(x))
+    norm16, mlp16 = DeferredLayerNorm(norm.bfloat16()), copy.deepcopy(mlp).bfloat16()
+    int8 = Int8MLP(mlp16)
+    int8.lin1, int8.lin2 = Int8Linear(mlp16.lin1), Int8Linear(mlp16.lin2)
+    for path in ("separate", "fused"):
+        assert sqnr_db(exact, int8.run(path, norm16(x.bfloat16()))) > \
+            tol.INT8_LINEAR_MIN_SQNR_DB, path
+    assert int8.choose_path(norm16(x.bfloat16())) in ("separate", "fused")

@@ -30,4 +30,26 @@ def test_runner_leaves_few_shallow_files_and_prints_the_summary(tmp_path):
     tail = done.stdout.strip().splitlines()
     assert tail[-3].startswith("group") and "speedup" in tail[-3]
     assert "fast" in tail[-2] and "reference" in tail[-1]
-    assert "bench    rc=0" in done.stdout and "profile  rc=0" in done.stdout
+    assert "bench_end_to_end       rc=0" in done.stdout
+    assert "profile                rc=0" in done.stdout
+
+
+def test_runner_keeps_to_its_deadline(tmp_path):
+    """A suite that would overrun is stopped at the deadline, the next one is not started,
+    and the logs still come back; the exit status says that something did not run. A stand-in
+    python sleeps instead of running the suites (everything else goes to the real one)."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+case "$*" in *--benchmark-json*) sleep 60 ;; *) exec {sys.executable} "$@" ;; esac
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(fake), FASTSAM_RUNNER_DEADLINE="20",
+               FASTSAM_RUNNER_MIN_STEP="1",
+               FASTSAM_RUNNER_BENCH="bench/test_bench_prompt.py bench/test_bench_amg.py")
+    done = subprocess.run(["bash", "bench/run_gpu.sh", "bench"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "bench_prompt" in done.stdout and "stopped at the deadline" in done.stdout
+    assert "bench_amg              skipped" in done.stdout
+    assert (out / "logs.tar.gz").is_file()

@@ -5,13 +5,16 @@ per-channel int8 weight codes and rescales:
 
     acc[n, m] = sum_k x_q[n, k] * w_q[m, k]                  (int32, exact)
     y[n, m]   = acc[n, m] * s_x[n] * s_w[m] + b[m]            (fp32, stored in the out dtype)
+    y[n, m]   = gelu(y[n, m]) = y / 2 (1 + erf(y / sqrt 2))  (optional: the MLP's fc1)
 
 `torch._int_mm` returns the int32 N x M product, and the rescale and bias are two more passes
 over it (an int32 write and read, then a float one: at SAM's MLP shapes more bytes than the
 product's inputs). Here each program keeps its BLOCK_N x BLOCK_M int32 tile in registers over
 the K loop and writes only the final y, once, in the activation dtype. The epilogue computes
 in the order of `int8_matmul_ref` (fp32 acc, times s_x, times s_w, plus b), so the two agree
-exactly in fp32.
+exactly in fp32. With activation "gelu" the exact (erf) GELU of the encoders' MLPs is applied
+to the fp32 value before the one rounding to the out dtype: the MLP's hidden activation is
+written once instead of written, read and written again by a separate GELU.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class LaunchConfig:
     num_stages: int = 3
 
 
+ACTIVATIONS = (None, "gelu")
+
 # TRITON_INTERPRET=1 is read when a kernel is decorated: runs on CPU tensors, with numpy.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter runs a numpy op per tile: small tiles keep the tests' shapes cheap.
@@ -63,6 +68,7 @@ def _int8_matmul_fwd(
     stride_wm, stride_wk,
     stride_on, stride_om,
     HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,  # apply the exact GELU to the fp32 result before storing it
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -84,32 +90,39 @@ def _int8_matmul_fwd(
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     if HAS_BIAS:
         y += tl.load(Bias + rm, mask=rm < n_out, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
     tl.store(Out + rn[:, None] * stride_on + rm[None, :] * stride_om,
              y.to(Out.dtype.element_ty), mask=(rn[:, None] < n_rows) & (rm[None, :] < n_out))
 
 
 def int8_matmul_ref(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
                     weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, activation: str | None = None) -> torch.Tensor:
     """The same math in plain torch: the codes' products summed in fp32 (exact while the
     sums stay below 2^24), then the same epilogue (`ops.quant.int8_matmul`, "dequant")."""
     return quant.int8_matmul(x_q, x_scale.reshape(-1, 1), weight_q, weight_scale, bias, dtype,
-                             "dequant")
+                             "dequant", activation)
 
 
 def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
                 weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                 config: LaunchConfig | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None,
+                activation: str | None = None) -> torch.Tensor:
     """y = (s_x x_q)(s_w W_q)^T + b: x_q N x K int8, x_scale N x 1 (or N) fp32, weight_q
     M x K int8, weight_scale M fp32, bias M or None -> N x M in `dtype` (or into `out`).
-    `config`: the launch (default: LaunchConfig, the interpreter's small tiles on CPU)."""
+    `config`: the launch (default: LaunchConfig, the interpreter's small tiles on CPU).
+    `activation`: None or "gelu" (exact, applied in fp32 before the output is stored)."""
     n, k = x_q.shape
     m = weight_q.shape[0]
     if x_q.dtype != torch.int8 or weight_q.dtype != torch.int8 or weight_q.shape[1] != k:
         raise ValueError(f"int8_matmul: x_q (N x K) and weight_q (M x K) must be int8 with "
                          f"the same K, got {x_q.dtype} {tuple(x_q.shape)} and "
                          f"{weight_q.dtype} {tuple(weight_q.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"int8_matmul: activation must be one of {ACTIVATIONS}, got "
+                         f"{activation!r}")
     config = config or (INTERPRETER_CONFIG if INTERPRETER else LaunchConfig())
     if out is None:
         out = torch.empty(n, m, dtype=dtype, device=x_q.device)
@@ -121,6 +134,7 @@ def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor
         n, m, k,
         x_q.stride(0), x_q.stride(1), weight_q.stride(0), weight_q.stride(1),
         out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
-        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
+        HAS_BIAS=bias is not None, GELU=activation == "gelu", BLOCK_N=config.block_n,
+        BLOCK_M=config.block_m, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return out

@@ -12,8 +12,9 @@ row is read once and written once, as int8 (a quarter of fp32's bytes, half of b
     q[k] = round_half_even(y[k] / s),  clamped to [-127, 127]
 
 One program per row: the row (K <= 8192 for every SAM / SAM 2 encoder) fits one block, so
-the statistics, the maximum and the codes come from registers. `layer_norm_quant_ref` beside
-the kernel is the same math in plain torch (what the CPU runs, and the tests' reference).
+the statistics, the maximum and the codes come from registers (the rounding and the launch
+rule are kernels/quantize_rows.py's). `layer_norm_quant_ref` beside the kernel is the same
+math in plain torch (what the CPU runs, and the tests' reference).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastsam_core.kernels.quantize_rows import int8_codes, row_buffers, row_launch
 from fastsam_core.ops.quant import quantize_per_row
-
-MAX_ROW = 8192  # widest row one program takes (a block of registers per row)
 
 
 @triton.jit
@@ -50,15 +50,8 @@ def _layer_norm_quant_fwd(
     w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=valid, other=0.0).to(tl.float32)
     y = tl.where(valid, centred * rstd * w + b, 0.0)
-    amax = tl.max(tl.abs(y), axis=0)
-    scale = tl.where(amax > 0, amax / 127.0, 1.0)
-    v = y / scale
-    # round half to even, as torch.round (the interpreter has no libdevice.rint)
-    r = tl.floor(v + 0.5)
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    r = tl.where((r - v == 0.5) & odd, r - 1.0, r)
-    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-    tl.store(Q + row * n_cols + cols, r.to(tl.int8), mask=valid)
+    codes, scale = int8_codes(y, valid)
+    tl.store(Q + row * n_cols + cols, codes.to(tl.int8), mask=valid)
     tl.store(S + row, scale)
 
 
@@ -74,24 +67,12 @@ def layer_norm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         (... x K int8 codes, ... x 1 fp32 scales), as `layer_norm_quant_ref`.
     """
     k = x.shape[-1]
-    if k > MAX_ROW:
-        raise ValueError(f"layer_norm_quant: rows of {k} > {MAX_ROW} features")
     if weight.shape != (k,) or bias.shape != (k,):
         raise ValueError(f"layer_norm_quant: weight and bias must have shape ({k},), got "
                          f"{tuple(weight.shape)} and {tuple(bias.shape)}")
-    rows = x.reshape(-1, k)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    if out is None:
-        out = (torch.empty(rows.shape, dtype=torch.int8, device=x.device),
-               torch.empty(rows.shape[0], dtype=torch.float32, device=x.device))
-    q, s = out
-    # one row per program; 4 warps cover a 1024-wide row with 8 elements per thread, more
-    # warps for wider rows keep the per-thread register count flat
-    block = max(16, triton.next_power_of_2(k))
-    _layer_norm_quant_fwd[(rows.shape[0],)](
-        rows, weight, bias, q, s, rows.stride(0), k, eps, BLOCK=block,
-        num_warps=min(16, max(4, block // 256)))
+    rows, q, s = row_buffers("layer_norm_quant", x, out)
+    _layer_norm_quant_fwd[(rows.shape[0],)](rows, weight, bias, q, s, rows.stride(0), k, eps,
+                                            **row_launch(k))
     return q.view(x.shape), s.view(*x.shape[:-1], 1)
 
 

@@ -13,6 +13,14 @@ Hiera), the blocks' linears for:
 
 `layers` is "all" (attention qkv and projection, MLP, Hiera's stage-change projection) or
 "mlp" (the MLP only).
+
+With "int8", each block's MLP (SAM's `MLPBlock`, SAM 2's two-layer `MLP`, exact GELU) becomes
+an `Int8MLP` over the two int8 linears, and the LayerNorm before it (`norm2`) a
+`DeferredLayerNorm`, so that on CUDA the MLP can run as fused kernels: LayerNorm and the
+quantization of its output in one pass, GELU in fc1's matmul epilogue, fc1's output
+quantized in one pass (kernels/layer_norm_quant.py, int8_matmul.py, quantize_rows.py);
+whether that is faster than the separate passes is measured per shape on first use.
+State_dict keys are unchanged by this (same child names).
 """
 
 from __future__ import annotations
@@ -20,14 +28,22 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
+from sam2.modeling.backbones.hieradet import MultiScaleBlock
+from sam2.modeling.sam2_utils import MLP
+from segment_anything.modeling.common import MLPBlock
 from torch import nn
 
 from fastsam_core.ops.quant import (
+    MLP_PATHS,
     int8_backend,
     int8_matmul,
+    int8_mlp_path,
     int_mm_supported,
+    layer_norm_quantize,
     prune_2_4,
     quantize_per_row,
+    quantize_rows,
 )
 from fastsam_core.report import StageReport
 
@@ -97,6 +113,129 @@ class Sparse24Linear(nn.Module):
         return torch.nn.functional.linear(x, weight, self.bias)
 
 
+class PendingLayerNorm:
+    """A LayerNorm not applied yet: x (... x K) and the `DeferredLayerNorm` that returned it.
+    `Int8MLP` normalizes and quantizes it in one pass, or takes `value()`."""
+
+    def __init__(self, x: torch.Tensor, norm: DeferredLayerNorm) -> None:
+        self.x = x
+        self.norm = norm
+
+    def value(self) -> torch.Tensor:
+        """The LayerNorm's output, as `nn.LayerNorm` computes it."""
+        norm = self.norm
+        return F.layer_norm(self.x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+class DeferredLayerNorm(nn.Module):
+    """A block's `norm2` in front of an `Int8MLP`: the `nn.LayerNorm`'s parameters (same
+    state_dict keys), but forward returns a `PendingLayerNorm` for the MLP to apply."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.normalized_shape = norm.normalized_shape
+        self.eps = norm.eps
+        self.weight = norm.weight
+        self.bias = norm.bias
+
+    def forward(self, x: torch.Tensor) -> PendingLayerNorm:
+        return PendingLayerNorm(x, self)
+
+
+class Int8MLP(nn.Module):
+    """An encoder block's MLP (fc1, exact GELU, fc2) over two `Int8Linear`s.
+
+    Replaces segment_anything's `MLPBlock` (children `lin1`, `lin2`, `act`) or sam2's
+    two-layer `MLP` (`layers.0`, `layers.1`, `act`), keeping their child names. Two paths,
+    the same math up to where the hidden activation is rounded:
+
+    - "separate": (LayerNorm), fc1, GELU, fc2 as modules, each linear quantizing its input;
+    - "fused": LayerNorm + quantization in one kernel (or the input quantized in one pass),
+      fc1 with GELU in its epilogue (Triton int8 matmul), its output quantized in one pass,
+      fc2 from those codes.
+
+    `path` "auto" (default): on CUDA outside torch.compile the faster of the two, measured per
+    shape on first use (`ops.quant.int8_mlp_path`); "separate" elsewhere, and while forward
+    hooks sit on fc1 or fc2 (they see their inputs only when called as modules).
+
+    forward(x): x ... x K, or the `PendingLayerNorm` of `norm2` -> ... x K in x's dtype.
+    """
+
+    def __init__(self, mlp: nn.Module, path: str = "auto") -> None:
+        super().__init__()
+        if isinstance(mlp, MLPBlock):
+            self.lin1, self.lin2 = mlp.lin1, mlp.lin2
+        else:
+            self.layers = nn.ModuleList(mlp.layers)
+        self.act = mlp.act
+        self.path = path
+
+    @property
+    def fc1(self) -> Int8Linear:
+        return self.lin1 if hasattr(self, "lin1") else self.layers[0]
+
+    @property
+    def fc2(self) -> Int8Linear:
+        return self.lin2 if hasattr(self, "lin2") else self.layers[1]
+
+    def forward(self, x: torch.Tensor | PendingLayerNorm) -> torch.Tensor:
+        return self.run(self.choose_path(x), x)
+
+    def choose_path(self, x: torch.Tensor | PendingLayerNorm) -> str:
+        if self.path != "auto":
+            return self.path
+        src = x.x if isinstance(x, PendingLayerNorm) else x
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.fc2))
+        if torch.compiler.is_compiling() or not src.is_cuda or hooked:
+            return "separate"
+        return int8_mlp_path(src, self.fc1.out_features, isinstance(x, PendingLayerNorm),
+                             lambda path: self.run(path, x))
+
+    def run(self, path: str, x: torch.Tensor | PendingLayerNorm) -> torch.Tensor:
+        if path not in MLP_PATHS:
+            raise ValueError(f"Int8MLP.path must be 'auto' or one of {MLP_PATHS}, got {path!r}")
+        if path == "separate":
+            h = x.value() if isinstance(x, PendingLayerNorm) else x
+            return self.fc2(self.act(self.fc1(h)))
+        if isinstance(x, PendingLayerNorm):
+            src, norm = x.x, x.norm
+            codes, scales = layer_norm_quantize(src, norm.weight, norm.bias, norm.eps, "triton")
+        else:
+            src = x
+            codes, scales = quantize_rows(src, "triton")
+        fc1, fc2 = self.fc1, self.fc2
+        h = int8_matmul(codes, scales, fc1.weight_int8, fc1.weight_scale, fc1.bias, src.dtype,
+                        "triton", activation="gelu")  # N x hidden
+        h_codes, h_scales = quantize_rows(h, "triton")
+        y = fc2.forward_codes(h_codes, h_scales, src.dtype)  # N x out
+        return y.view(*src.shape[:-1], fc2.out_features)
+
+
+def fusable_mlp(mlp: nn.Module) -> bool:
+    """True for an MLP `Int8MLP` can take: SAM's MLPBlock or sam2's two-layer MLP without a
+    sigmoid, exact GELU, both linears int8, widths within the row kernels' reach."""
+    from fastsam_core.kernels.quantize_rows import MAX_ROW
+
+    if type(mlp) is MLPBlock:
+        linears = [mlp.lin1, mlp.lin2]
+    elif type(mlp) is MLP and mlp.num_layers == 2 and not mlp.sigmoid_output:
+        linears = list(mlp.layers)
+    else:
+        return False
+    return (type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
+            and all(isinstance(lin, Int8Linear) for lin in linears)
+            and max(linears[0].in_features, linears[0].out_features) <= MAX_ROW)
+
+
+def defers_norm2(block: nn.Module) -> bool:
+    """True for the blocks whose forward is `x + mlp(norm2(x))` with norm2 an nn.LayerNorm:
+    ours for SAM (`FastBlock`) and sam2's `MultiScaleBlock` (whose MLP output passes only
+    through an identity drop-path at inference)."""
+    from fastsam_core.models.sam.image_encoder import FastBlock
+
+    return type(block) in (FastBlock, MultiScaleBlock) and type(block.norm2) is nn.LayerNorm
+
+
 MODES = {"int8": Int8Linear, "2:4": Sparse24Linear}
 
 
@@ -150,9 +289,28 @@ def quantize_linears(encoder: nn.Module, mode: str, layers: str) -> StageReport:
             continue  # 2:4 needs groups of 4 input features: this layer stays dense
         _replace(encoder, path, MODES[mode](linear))
         swapped += 1
+    fused = fuse_int8_mlps(encoder) if mode == "int8" else 0
     how = {"int8": "int8 weights per channel, int8 activations per token (on CUDA int_mm or "
                    "the fused Triton kernel, chosen per shape by measurement; dequantized "
                    "fp32 products elsewhere)",
            "2:4": "2:4 magnitude-pruned weights (sparse tensor cores on CUDA, dense "
                   "elsewhere)"}[mode]
+    if fused:
+        how += (f"; {fused} MLPs can run as fused kernels (LayerNorm + quantization, GELU in "
+                "fc1's epilogue), on CUDA where measured faster per shape")
     return StageReport("image_encoder.linears", mode, f"{swapped} layers ({layers}): {how}")
+
+
+def fuse_int8_mlps(encoder: nn.Module) -> int:
+    """Make each block's int8 MLP an `Int8MLP` (and its norm2 a `DeferredLayerNorm` where
+    the block allows); returns how many MLPs."""
+    prefix = "blocks" if hasattr(encoder, "blocks") else "trunk.blocks"
+    count = 0
+    for i, block in enumerate(encoder.get_submodule(prefix)):
+        if not fusable_mlp(block.mlp):
+            continue
+        _replace(encoder, f"{prefix}.{i}.mlp", Int8MLP(block.mlp))
+        if defers_norm2(block):
+            _replace(encoder, f"{prefix}.{i}.norm2", DeferredLayerNorm(block.norm2))
+        count += 1
+    return count

@@ -20,6 +20,7 @@ cores); elsewhere it stays a dense tensor with the zeros (same numbers, no speed
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -30,6 +31,9 @@ from fastsam_core.kernels.tuning import Tuner
 INT8_MAX = 127
 INT8_TUNER = Tuner("int8_matmul")  # the per-shape, per-GPU choice of int8 matmul backend
 INT8_KERNEL_VERSION = 1  # part of every tuning key: bump when kernels/int8_matmul.py changes
+MLP_TUNER = Tuner("int8_mlp")  # the per-shape, per-GPU choice of fused or separate int8 MLP
+MLP_FUSION_VERSION = 1  # part of every tuning key: bump when the fused MLP's kernels change
+MLP_PATHS = ("fused", "separate")
 
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,27 +73,48 @@ def int8_linear(
 
 def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
                 weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                backend: str = "dequant") -> torch.Tensor:
+                backend: str = "dequant", activation: str | None = None) -> torch.Tensor:
     """y = (s_x x_q)(s_w W_q)^T + b from int8 codes: x_q N x K int8, x_scale N x 1 fp32,
     weight_q M x K int8, weight_scale M fp32, bias M or None -> N x M in `dtype`.
 
     backend: "int_mm" (CUDA's int32 product, then the rescale and bias), "dequant" (fp32
     products of the codes), "triton" (`fastsam_core.kernels.int8_matmul`: product, rescale
-    and bias in one kernel)."""
+    and bias in one kernel). activation: None or "gelu" (exact GELU of the fp32 result, before
+    the rounding to `dtype`; in the kernel's epilogue with "triton")."""
     if backend == "triton":
         from fastsam_core.kernels.int8_matmul import int8_matmul as fused
 
-        return fused(x_q, x_scale, weight_q, weight_scale, bias, dtype)
+        return fused(x_q, x_scale, weight_q, weight_scale, bias, dtype, activation=activation)
     if backend == "int_mm":
         acc = torch._int_mm(x_q, weight_q.t()).float()  # N x M, exact int32 sums
     elif backend == "dequant":
         acc = x_q.float() @ weight_q.float().t()
     else:
         raise ValueError(f"backend must be 'int_mm', 'dequant' or 'triton', got {backend!r}")
+    if activation not in (None, "gelu"):
+        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
     y = acc * x_scale * weight_scale
     if bias is not None:
         y = y + bias.float()
+    if activation == "gelu":
+        y = F.gelu(y)
     return y.to(dtype)
+
+
+def quantize_rows(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_per_row` of x's rows (... x K -> N x K int8, N x 1 fp32 scale, N = rows):
+    one pass over each row with backend "triton" (kernels/quantize_rows.py), torch's passes
+    with "torch"; "auto": the kernel on CUDA, torch elsewhere."""
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
+    rows = x.reshape(-1, x.shape[-1])
+    if backend == "triton":
+        from fastsam_core.kernels.quantize_rows import quantize_rows as kernel
+
+        return kernel(rows)
+    if backend == "torch":
+        return quantize_per_row(rows)
+    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 
 def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -137,6 +162,30 @@ def int8_backend(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tenso
         return choice
     run = partial(int8_matmul, x_q, x_scale, weight_q, weight_scale, bias, dtype)
     reference = run("dequant")
+    return tuner.tune(device, key, {name: partial(run, name) for name in names}, reference)
+
+
+def int8_mlp_path(x: torch.Tensor, hidden: int, has_norm: bool,
+                  run: Callable[[str], torch.Tensor], tuner: Tuner = MLP_TUNER) -> str:
+    """"fused" or "separate" for an int8 MLP (`models.quant.Int8MLP`) on input x (... x K)
+    with `hidden` features, decided by measurement on first use of the shape on this GPU:
+    `run(path)` computes the MLP on the real input either way, the fused output must match
+    the separate one within `tuning.MATCH_REL_L2`, and the faster is kept (in memory, the
+    per-user cache, or from the shipped table). Token counts are bucketed to powers of two.
+    With FASTSAM_DISABLE_TRITON set: "separate"."""
+    from fastsam_core.ops.attention import kernel_disabled
+
+    if kernel_disabled():
+        return "separate"
+    n = x.numel() // x.shape[-1]
+    device = torch.cuda.get_device_name(x.device) if x.is_cuda else str(x.device)
+    key = (f"v{MLP_FUSION_VERSION}:n{1 << max(0, n - 1).bit_length()}:k{x.shape[-1]}:"
+           f"h{hidden}:norm{has_norm}:{x.dtype}")
+    names = list(MLP_PATHS)
+    choice = tuner.cached(device, key, names)
+    if choice is not None:
+        return choice
+    reference = run("separate")
     return tuner.tune(device, key, {name: partial(run, name) for name in names}, reference)
 
 

@@ -10,6 +10,7 @@ import torch
 from fastsam_core.kernels.int8_matmul import int8_matmul, int8_matmul_ref
 from fastsam_core.ops.quant import int8_linear, quantize_per_row
 from tests import tolerances as tol
+from tests.parity import assert_close_fp32
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,6 +41,25 @@ def test_fp16_output_is_the_rounded_fp32_result():
     got = int8_matmul(x_q, x_scale, w_q, w_scale, b, torch.float16)
     expected = int8_matmul_ref(x_q, x_scale, w_q, w_scale, b, torch.float32).half()
     assert got.dtype == torch.float16 and torch.equal(got, expected)
+
+
+def test_gelu_epilogue():
+    """activation="gelu": the exact GELU of the fp32 result (the kernel's erf and torch's may
+    differ in the last fp32 bits only), rounded once to the output dtype; the op layer
+    applies it the same way on every backend."""
+    x_q, x_scale, w_q, w_scale, b = codes(37, 50, 64)
+    out = torch.full((37, 50), float("nan"), device=DEVICE)
+    got = int8_matmul(x_q, x_scale, w_q, w_scale, b, torch.float32, out=out, activation="gelu")
+    exact = torch.nn.functional.gelu(
+        int8_matmul_ref(x_q, x_scale, w_q, w_scale, b, torch.float64)).float()
+    assert torch.isfinite(got).all() and (got < 0).any()  # GELU's negative lobe is there
+    assert_close_fp32(got, exact, tol.FP32_OP_REL_L2)
+    half = int8_matmul(x_q, x_scale, w_q, w_scale, b, torch.float16, activation="gelu")
+    assert torch.equal(half, got.half())
+    ref = int8_matmul_ref(x_q, x_scale, w_q, w_scale, b, torch.float32, "gelu")
+    assert_close_fp32(ref, exact, tol.FP32_OP_REL_L2)
+    with pytest.raises(ValueError, match="activation"):
+        int8_matmul(x_q, x_scale, w_q, w_scale, b, torch.float32, activation="relu")
 
 
 def test_strided_codes_and_the_linear_op():

@@ -6,11 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastsam_core.kernels.layer_norm_quant import (
-    MAX_ROW,
-    layer_norm_quant,
-    layer_norm_quant_ref,
-)
+from fastsam_core.kernels.layer_norm_quant import layer_norm_quant, layer_norm_quant_ref
+from fastsam_core.kernels.quantize_rows import MAX_ROW
 from tests import tolerances as tol
 from tests.parity import assert_close_fp32
 
