@@ -4,15 +4,17 @@
 #
 # From the repository root, after ../shared/device/prepare.sh (see its README for the wheel
 # prefix that makes segment_anything, sam2, ... importable; nothing else is pip-installed):
-#   bash bench/run_gpu.sh                   # all stages: tests bench accuracy profile
+#   bash bench/run_gpu.sh           # all stages: tests bench accuracy profile bench-tail
 #   bash bench/run_gpu.sh bench profile     # a selection
 # Everything runs as `python -m ...` from the repository root. The whole script keeps to a
 # deadline (FASTSAM_RUNNER_DEADLINE seconds, default 540: under the device tool's 600 s per
 # command): every step runs under `timeout` with what is left, a step that would start with
-# too little time left is skipped (and listed so), and the files below are always written.
-# The bench stage runs one suite file per pytest process, most wanted first (the rel-pos
-# kernel, the image encoder with its int8 / 2:4 cases, the int8 kernels, video, ...), so an
-# overrunning suite loses only its own results; the parts are merged into one file.
+# too little time left is skipped (and listed so), and the logs always come back. The bench
+# stages run one suite file per pytest process, most wanted first ("bench": the rel-pos
+# kernel, the image encoder with its int8 / 2:4 cases, the int8 kernels, video, SAM 2 image;
+# "bench-tail", after the accuracy report and the profile: prompts, AMG, end to end, the long
+# video), so an overrunning suite loses only its own results; the parts are merged into one
+# file.
 # At most 8 files come back under $OUT, none deeper than $OUT/a/b/file:
 #   $OUT/baselines/<platform>/0001_baseline.json  the bench results (pytest-benchmark file:
 #        commit it under bench/baselines/<device>/<platform>/ as the gate's baseline)
@@ -24,10 +26,11 @@
 #        int8, 2:4 against fp32: mask IoU and per-layer SQNR), to commit under bench/results/
 #   $OUT/profile-<name>.md, $OUT/profile-<name>.trace.json.gz
 #   $OUT/logs.tar.gz                    every step's full log
-# Overrides: PYTHON (default python3), FASTSAM_RUNNER_BENCH (bench files, in order; default
-# below), FASTSAM_RUNNER_ACCURACY (model, default vit_h), FASTSAM_RUNNER_PROFILE (profile
-# arguments, default "--model vit_h --stage image_encoder --batch 8"),
-# FASTSAM_RUNNER_DEADLINE (seconds), FASTSAM_RUNNER_MIN_STEP (seconds, default 20).
+# Overrides: PYTHON (default python3), FASTSAM_RUNNER_BENCH and FASTSAM_RUNNER_BENCH_TAIL
+# (bench files of the two stages, in order; defaults below), FASTSAM_RUNNER_ACCURACY
+# (model, default vit_h), FASTSAM_RUNNER_PROFILE (profile arguments, default "--model vit_h
+# --stage image_encoder --batch 8"), FASTSAM_RUNNER_DEADLINE (seconds),
+# FASTSAM_RUNNER_MIN_STEP (seconds, default 20), FASTSAM_RUNNER_RESERVE (seconds, default 15).
 set -u
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/fastsam-gpu-out}
@@ -36,14 +39,15 @@ mkdir -p "$OUT" "$WORK/logs" "$WORK/bench"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export FASTSAM_CACHE_DIR="$WORK/cache"  # a cold start: the tuning is measured in this run
 DEADLINE=${FASTSAM_RUNNER_DEADLINE:-540}
-RESERVE=15  # seconds kept for merging, packing and the summary
+RESERVE=${FASTSAM_RUNNER_RESERVE:-15}  # seconds kept for merging, packing and the summary
 MIN_STEP=${FASTSAM_RUNNER_MIN_STEP:-20}  # a step is not started with less than this left
-BENCH_ORDER="bench/test_bench_attention.py bench/test_bench_image_encoder.py
+BENCH=${FASTSAM_RUNNER_BENCH:-"bench/test_bench_attention.py bench/test_bench_image_encoder.py
   bench/test_bench_int8_mlp.py bench/test_bench_int8_matmul.py
   bench/test_bench_layer_norm_quant.py bench/test_bench_video.py
-  bench/test_bench_sam2_image.py bench/test_bench_prompt.py bench/test_bench_amg.py
-  bench/test_bench_end_to_end.py bench/test_bench_video_memory.py"
-stages=${*:-tests bench accuracy profile}
+  bench/test_bench_sam2_image.py"}
+BENCH_TAIL=${FASTSAM_RUNNER_BENCH_TAIL:-"bench/test_bench_prompt.py bench/test_bench_amg.py
+  bench/test_bench_end_to_end.py bench/test_bench_video_memory.py"}
+stages=${*:-tests bench accuracy profile bench-tail}
 status=0
 summary=()
 
@@ -63,7 +67,8 @@ run() {  # run NAME COMMAND...: log to $WORK/logs/NAME.log, within the deadline
   local rc=$?
   local last
   last=$(tail -n 1 "$WORK/logs/$name.log" | cut -c1-70)
-  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && last="stopped at the deadline; $last"
+  [ "$rc" -eq 124 ] && last="stopped at the deadline; $last"
+  [ "$rc" -eq 137 ] && last="killed (deadline or memory); $last"
   summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - start)) "$last")")
   [ "$rc" -eq 0 ] || status=1
   return 0
@@ -82,8 +87,10 @@ for stage in $stages; do
       run tests "$PY" -m pytest tests/kernels tests/ops -q -p no:cacheprovider -rs
       run cuda_tests "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rs \
         --deselect tests/kernels --deselect tests/ops ;;
-    bench)
-      for file in ${FASTSAM_RUNNER_BENCH:-$BENCH_ORDER}; do
+    bench|bench-tail)
+      files=$BENCH
+      [ "$stage" = bench-tail ] && files=$BENCH_TAIL
+      for file in $files; do
         name=$(basename "$file" .py)
         run "${name#test_}" "$PY" -m pytest "$file" --benchmark-only -q -p no:cacheprovider \
           --benchmark-json="$WORK/bench/$name.json"
@@ -98,7 +105,7 @@ for stage in $stages; do
         --out "$WORK/profile"
       for f in "$WORK"/profile/*; do [ -e "$f" ] && cp "$f" "$OUT/profile-$(basename "$f")"; done ;;
     *)
-      echo "unknown stage $stage (tests, bench, accuracy, profile)"; status=2 ;;
+      echo "unknown stage $stage (tests, bench, accuracy, profile, bench-tail)"; status=2 ;;
   esac
 done
 
@@ -109,7 +116,7 @@ from pytest_benchmark.utils import get_machine_id
 from fastsam_core.gate import merge_results
 out = Path(sys.argv[1]) / 'baselines' / get_machine_id() / '0001_baseline.json'
 print('merged', merge_results([Path(p) for p in sys.argv[2:]], out), 'cases into', out)" \
-    "$OUT" $parts >> "$WORK/logs/env.log" 2>&1
+    "$OUT" $parts >> "$WORK/logs/env.log" 2>&1 || { status=1; summary+=("merge failed: env.log"); }
 fi
 for tuned in rel_pos_attention int8_matmul int8_mlp; do
   [ -f "$FASTSAM_CACHE_DIR/$tuned.json" ] && cp "$FASTSAM_CACHE_DIR/$tuned.json" "$OUT/tuned-$tuned.json"

@@ -305,6 +305,9 @@ def _accuracy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.out:
         payload = {**env_info(device), "commit": commit(), "model": what,
                    "configs": {name: repr(config) for name, config in configs.items()},
+                   "sqnr_note": "per-layer SQNR is taken with hooks on the int8 linears, so "
+                                "int8 MLPs run their separate passes for it; mask IoU is "
+                                "measured on the path each configuration takes",
                    "scenes": args.scenes,
                    "seed": args.seed, "rows": as_dicts(rows)}
         with open(args.out, "w") as f:

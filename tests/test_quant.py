@@ -255,27 +255,62 @@ def test_int8_mlp_path_chosen_by_measurement_and_kept(tmp_path, monkeypatch):
     assert int8_mlp_path(x, 128, True, run, tuner) == "separate"
 
 
-def test_int8_mlp_runs_separately_for_hooks_and_compile():
-    """Forward hooks on fc1 / fc2 see their inputs only through module calls, and torch.compile
-    traces the separate path (no Triton launch): a hooked MLP, and a compiled block with a
-    deferred norm2 (fullgraph: the pending LayerNorm object traces), run it."""
-    mlp = Int8MLP(MLPBlock(32, 64).eval())
+def int8_mlp(k=32, hidden=64) -> Int8MLP:
+    mlp = Int8MLP(MLPBlock(k, hidden).eval())
     mlp.lin1, mlp.lin2 = Int8Linear(mlp.lin1), Int8Linear(mlp.lin2)
-    seen = []
-    mlp.lin1.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    return mlp
+
+
+def test_int8_mlp_runs_separately_for_hooks_and_compile(monkeypatch):
+    """"auto" measures only where it may (here: the CPU stands in for CUDA, the measurement
+    faked to prefer fused): forward hooks on fc1 / act / fc2 keep the separate path (they
+    fire only on module calls), and torch.compile traces the separate one (no Triton launch;
+    fullgraph: the pending LayerNorm object traces)."""
+    import fastsam_core.models.quant as quant
+
+    monkeypatch.setattr(quant, "int8_mlp_path", lambda *args: "fused")
+    mlp = int8_mlp()
     x = torch.randn(4, 32)
-    assert mlp.choose_path(x) == "separate"  # on CPU anyway; the hook rule is for CUDA
+    assert mlp.choose_path(x) == "separate"  # not a measured device
+    mlp.measured_devices = ("cpu",)
+    assert mlp.choose_path(x) == "fused"
     norm = DeferredLayerNorm(nn.LayerNorm(32))
-    with torch.inference_mode():
-        eager = mlp(norm(x))
-    assert seen == [(4, 32)]
+    for module in (mlp.lin1, mlp.act, mlp.lin2):
+        seen = []
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+        assert mlp.choose_path(norm(x)) == "separate"
+        with torch.inference_mode():
+            eager = mlp(norm(x))
+        assert seen == [(4, 32) if module is mlp.lin1 else (4, 64)]
+        handle.remove()
+    assert mlp.choose_path(norm(x)) == "fused"
 
     def block(t):
         return t + mlp(norm(t))
 
+    # under compile: the separate path (`eager` above), whatever the measurement says
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     with torch.inference_mode():
         assert torch.equal(compiled(x), x + eager)
+
+
+def test_the_real_fused_mlp_passes_the_match(tmp_path, monkeypatch):
+    """The path measurement's tolerance admits the fused kernels' real result (rounding-tie
+    flips, in fp32 and fp16) and not a wrong one: both paths measured, fake timings."""
+    from fastsam_core.kernels.tuning import Tuner
+    from fastsam_core.ops.quant import int8_mlp_path
+
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
+    for dtype in (torch.float32, torch.float16):
+        mlp = int8_mlp(48, 96).to(dtype)
+        norm = DeferredLayerNorm(nn.LayerNorm(48).to(dtype))
+        x = torch.randn(64, 48).to(dtype)
+        tuner = Tuner("int8_mlp_test", timer=lambda run: {"fused": 1.0, "separate": 2.0}[
+            run.args[0]])
+        with torch.inference_mode():
+            assert int8_mlp_path(x, 96, True, lambda p: mlp.run(p, norm(x)), tuner) == "fused"
+        assert set(tuner.last_measurements) == {"fused", "separate"}
 
 
 @pytest.mark.cuda
@@ -283,7 +318,11 @@ def test_int8_mlp_runs_separately_for_hooks_and_compile():
 @pytest.mark.parametrize("k, hidden", [(768, 3072), (1280, 5120)])
 def test_int8_mlp_bf16_real_widths(k, hidden):
     """The compiled fused kernels at vit_b / vit_h MLP widths in bf16: both paths as close to
-    the float MLP (fp32) as two int8 layers allow, and "auto" picks one of them."""
+    the float MLP (fp32) as two int8 layers allow, and both pass the path measurement's
+    match (a fused result it rejected would never be chosen)."""
+    from fastsam_core.kernels.tuning import Tuner
+    from fastsam_core.ops.quant import int8_mlp_path
+
     torch.manual_seed(0)
     norm, mlp = nn.LayerNorm(k).cuda(), MLPBlock(k, hidden).eval().cuda()
     x = torch.randn(1024, k, device="cuda")
@@ -291,7 +330,9 @@ def test_int8_mlp_bf16_real_widths(k, hidden):
     norm16, mlp16 = DeferredLayerNorm(norm.bfloat16()), copy.deepcopy(mlp).bfloat16()
     int8 = Int8MLP(mlp16)
     int8.lin1, int8.lin2 = Int8Linear(mlp16.lin1), Int8Linear(mlp16.lin2)
+    x16 = x.bfloat16()
     for path in ("separate", "fused"):
-        assert sqnr_db(exact, int8.run(path, norm16(x.bfloat16()))) > \
-            tol.INT8_LINEAR_MIN_SQNR_DB, path
-    assert int8.choose_path(norm16(x.bfloat16())) in ("separate", "fused")
+        assert sqnr_db(exact, int8.run(path, norm16(x16))) > tol.INT8_LINEAR_MIN_SQNR_DB, path
+    tuner = Tuner("int8_mlp_cuda_test")
+    int8_mlp_path(x16, hidden, True, lambda p: int8.run(p, norm16(x16)), tuner)
+    assert set(tuner.last_measurements) == {"fused", "separate"}

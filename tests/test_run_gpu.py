@@ -44,8 +44,8 @@ case "$*" in *--benchmark-json*) sleep 60 ;; *) exec {sys.executable} "$@" ;; es
 """)
     fake.chmod(0o755)
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=str(fake), FASTSAM_RUNNER_DEADLINE="20",
-               FASTSAM_RUNNER_MIN_STEP="1",
+    env = dict(os.environ, OUT=str(out), PYTHON=str(fake), FASTSAM_RUNNER_DEADLINE="15",
+               FASTSAM_RUNNER_MIN_STEP="1", FASTSAM_RUNNER_RESERVE="0",
                FASTSAM_RUNNER_BENCH="bench/test_bench_prompt.py bench/test_bench_amg.py")
     done = subprocess.run(["bash", "bench/run_gpu.sh", "bench"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)

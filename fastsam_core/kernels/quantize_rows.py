@@ -29,8 +29,9 @@ MAX_ROW = 8192  # widest row one program takes (a block of registers per row)
 def int8_codes(y, valid):
     """(codes as floats in [-127, 127], scale) of one row y (fp32, zero where not valid)."""
     amax = tl.max(tl.where(valid, tl.abs(y), 0.0), axis=0)
-    scale = tl.where(amax > 0, amax / 127.0, 1.0)
-    v = y / scale
+    # correctly rounded divisions, as torch's: a plain `/` compiles to an approximate one
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+    v = tl.math.div_rn(y, scale)
     # round half to even, as torch.round (the interpreter has no libdevice.rint)
     r = tl.floor(v + 0.5)
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0

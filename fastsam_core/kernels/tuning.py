@@ -81,6 +81,7 @@ class Tuner:
         key: str,
         candidates: dict[str, Callable[[], torch.Tensor]],
         reference: torch.Tensor,
+        tolerance: float | None = None,
     ) -> str:
         """Measure and return the name of the fastest candidate matching `reference`.
 
@@ -89,12 +90,15 @@ class Tuner:
             key: the shape and dtype the choice is for.
             candidates: name -> callable returning the candidate's output for the real inputs.
             reference: the expected output.
+            tolerance: relative L2 distance allowed from it (default: MATCH_REL_L2 of its
+                dtype, for candidates computing the same math).
 
         Raises:
             RuntimeError: no candidate matched the reference.
         """
         start = time.perf_counter()
-        tolerance = MATCH_REL_L2[reference.dtype]
+        if tolerance is None:
+            tolerance = MATCH_REL_L2[reference.dtype]
         timings: dict[str, float] = {}
         for name, run in candidates.items():
             try:

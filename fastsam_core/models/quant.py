@@ -156,10 +156,14 @@ class Int8MLP(nn.Module):
 
     `path` "auto" (default): on CUDA outside torch.compile the faster of the two, measured per
     shape on first use (`ops.quant.int8_mlp_path`); "separate" elsewhere, and while forward
-    hooks sit on fc1 or fc2 (they see their inputs only when called as modules).
+    hooks sit on fc1, act or fc2 (they fire only when those are called as modules; global
+    module hooks are not looked at). Hooks on the block's norm2 (output) or on the MLP
+    (input) see the `PendingLayerNorm`, not a tensor.
 
     forward(x): x ... x K, or the `PendingLayerNorm` of `norm2` -> ... x K in x's dtype.
     """
+
+    measured_devices = ("cuda",)  # where "auto" measures; the CPU runs the separate passes
 
     def __init__(self, mlp: nn.Module, path: str = "auto") -> None:
         super().__init__()
@@ -184,9 +188,11 @@ class Int8MLP(nn.Module):
     def choose_path(self, x: torch.Tensor | PendingLayerNorm) -> str:
         if self.path != "auto":
             return self.path
+        if torch.compiler.is_compiling():  # traced: torch ops only, no Triton launch
+            return "separate"
         src = x.x if isinstance(x, PendingLayerNorm) else x
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.fc2))
-        if torch.compiler.is_compiling() or not src.is_cuda or hooked:
+        if src.device.type not in self.measured_devices or any(
+                m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.act, self.fc2)):
             return "separate"
         return int8_mlp_path(src, self.fc1.out_features, isinstance(x, PendingLayerNorm),
                              lambda path: self.run(path, x))
@@ -228,12 +234,14 @@ def fusable_mlp(mlp: nn.Module) -> bool:
 
 
 def defers_norm2(block: nn.Module) -> bool:
-    """True for the blocks whose forward is `x + mlp(norm2(x))` with norm2 an nn.LayerNorm:
-    ours for SAM (`FastBlock`) and sam2's `MultiScaleBlock` (whose MLP output passes only
-    through an identity drop-path at inference)."""
+    """True for the blocks whose forward is `x + mlp(norm2(x))` with norm2 an affine
+    nn.LayerNorm (weight and bias): ours for SAM (`FastBlock`) and sam2's `MultiScaleBlock`
+    (whose MLP output passes only through an identity drop-path at inference)."""
     from fastsam_core.models.sam.image_encoder import FastBlock
 
-    return type(block) in (FastBlock, MultiScaleBlock) and type(block.norm2) is nn.LayerNorm
+    norm = block.norm2
+    return (type(block) in (FastBlock, MultiScaleBlock) and type(norm) is nn.LayerNorm
+            and norm.weight is not None and norm.bias is not None)
 
 
 MODES = {"int8": Int8Linear, "2:4": Sparse24Linear}

@@ -30,8 +30,8 @@ def run_poisoned(x):
 
 
 def assert_exact(x):
-    """The maximum is exact in any dtype and the division is the same fp32 one on both
-    sides: codes and scales must be identical, every element written."""
+    """The maximum is exact in any dtype and the divisions are the same correctly rounded
+    fp32 ones on both sides: codes and scales must be identical, every element written."""
     q, s = run_poisoned(x)
     q_ref, s_ref = quantize_rows_ref(x)
     assert (q != POISON_CODE).all() and torch.isfinite(s).all()
