@@ -46,8 +46,6 @@ class LaunchConfig:
     num_stages: int = 3
 
 
-ACTIVATIONS = (None, "gelu")
-
 # TRITON_INTERPRET=1 is read when a kernel is decorated: runs on CPU tensors, with numpy.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter runs a numpy op per tile: small tiles keep the tests' shapes cheap.
@@ -120,8 +118,8 @@ def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor
         raise ValueError(f"int8_matmul: x_q (N x K) and weight_q (M x K) must be int8 with "
                          f"the same K, got {x_q.dtype} {tuple(x_q.shape)} and "
                          f"{weight_q.dtype} {tuple(weight_q.shape)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"int8_matmul: activation must be one of {ACTIVATIONS}, got "
+    if activation not in quant.ACTIVATIONS:
+        raise ValueError(f"int8_matmul: activation must be one of {quant.ACTIVATIONS}, got "
                          f"{activation!r}")
     config = config or (INTERPRETER_CONFIG if INTERPRETER else LaunchConfig())
     if out is None:
