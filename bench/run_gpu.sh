@@ -20,8 +20,9 @@
 #        commit it under bench/baselines/<device>/<platform>/ as the gate's baseline)
 #   $OUT/tuned-rel_pos_attention.json   the kernel's measured launch choices (to ship in
 #        fastsam_core/kernels/tuned/rel_pos_attention.json under the GPU's name)
-#   $OUT/tuned-int8_matmul.json, $OUT/tuned-int8_mlp.json   the int8 linears' measured
-#        matmul backends and the int8 MLPs' fused-or-separate choices (likewise)
+#   $OUT/tuned-int8_matmul.json, $OUT/tuned-int8_fusion.json   the int8 linears' measured
+#        matmul backends and the fused-or-separate choices of the int8 MLPs and of the
+#        LayerNorms feeding an int8 qkv (likewise)
 #   $OUT/accuracy-<model>-cuda.json   `fastsam accuracy` at real size (random weights; bf16,
 #        int8, 2:4 against fp32: mask IoU and per-layer SQNR), to commit under bench/results/
 #   $OUT/profile-<name>.md, $OUT/profile-<name>.trace.json.gz
@@ -118,7 +119,7 @@ out = Path(sys.argv[1]) / 'baselines' / get_machine_id() / '0001_baseline.json'
 print('merged', merge_results([Path(p) for p in sys.argv[2:]], out), 'cases into', out)" \
     "$OUT" $parts >> "$WORK/logs/env.log" 2>&1 || { status=1; summary+=("merge failed: env.log"); }
 fi
-for tuned in rel_pos_attention int8_matmul int8_mlp; do
+for tuned in rel_pos_attention int8_matmul int8_fusion; do
   [ -f "$FASTSAM_CACHE_DIR/$tuned.json" ] && cp "$FASTSAM_CACHE_DIR/$tuned.json" "$OUT/tuned-$tuned.json"
 done
 tar czf "$OUT/logs.tar.gz" -C "$WORK" logs

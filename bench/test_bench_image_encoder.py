@@ -30,9 +30,9 @@ from fastsam_core.benchmark import encoder_flops, synchronize
 from fastsam_core.models.convert import adopt_module
 from fastsam_core.models.sam.reference import build_sam
 from fastsam_core.ops import attention
-from fastsam_core.ops.quant import INT8_TUNER, MLP_TUNER, sqnr_db
+from fastsam_core.ops.quant import FUSION_TUNER, INT8_TUNER, sqnr_db
 
-TUNERS = (attention.TUNER, INT8_TUNER, MLP_TUNER)  # measured choices a cold start makes
+TUNERS = (attention.TUNER, INT8_TUNER, FUSION_TUNER)  # measured choices a cold start makes
 _unquantized: dict[str, torch.Tensor] = {}  # case -> the "fast" case's embedding
 
 

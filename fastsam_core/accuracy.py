@@ -113,7 +113,8 @@ def ious(got: list[torch.Tensor], expected: list[torch.Tensor], margin: float | 
 def layer_sqnr(sam, reference_encoder, scenes) -> dict[str, float]:
     """SQNR of each replaced linear of an optimized SAM / SAM 2 against the float layer at the
     same path of the reference encoder, on the inputs the scenes give it (mean over calls).
-    The hooks make int8 MLPs (`Int8MLP`) take their separate passes while measured."""
+    The hooks make int8 MLPs (`Int8MLP`) and the LayerNorms deferred to an int8 qkv take
+    their separate passes while measured."""
     encoder = sam.image_encoder
     results: dict[str, list[float]] = {}
     hooks = []

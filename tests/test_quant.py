@@ -15,6 +15,7 @@ from fastsam_core.models.quant import (
     DeferredLayerNorm,
     Int8Linear,
     Int8MLP,
+    Int8Tokens,
     Sparse24Linear,
     fusable_mlp,
 )
@@ -148,6 +149,11 @@ def set_mlp_paths(encoder, path: str) -> None:
         mlp.path = path
 
 
+def set_norm1_paths(encoder, path: str) -> None:
+    for block in encoder.blocks:
+        block.norm1.path = path
+
+
 def assert_fused_mlps_match(encoder, run) -> None:
     """Every Int8MLP of `encoder`, on the input it gets in `run()`: the fused path (the
     Triton interpreter here) equals the separate one but for rare one-code flips at rounding
@@ -168,9 +174,10 @@ def assert_fused_mlps_match(encoder, run) -> None:
 @torch.inference_mode()
 def test_int8_mlps_fused_equal_separate_and_keep_the_keys():
     """optimize(quantize="int8") makes each block's MLP an Int8MLP after a deferred norm2,
-    with the state_dict keys of plain int8 linears; on the CPU ("auto") the separate path
-    runs, as before; forced through the fused kernels each MLP gives what the separate path
-    gives, and the encoder stays as close to the float one as int8 must."""
+    and its norm1 deferred to the int8 qkv, with the state_dict keys of plain int8 linears;
+    on the CPU ("auto") the separate paths run, as before (and trace under torch.compile);
+    forced through the fused kernels each MLP gives what the separate path gives, and the
+    encoder (fused norm1s and MLPs) stays as close to the float one as int8 must."""
     sam = small_sam()
     x = image_batch(batch=1)  # the interpreter runs the fused kernels program by program
     before = sam.image_encoder(x)
@@ -178,19 +185,26 @@ def test_int8_mlps_fused_equal_separate_and_keep_the_keys():
     fastsam_core.optimize(sam, FastConfig(quantize="int8"))
     encoder = sam.image_encoder
     assert len(mlps_of(encoder)) == 4
-    assert all(type(b.norm2) is DeferredLayerNorm for b in encoder.blocks)
-    assert "4 MLPs can run as fused kernels" in str(fastsam_core.report(sam))
+    assert all(type(b.norm1) is DeferredLayerNorm and type(b.norm2) is DeferredLayerNorm
+               for b in encoder.blocks)
+    report = str(fastsam_core.report(sam))
+    assert "4 MLPs can run as fused kernels" in report
+    assert "4 norm1 LayerNorms can feed their int8 qkv" in report
     quantized = {k for k in keys if ".attn.qkv.weight" in k or ".attn.proj.weight" in k
                  or ".mlp.lin" in k and k.endswith(".weight")}
     assert set(encoder.state_dict()) == (keys - quantized) | {
         k.replace(".weight", ".weight_int8") for k in quantized} | {
         k.replace(".weight", ".weight_scale") for k in quantized}
     separate = encoder(x)
+    traced = torch.compile(encoder._forward_fast, fullgraph=True, backend="eager")
+    assert torch.equal(traced(x), separate)  # the deferred norms trace, on separate paths
     assert [m.choose_path(torch.zeros(1)) for m in mlps_of(encoder)] == ["separate"] * 4
     assert_fused_mlps_match(encoder, lambda: encoder(x))
     set_mlp_paths(encoder, "fused")
+    set_norm1_paths(encoder, "fused")
     assert sqnr_db(before, encoder(x)) > tol.INT8_ENCODER_MIN_SQNR_DB
     set_mlp_paths(encoder, "separate")
+    set_norm1_paths(encoder, "separate")
     assert torch.equal(encoder(x), separate)
     fastsam_core.restore(sam)
     assert not any(isinstance(m, (Int8MLP, DeferredLayerNorm)) for m in sam.modules())
@@ -226,11 +240,12 @@ def test_int8_mlp_without_a_deferred_norm_and_on_sam2():
 
 
 def test_int8_mlp_path_chosen_by_measurement_and_kept(tmp_path, monkeypatch):
-    """ops.quant.int8_mlp_path: both paths run on the real input, the faster one matching the
-    separate path wins and is kept; a fused path that does not match is never picked; with
-    FASTSAM_DISABLE_TRITON: separate. Fake timings (the real ones need a GPU)."""
+    """ops.quant.int8_mlp_path / layer_norm_linear_path: both paths run on the real input,
+    the faster one matching the separate path wins and is kept; a fused path that does not
+    match is never picked; with FASTSAM_DISABLE_TRITON: separate. Fake timings (the real
+    ones need a GPU)."""
     from fastsam_core.kernels.tuning import Tuner
-    from fastsam_core.ops.quant import int8_mlp_path
+    from fastsam_core.ops.quant import int8_mlp_path, layer_norm_linear_path
 
     monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
@@ -249,10 +264,79 @@ def test_int8_mlp_path_chosen_by_measurement_and_kept(tmp_path, monkeypatch):
     assert sorted(timed) == ["fused", "separate"]
     assert int8_mlp_path(x, 64, True, run, tuner) == "fused" and len(timed) == 2  # kept
     assert tuner.cache_entries() == 1
+    assert layer_norm_linear_path(x, 64, 14, run, tuner) == "fused" and len(timed) == 4
+    assert tuner.cache_entries() == 2  # the norm -> linear choice has a key of its own
     outputs["fused"] = torch.zeros_like(x)  # a wrong fused result, however fast
     assert int8_mlp_path(x, 64, False, run, tuner) == "separate"  # another key
     monkeypatch.setenv("FASTSAM_DISABLE_TRITON", "1")
     assert int8_mlp_path(x, 128, True, run, tuner) == "separate"
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("grid, window", [((6, 5), 4), ((4, 4), 0), ((7, 7), 7)])
+def test_norm1_feeds_the_int8_qkv_its_codes(grid, window):
+    """A deferred LayerNorm into an int8 qkv (`PendingLayerNorm.for_linear`): the fused path
+    (LayerNorm + codes in one kernel, the codes window-partitioned) gives the separate
+    path's qkv output but for rounding-tie flips, padded tokens the bias exactly (a zero
+    input, as the reference's padding), in the layout the separate path gives."""
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(48)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+        norm.bias.normal_(0, 0.1)
+    qkv = Int8Linear(nn.Linear(48, 144))
+    pending = DeferredLayerNorm(norm)(torch.randn(2, *grid, 48) * 2 + 0.3)
+    separate = pending.laid_out("separate", window)
+    fused = pending.laid_out("fused", window)
+    assert isinstance(fused, Int8Tokens) and fused.codes.dtype == torch.int8
+    assert fused.shape == separate.shape
+    assert fused.scales.shape == (*separate.shape[:-1], 1)
+    y_separate, y_fused = qkv(separate), qkv(fused)
+    assert y_fused.shape == (*separate.shape[:-1], 144)
+    assert sqnr_db(y_separate, y_fused) >= tol.INT8_TIE_FLIP_MIN_SQNR_DB
+    if window and (grid[0] % window or grid[1] % window):
+        windows_w = -(-grid[1] // window)
+        last = y_fused.view(2, -1, windows_w, window, window, 144)[:, -1, -1]  # padded corner
+        assert torch.equal(last[:, -1, -1], qkv.bias.expand(2, 144))
+    assert pending.for_linear(qkv, window).shape == separate.shape  # CPU: separate
+    pending.norm.path = "fused"
+    with pytest.raises(ValueError, match="needs an Int8Linear"):
+        pending.for_linear(nn.Linear(48, 144), window)
+    pending.norm.path = "bogus"
+    with pytest.raises(ValueError, match="DeferredLayerNorm.path"):
+        pending.for_linear(qkv, window)
+
+
+def test_norm1_path_separate_for_hooks_float_linears_and_compile(monkeypatch):
+    """"auto" for a deferred norm1 measures only where it may (the CPU standing in for
+    CUDA, the measurement faked to prefer fused): not for a float linear, not while the qkv
+    or the module carrying the codes to it has forward hooks (they would see codes), and
+    torch.compile traces the separate path."""
+    import fastsam_core.models.quant as quant
+
+    monkeypatch.setattr(quant, "layer_norm_linear_path", lambda *args: "fused")
+    norm = DeferredLayerNorm(nn.LayerNorm(32))
+    qkv = Int8Linear(nn.Linear(32, 96))
+    x = torch.randn(1, 5, 5, 32)
+    assert norm.choose_path(norm(x), qkv, 4) == "separate"  # not a measured device
+    norm.measured_devices = ("cpu",)
+    assert norm.choose_path(norm(x), qkv, 4) == "fused"
+    assert isinstance(norm(x).for_linear(qkv, 4), Int8Tokens)
+    assert norm.choose_path(norm(x), nn.Linear(32, 96), 4) == "separate"
+    for hooked in (qkv, attention := nn.Module()):
+        handle = hooked.register_forward_pre_hook(lambda m, args: None)
+        assert norm.choose_path(norm(x), qkv, 4, carriers=(attention,)) == "separate"
+        handle.remove()
+    assert norm.choose_path(norm(x), qkv, 4, carriers=(attention,)) == "fused"
+    with torch.inference_mode():
+        eager = qkv(norm(x).laid_out("separate", 4))
+
+    def attention_input(t):
+        return qkv(norm(t).for_linear(qkv, 4))
+
+    compiled = torch.compile(attention_input, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        assert torch.equal(compiled(x), eager)
 
 
 def int8_mlp(k=32, hidden=64) -> Int8MLP:
@@ -294,11 +378,12 @@ def test_int8_mlp_runs_separately_for_hooks_and_compile(monkeypatch):
         assert torch.equal(compiled(x), x + eager)
 
 
-def test_the_real_fused_mlp_passes_the_match(tmp_path, monkeypatch):
+def test_the_real_fused_paths_pass_the_match(tmp_path, monkeypatch):
     """The path measurement's tolerance admits the fused kernels' real result (rounding-tie
-    flips, in fp32 and fp16) and not a wrong one: both paths measured, fake timings."""
+    flips, in fp32 and fp16; an MLP, and a norm1 into a linear through padded windows):
+    both paths measured, fake timings."""
     from fastsam_core.kernels.tuning import Tuner
-    from fastsam_core.ops.quant import int8_mlp_path
+    from fastsam_core.ops.quant import int8_mlp_path, layer_norm_linear_path
 
     monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
@@ -310,6 +395,11 @@ def test_the_real_fused_mlp_passes_the_match(tmp_path, monkeypatch):
             run.args[0]])
         with torch.inference_mode():
             assert int8_mlp_path(x, 96, True, lambda p: mlp.run(p, norm(x)), tuner) == "fused"
+        assert set(tuner.last_measurements) == {"fused", "separate"}
+        qkv, grid = mlp.lin1, x.view(1, 8, 8, 48)
+        with torch.inference_mode():
+            assert layer_norm_linear_path(grid, 96, 3, lambda p: qkv(
+                norm(grid).laid_out(p, 3)), tuner) == "fused"
         assert set(tuner.last_measurements) == {"fused", "separate"}
 
 
@@ -335,4 +425,32 @@ def test_int8_mlp_bf16_real_widths(k, hidden):
         assert sqnr_db(exact, int8.run(path, norm16(x16))) > tol.INT8_LINEAR_MIN_SQNR_DB, path
     tuner = Tuner("int8_mlp_cuda_test")
     int8_mlp_path(x16, hidden, True, lambda p: int8.run(p, norm16(x16)), tuner)
+    assert set(tuner.last_measurements) == {"fused", "separate"}
+
+
+@pytest.mark.cuda
+@torch.inference_mode()
+@pytest.mark.parametrize("k, window", [(768, 14), (1280, 0)])
+def test_norm1_into_int8_qkv_bf16_real_widths(k, window):
+    """The compiled LayerNorm + codes kernel feeding an int8 qkv at vit_b (windowed, padded
+    64x64 grid) / vit_h (global) widths in bf16: both paths as close to the float layers
+    (fp32) as an int8 linear allows, and both pass the path measurement's match."""
+    from segment_anything.modeling.image_encoder import window_partition
+
+    from fastsam_core.kernels.tuning import Tuner
+    from fastsam_core.ops.quant import layer_norm_linear_path
+
+    torch.manual_seed(0)
+    norm, qkv = nn.LayerNorm(k).cuda(), nn.Linear(k, 3 * k).cuda()
+    x = torch.randn(2, 64, 64, k, device="cuda")
+    exact = qkv(window_partition(norm(x), window)[0] if window else norm(x))
+    norm16 = DeferredLayerNorm(copy.deepcopy(norm).bfloat16())
+    int8 = Int8Linear(copy.deepcopy(qkv).bfloat16())
+    x16 = x.bfloat16()
+    for path in ("separate", "fused"):
+        y = int8(norm16(x16).laid_out(path, window))
+        assert sqnr_db(exact, y) > tol.INT8_LINEAR_MIN_SQNR_DB, path
+    tuner = Tuner("int8_norm_linear_cuda_test")
+    layer_norm_linear_path(x16, 3 * k, window,
+                           lambda p: int8(norm16(x16).laid_out(p, window)), tuner)
     assert set(tuner.last_measurements) == {"fused", "separate"}

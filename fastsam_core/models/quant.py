@@ -20,32 +20,60 @@ an `Int8MLP` over the two int8 linears, and the LayerNorm before it (`norm2`) a
 quantization of its output in one pass, GELU in fc1's matmul epilogue, fc1's output
 quantized in one pass (kernels/layer_norm_quant.py, int8_matmul.py, quantize_rows.py);
 whether that is faster than the separate passes is measured per shape on first use.
-State_dict keys are unchanged by this (same child names).
+In SAM's ViT blocks the LayerNorm before attention (`norm1`) is deferred too, to the int8
+qkv linear behind it: on CUDA the norm and the quantization of its output can run as one
+kernel whose int8 codes (not the normalized activations) are window-partitioned for qkv
+(`PendingLayerNorm.for_linear`), again where measured faster per shape. (sam2's Hiera blocks
+keep their norm1: their forward uses its output as a tensor.) State_dict keys are unchanged
+by this (same child names).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from sam2.modeling.backbones.hieradet import MultiScaleBlock
 from sam2.modeling.sam2_utils import MLP
 from segment_anything.modeling.common import MLPBlock
+from segment_anything.modeling.image_encoder import window_partition
 from torch import nn
 
 from fastsam_core.ops.quant import (
-    MLP_PATHS,
+    FUSED_PATHS,
     int8_backend,
     int8_matmul,
     int8_mlp_path,
     int_mm_supported,
+    layer_norm_linear_path,
     layer_norm_quantize,
     prune_2_4,
     quantize_per_row,
     quantize_rows,
 )
 from fastsam_core.report import StageReport
+
+
+class Int8Tokens(NamedTuple):
+    """Activations already quantized per token, as an `Int8Linear` takes them: codes ... x K
+    int8, scales ... x 1 fp32 (code times scale is the activation), and the dtype the
+    activations had (the linear's output dtype)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def map(self, layout: Callable[[torch.Tensor], torch.Tensor]) -> Int8Tokens:
+        """`layout` (a reshape, a window partition: anything moving whole tokens) applied to
+        the codes and to the scales alike."""
+        return Int8Tokens(layout(self.codes), layout(self.scales), self.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -61,8 +89,12 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                   requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ... x in -> ... x out, x's dtype."""
+    def forward(self, x: torch.Tensor | Int8Tokens) -> torch.Tensor:
+        """x: ... x in (float, or `Int8Tokens` already quantized) -> ... x out, x's dtype."""
+        if isinstance(x, Int8Tokens):
+            y = self.forward_codes(x.codes.reshape(-1, self.in_features),
+                                   x.scales.reshape(-1, 1), x.dtype)  # N x out
+            return y.reshape(*x.shape[:-1], self.out_features)
         x_q, x_scale = quantize_per_row(x.reshape(-1, self.in_features))  # N x in, N x 1
         y = self.forward_codes(x_q, x_scale, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -115,7 +147,8 @@ class Sparse24Linear(nn.Module):
 
 class PendingLayerNorm:
     """A LayerNorm not applied yet: x (... x K) and the `DeferredLayerNorm` that returned it.
-    `Int8MLP` normalizes and quantizes it in one pass, or takes `value()`."""
+    `Int8MLP` normalizes and quantizes it in one pass, or takes `value()`; an attention block
+    hands it to its int8 qkv through `for_linear`."""
 
     def __init__(self, x: torch.Tensor, norm: DeferredLayerNorm) -> None:
         self.x = x
@@ -126,20 +159,84 @@ class PendingLayerNorm:
         norm = self.norm
         return F.layer_norm(self.x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
+    def for_linear(self, linear: nn.Module, window_size: int = 0,
+                   carriers: tuple[nn.Module, ...] = ()) -> torch.Tensor | Int8Tokens:
+        """The LayerNorm's output (x: B x H x W x K) as `linear` takes it, window-partitioned
+        for window_size > 0 ((B * windows) x ws x ws x K, zero-padded as segment_anything's
+        `window_partition` pads: a padded token has codes 0, the zero input the reference
+        gives the linear there).
+
+        Path "separate": `value()`, partitioned. Path "fused" (an `Int8Linear` only): the
+        LayerNorm and the quantization of its output in one kernel, the `Int8Tokens`
+        partitioned (int8 codes move, not activations). Which one: `norm.path`, for "auto"
+        `DeferredLayerNorm.choose_path` (`carriers`: the modules that take the result to
+        `linear`, e.g. the attention holding qkv)."""
+        path = self.norm.choose_path(self, linear, window_size, carriers)
+        if path == "fused" and not isinstance(linear, Int8Linear):
+            raise ValueError(f"DeferredLayerNorm.path 'fused' needs an Int8Linear after it, "
+                             f"got {type(linear).__name__}")
+        return self.laid_out(path, window_size)
+
+    def laid_out(self, path: str, window_size: int) -> torch.Tensor | Int8Tokens:
+        """The LayerNorm's output by `path` ("fused": `Int8Tokens`), window-partitioned."""
+        if path not in FUSED_PATHS:
+            raise ValueError(f"DeferredLayerNorm.path must be 'auto' or one of {FUSED_PATHS}, "
+                             f"got {path!r}")
+        if path == "separate":
+            out = self.value()
+        else:
+            norm = self.norm
+            x = self.x
+            codes, scales = layer_norm_quantize(x, norm.weight, norm.bias, norm.eps, "triton")
+            # N x K, N x 1 -> B x H x W x K, B x H x W x 1
+            out = Int8Tokens(codes.view(x.shape), scales.view(*x.shape[:-1], 1), x.dtype)
+        if window_size == 0:
+            return out
+
+        def partition(t: torch.Tensor) -> torch.Tensor:
+            return window_partition(t, window_size)[0]  # (B * windows) x ws x ws x K
+
+        return out.map(partition) if isinstance(out, Int8Tokens) else partition(out)
+
 
 class DeferredLayerNorm(nn.Module):
-    """A block's `norm2` in front of an `Int8MLP`: the `nn.LayerNorm`'s parameters (same
-    state_dict keys), but forward returns a `PendingLayerNorm` for the MLP to apply."""
+    """A block's LayerNorm in front of int8 layers that may apply it themselves: `norm2`
+    before an `Int8MLP`, or SAM's `norm1` before the int8 qkv. The `nn.LayerNorm`'s
+    parameters (same state_dict keys), but forward returns a `PendingLayerNorm`.
 
-    def __init__(self, norm: nn.LayerNorm) -> None:
+    `path` says how `PendingLayerNorm.for_linear` feeds a linear ("auto", "fused",
+    "separate"; see `choose_path`); before an `Int8MLP` the MLP's own path decides.
+    """
+
+    measured_devices = ("cuda",)  # where "auto" measures; the CPU runs the separate passes
+
+    def __init__(self, norm: nn.LayerNorm, path: str = "auto") -> None:
         super().__init__()
         self.normalized_shape = norm.normalized_shape
         self.eps = norm.eps
         self.weight = norm.weight
         self.bias = norm.bias
+        self.path = path
 
     def forward(self, x: torch.Tensor) -> PendingLayerNorm:
         return PendingLayerNorm(x, self)
+
+    def choose_path(self, pending: PendingLayerNorm, linear: nn.Module, window_size: int,
+                    carriers: tuple[nn.Module, ...] = ()) -> str:
+        """`path`, or for "auto": on CUDA outside torch.compile the faster of the two paths
+        into this int8 linear, measured per shape on first use
+        (`ops.quant.layer_norm_linear_path`); "separate" elsewhere, for a float linear, and
+        while forward hooks sit on the linear or its `carriers` (they would see
+        `Int8Tokens`; global module hooks are not looked at)."""
+        if self.path != "auto":
+            return self.path
+        x = pending.x
+        if (torch.compiler.is_compiling() or not isinstance(linear, Int8Linear)
+                or x.device.type not in self.measured_devices
+                or any(m._forward_hooks or m._forward_pre_hooks for m in (linear, *carriers))):
+            return "separate"
+        return layer_norm_linear_path(x, linear.out_features, window_size,
+                                      lambda path: linear(pending.laid_out(path, window_size)))
 
 
 class Int8MLP(nn.Module):
@@ -198,8 +295,9 @@ class Int8MLP(nn.Module):
                              lambda path: self.run(path, x))
 
     def run(self, path: str, x: torch.Tensor | PendingLayerNorm) -> torch.Tensor:
-        if path not in MLP_PATHS:
-            raise ValueError(f"Int8MLP.path must be 'auto' or one of {MLP_PATHS}, got {path!r}")
+        if path not in FUSED_PATHS:
+            raise ValueError(f"Int8MLP.path must be 'auto' or one of {FUSED_PATHS}, "
+                             f"got {path!r}")
         if path == "separate":
             h = x.value() if isinstance(x, PendingLayerNorm) else x
             return self.fc2(self.act(self.fc1(h)))
@@ -239,9 +337,23 @@ def defers_norm2(block: nn.Module) -> bool:
     (whose MLP output passes only through an identity drop-path at inference)."""
     from fastsam_core.models.sam.image_encoder import FastBlock
 
-    norm = block.norm2
-    return (type(block) in (FastBlock, MultiScaleBlock) and type(norm) is nn.LayerNorm
-            and norm.weight is not None and norm.bias is not None)
+    return type(block) in (FastBlock, MultiScaleBlock) and _affine_layer_norm(block.norm2)
+
+
+def defers_norm1(block: nn.Module) -> bool:
+    """True for SAM's `FastBlock` with an affine nn.LayerNorm norm1 before an int8 qkv
+    within the row kernels' reach: its forward hands a deferred norm1 to qkv
+    (`PendingLayerNorm.for_linear`)."""
+    from fastsam_core.kernels.quantize_rows import MAX_ROW
+    from fastsam_core.models.sam.image_encoder import FastBlock
+
+    return (type(block) is FastBlock and _affine_layer_norm(block.norm1)
+            and isinstance(block.attn.qkv, Int8Linear)
+            and block.attn.qkv.in_features <= MAX_ROW)
+
+
+def _affine_layer_norm(norm: nn.Module) -> bool:
+    return type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
 
 
 MODES = {"int8": Int8Linear, "2:4": Sparse24Linear}
@@ -297,7 +409,7 @@ def quantize_linears(encoder: nn.Module, mode: str, layers: str) -> StageReport:
             continue  # 2:4 needs groups of 4 input features: this layer stays dense
         _replace(encoder, path, MODES[mode](linear))
         swapped += 1
-    fused = fuse_int8_mlps(encoder) if mode == "int8" else 0
+    fused, norms = fuse_int8_layers(encoder) if mode == "int8" else (0, 0)
     how = {"int8": "int8 weights per channel, int8 activations per token (on CUDA int_mm or "
                    "the fused Triton kernel, chosen per shape by measurement; dequantized "
                    "fp32 products elsewhere)",
@@ -306,19 +418,25 @@ def quantize_linears(encoder: nn.Module, mode: str, layers: str) -> StageReport:
     if fused:
         how += (f"; {fused} MLPs can run as fused kernels (LayerNorm + quantization, GELU in "
                 "fc1's epilogue), on CUDA where measured faster per shape")
+    if norms:
+        how += (f"; {norms} norm1 LayerNorms can feed their int8 qkv as one LayerNorm + "
+                "quantization kernel, on CUDA where measured faster per shape")
     return StageReport("image_encoder.linears", mode, f"{swapped} layers ({layers}): {how}")
 
 
-def fuse_int8_mlps(encoder: nn.Module) -> int:
+def fuse_int8_layers(encoder: nn.Module) -> tuple[int, int]:
     """Make each block's int8 MLP an `Int8MLP` (and its norm2 a `DeferredLayerNorm` where
-    the block allows); returns how many MLPs."""
+    the block allows), and SAM's norm1 before an int8 qkv a `DeferredLayerNorm`; returns how
+    many MLPs and how many norm1s."""
     prefix = "blocks" if hasattr(encoder, "blocks") else "trunk.blocks"
-    count = 0
+    mlps = norms = 0
     for i, block in enumerate(encoder.get_submodule(prefix)):
-        if not fusable_mlp(block.mlp):
-            continue
-        _replace(encoder, f"{prefix}.{i}.mlp", Int8MLP(block.mlp))
-        if defers_norm2(block):
-            _replace(encoder, f"{prefix}.{i}.norm2", DeferredLayerNorm(block.norm2))
-        count += 1
-    return count
+        if defers_norm1(block):
+            _replace(encoder, f"{prefix}.{i}.norm1", DeferredLayerNorm(block.norm1))
+            norms += 1
+        if fusable_mlp(block.mlp):
+            _replace(encoder, f"{prefix}.{i}.mlp", Int8MLP(block.mlp))
+            if defers_norm2(block):
+                _replace(encoder, f"{prefix}.{i}.norm2", DeferredLayerNorm(block.norm2))
+            mlps += 1
+    return mlps, norms

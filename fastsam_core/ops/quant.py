@@ -31,15 +31,18 @@ from fastsam_core.kernels.tuning import Tuner
 INT8_MAX = 127
 INT8_TUNER = Tuner("int8_matmul")  # the per-shape, per-GPU choice of int8 matmul backend
 INT8_KERNEL_VERSION = 1  # part of every tuning key: bump when kernels/int8_matmul.py changes
-MLP_TUNER = Tuner("int8_mlp")  # the per-shape, per-GPU choice of fused or separate int8 MLP
-MLP_FUSION_VERSION = 1  # part of every tuning key: bump when the fused MLP's kernels change
-MLP_PATHS = ("fused", "separate")
-# Relative L2 distance allowed between the fused and the separate int8 MLP. Both are int8
-# results of the same MLP, 1.1e-2 to 1.8e-2 from the float one; they differ where the
-# separate passes round the LayerNorm and fc1 outputs to the compute dtype first: measured
-# 1e-7 in fp32, up to 8.6e-3 in fp16 and 1.6e-2 in bf16 (scripts/runs/int8_mlp_paths.py, CPU,
-# up to vit_b's widths). A wrong kernel (garbage, unwritten rows) is ~1 away.
-MLP_PATHS_MATCH_REL_L2 = 5e-2
+# The per-shape, per-GPU choice between fused kernels and separate passes: for int8 MLPs and
+# for LayerNorms that feed an int8 linear directly (norm1 -> qkv).
+FUSION_TUNER = Tuner("int8_fusion")
+FUSION_VERSION = 1  # part of every tuning key: bump when a fused path's kernels change
+FUSED_PATHS = ("fused", "separate")
+# Relative L2 distance allowed between a fused and the separate int8 result. Both are int8
+# results of the same layers (1.1e-2 to 1.8e-2 from the float ones); they differ where the
+# separate passes round the LayerNorm's (and fc1's) output to the compute dtype first:
+# measured 1e-7 in fp32, up to 8.3e-3 in fp16 and 1.6e-2 in bf16 for MLPs, 2.4e-3 and 6.9e-3
+# for norm1 -> qkv (scripts/runs/int8_fused_paths.txt, CPU, up to vit_b's widths). A wrong
+# kernel (garbage, unwritten rows) is ~1 away.
+FUSED_PATHS_MATCH_REL_L2 = 5e-2
 ACTIVATIONS = (None, "gelu")  # what an int8 matmul may apply before its output is stored
 
 
@@ -173,28 +176,43 @@ def int8_backend(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tenso
 
 
 def int8_mlp_path(x: torch.Tensor, hidden: int, has_norm: bool,
-                  run: Callable[[str], torch.Tensor], tuner: Tuner = MLP_TUNER) -> str:
-    """"fused" or "separate" for an int8 MLP (`models.quant.Int8MLP`) on input x (... x K)
-    with `hidden` features, decided by measurement on first use of the shape on this GPU:
-    `run(path)` computes the MLP on the real input either way, the fused output must match
-    the separate one within MLP_PATHS_MATCH_REL_L2, and the faster is kept (in memory, the
-    per-user cache, or from the shipped table). Token counts are bucketed to powers of two.
-    With FASTSAM_DISABLE_TRITON set: "separate"."""
+                  run: Callable[[str], torch.Tensor], tuner: Tuner = FUSION_TUNER) -> str:
+    """`fused_path` of an int8 MLP (`models.quant.Int8MLP`) on input x (... x K) with `hidden`
+    features, after a deferred LayerNorm or not."""
+    return fused_path(x, f"mlp:h{hidden}:norm{has_norm}", run, tuner)
+
+
+def layer_norm_linear_path(x: torch.Tensor, out_features: int, window_size: int,
+                           run: Callable[[str], torch.Tensor],
+                           tuner: Tuner = FUSION_TUNER) -> str:
+    """`fused_path` of a LayerNorm on x (B x H x W x K) feeding an int8 linear with
+    `out_features` directly, through a window partition (window_size > 0) or not
+    (`models.quant.PendingLayerNorm.for_linear`)."""
+    return fused_path(x, f"norm_linear:m{out_features}:w{window_size}", run, tuner)
+
+
+def fused_path(x: torch.Tensor, op: str, run: Callable[[str], torch.Tensor],
+               tuner: Tuner = FUSION_TUNER) -> str:
+    """"fused" or "separate" for the int8 layers `op` names, on input x (... x K), decided
+    by measurement on first use of the shape on this GPU: `run(path)` computes the layers on
+    the real input either way, the fused output must match the separate one within
+    FUSED_PATHS_MATCH_REL_L2, and the faster is kept (in memory, the per-user cache, or from
+    the shipped table). Token counts are bucketed to powers of two. With
+    FASTSAM_DISABLE_TRITON set: "separate"."""
     from fastsam_core.ops.attention import kernel_disabled
 
     if kernel_disabled():
         return "separate"
     n = x.numel() // x.shape[-1]
-    key = (f"v{MLP_FUSION_VERSION}:n{token_bucket(n)}:k{x.shape[-1]}:h{hidden}:"
-           f"norm{has_norm}:{x.dtype}")
+    key = f"v{FUSION_VERSION}:{op}:n{token_bucket(n)}:k{x.shape[-1]}:{x.dtype}"
     device = device_key(x)
-    names = list(MLP_PATHS)
+    names = list(FUSED_PATHS)
     choice = tuner.cached(device, key, names)
     if choice is not None:
         return choice
     reference = run("separate")
     return tuner.tune(device, key, {name: partial(run, name) for name in names}, reference,
-                      MLP_PATHS_MATCH_REL_L2)
+                      FUSED_PATHS_MATCH_REL_L2)
 
 
 def token_bucket(n: int) -> int:

@@ -31,6 +31,7 @@ from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, adopt_parameter, module_device
 from fastsam_core.models.fallback import ReferenceFallback
+from fastsam_core.models.quant import Int8Tokens, PendingLayerNorm
 from fastsam_core.models.sam.common import layer_norm_2d
 from fastsam_core.ops.attention import (
     KERNEL_FALLBACKS,
@@ -106,8 +107,8 @@ class FastAttention(nn.Module):
             backend=backend,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: B x h x w x C -> B x h x w x C."""
+    def forward(self, x: torch.Tensor | Int8Tokens) -> torch.Tensor:
+        """x: B x h x w x C (or its `Int8Tokens`, for an int8 qkv) -> B x h x w x C."""
         b, h, w, c = x.shape
         # B x N x 3C -> 3 x B x heads x N x d
         qkv = self.qkv(x).view(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -126,7 +127,9 @@ class FastBlock(nn.Module):
     """Pre-norm transformer block, windowed (window_size > 0) or global.
 
     Replaces `segment_anything.modeling.image_encoder.Block`; same parameters
-    (`norm1`, `attn`, `norm2`, `mlp`).
+    (`norm1`, `attn`, `norm2`, `mlp`). With int8 linears `norm1` may be a
+    `models.quant.DeferredLayerNorm`, handing qkv the int8 codes of its output (then
+    window-partitioned as codes; not while `attn` or qkv have forward hooks).
     """
 
     def __init__(
@@ -157,15 +160,18 @@ class FastBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: B x H x W x C -> B x H x W x C."""
         shortcut = x
+        hw = x.shape[1:3]
+        ws = self.window_size
         x = self.norm1(x)
-        if self.window_size > 0:
-            hw = x.shape[1:3]
+        if isinstance(x, PendingLayerNorm):  # int8 qkv: the norm's codes, maybe (models.quant)
+            x = x.for_linear(self.attn.qkv, ws, carriers=(self.attn,))
+        elif ws > 0:
             # B x H x W x C -> (B * windows) x ws x ws x C, zero-padded as the reference does
-            x, pad_hw = window_partition(x, self.window_size)
-            x = self.attn(x)
-            x = window_unpartition(x, self.window_size, pad_hw, hw)
-        else:
-            x = self.attn(x)
+            x = window_partition(x, ws)[0]
+        x = self.attn(x)
+        if ws > 0:
+            padded = (hw[0] + (-hw[0]) % ws, hw[1] + (-hw[1]) % ws)
+            x = window_unpartition(x, ws, padded, hw)  # -> B x H x W x C
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
 
