@@ -113,7 +113,9 @@ def test_sam2_encoder_quantized():
     x = images()
     before = model.image_encoder(x)["vision_features"]
     fastsam_core.optimize(model, FastConfig(quantize="int8"))
-    assert any(isinstance(m, Int8Linear) for m in model.image_encoder.modules())
+    blocks = model.image_encoder.trunk.blocks
+    assert all(isinstance(b.attn.qkv, Int8Linear) for b in blocks)
+    assert all(type(b.norm1) is nn.LayerNorm for b in blocks)  # sam2's forward needs a tensor
     out = model.image_encoder(x)["vision_features"]
     assert sqnr_db(before, out) > tol.INT8_ENCODER_MIN_SQNR_DB
     fastsam_core.restore(model)
@@ -298,13 +300,40 @@ def test_norm1_feeds_the_int8_qkv_its_codes(grid, window):
         windows_w = -(-grid[1] // window)
         last = y_fused.view(2, -1, windows_w, window, window, 144)[:, -1, -1]  # padded corner
         assert torch.equal(last[:, -1, -1], qkv.bias.expand(2, 144))
-    assert pending.for_linear(qkv, window).shape == separate.shape  # CPU: separate
+    assert torch.equal(pending.for_linear(qkv, window), separate)  # "auto" on the CPU
     pending.norm.path = "fused"
     with pytest.raises(ValueError, match="needs an Int8Linear"):
         pending.for_linear(nn.Linear(48, 144), window)
     pending.norm.path = "bogus"
     with pytest.raises(ValueError, match="DeferredLayerNorm.path"):
         pending.for_linear(qkv, window)
+
+
+@torch.inference_mode()
+def test_fused_norm1_in_the_encoder_blocks():
+    """A whole optimized encoder with padded windows at batch 2 and norm1 forced "fused":
+    each block's attention gets the codes (`Int8Tokens`), and each block gives what it gives
+    with norm1 separate but for rounding-tie flips."""
+    sam = small_sam("win5-padded")  # 16 x 16 tokens in 5 x 5 windows: padded
+    fastsam_core.optimize(sam, FastConfig(quantize="int8", quantize_layers="all"))
+    encoder = sam.image_encoder
+    set_mlp_paths(encoder, "separate")
+    inputs, attn_inputs = [], []
+    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0])))
+             for b in encoder.blocks]
+    encoder(image_batch(batch=2))
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == len(encoder.blocks) == 4
+    for block, x in inputs:
+        separate = block(x)
+        block.norm1.path = "fused"
+        handle = block.attn.register_forward_pre_hook(
+            lambda m, args: attn_inputs.append(type(args[0])))
+        fused = block(x)
+        handle.remove()
+        assert sqnr_db(separate, fused) >= tol.INT8_TIE_FLIP_MIN_SQNR_DB
+    assert attn_inputs == [Int8Tokens] * 4
 
 
 def test_norm1_path_separate_for_hooks_float_linears_and_compile(monkeypatch):
@@ -406,13 +435,15 @@ def test_the_real_fused_paths_pass_the_match(tmp_path, monkeypatch):
 @pytest.mark.cuda
 @torch.inference_mode()
 @pytest.mark.parametrize("k, hidden", [(768, 3072), (1280, 5120)])
-def test_int8_mlp_bf16_real_widths(k, hidden):
+def test_int8_mlp_bf16_real_widths(k, hidden, tmp_path, monkeypatch):
     """The compiled fused kernels at vit_b / vit_h MLP widths in bf16: both paths as close to
     the float MLP (fp32) as two int8 layers allow, and both pass the path measurement's
     match (a fused result it rejected would never be chosen)."""
     from fastsam_core.kernels.tuning import Tuner
     from fastsam_core.ops.quant import int8_mlp_path
 
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))  # measured here, not remembered
+    monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
     torch.manual_seed(0)
     norm, mlp = nn.LayerNorm(k).cuda(), MLPBlock(k, hidden).eval().cuda()
     x = torch.randn(1024, k, device="cuda")
@@ -431,7 +462,7 @@ def test_int8_mlp_bf16_real_widths(k, hidden):
 @pytest.mark.cuda
 @torch.inference_mode()
 @pytest.mark.parametrize("k, window", [(768, 14), (1280, 0)])
-def test_norm1_into_int8_qkv_bf16_real_widths(k, window):
+def test_norm1_into_int8_qkv_bf16_real_widths(k, window, tmp_path, monkeypatch):
     """The compiled LayerNorm + codes kernel feeding an int8 qkv at vit_b (windowed, padded
     64x64 grid) / vit_h (global) widths in bf16: both paths as close to the float layers
     (fp32) as an int8 linear allows, and both pass the path measurement's match."""
@@ -440,6 +471,8 @@ def test_norm1_into_int8_qkv_bf16_real_widths(k, window):
     from fastsam_core.kernels.tuning import Tuner
     from fastsam_core.ops.quant import layer_norm_linear_path
 
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))  # measured here, not remembered
+    monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
     torch.manual_seed(0)
     norm, qkv = nn.LayerNorm(k).cuda(), nn.Linear(k, 3 * k).cuda()
     x = torch.randn(2, 64, 64, k, device="cuda")

@@ -37,11 +37,11 @@ FUSION_TUNER = Tuner("int8_fusion")
 FUSION_VERSION = 1  # part of every tuning key: bump when a fused path's kernels change
 FUSED_PATHS = ("fused", "separate")
 # Relative L2 distance allowed between a fused and the separate int8 result. Both are int8
-# results of the same layers (1.1e-2 to 1.8e-2 from the float ones); they differ where the
-# separate passes round the LayerNorm's (and fc1's) output to the compute dtype first:
-# measured 1e-7 in fp32, up to 8.3e-3 in fp16 and 1.6e-2 in bf16 for MLPs, 2.4e-3 and 6.9e-3
-# for norm1 -> qkv (scripts/runs/int8_fused_paths.txt, CPU, up to vit_b's widths). A wrong
-# kernel (garbage, unwritten rows) is ~1 away.
+# results of the same layers (from the float ones: MLPs 1.1e-2 to 1.8e-2, norm1 -> qkv 7.0e-3
+# to 1.0e-2); they differ where the separate passes round the LayerNorm's (and fc1's) output
+# to the compute dtype first: measured 1e-7 in fp32, up to 8.3e-3 in fp16 and 1.6e-2 in bf16
+# for MLPs, 2.4e-3 and 6.9e-3 for norm1 -> qkv (scripts/runs/int8_fused_paths.txt, CPU, up
+# to vit_b's widths). A wrong kernel (garbage, unwritten rows) is ~1 away.
 FUSED_PATHS_MATCH_REL_L2 = 5e-2
 ACTIVATIONS = (None, "gelu")  # what an int8 matmul may apply before its output is stored
 
@@ -187,7 +187,8 @@ def layer_norm_linear_path(x: torch.Tensor, out_features: int, window_size: int,
                            tuner: Tuner = FUSION_TUNER) -> str:
     """`fused_path` of a LayerNorm on x (B x H x W x K) feeding an int8 linear with
     `out_features` directly, through a window partition (window_size > 0) or not
-    (`models.quant.PendingLayerNorm.for_linear`)."""
+    (`models.quant.PendingLayerNorm.for_linear`). Grids with the same token bucket and window
+    share a choice (the padding the windows add is not part of the key)."""
     return fused_path(x, f"norm_linear:m{out_features}:w{window_size}", run, tuner)
 
 
