@@ -306,7 +306,8 @@ def _accuracy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         payload = {**env_info(device), "commit": commit(), "model": what,
                    "configs": {name: repr(config) for name, config in configs.items()},
                    "sqnr_note": "per-layer SQNR is taken with hooks on the int8 linears, so "
-                                "int8 MLPs run their separate passes for it; mask IoU is "
+                                "int8 MLPs and the norm1s deferred to an int8 qkv run their "
+                                "separate passes for it; mask IoU is "
                                 "measured on the path each configuration takes",
                    "scenes": args.scenes,
                    "seed": args.seed, "rows": as_dicts(rows)}
