@@ -10,13 +10,17 @@ Cases: "reference" is SDPA with the bias materialized, "fast" the fused kernel,
 position tables, so the bias terms' cost is included where a backend needs them; but
 "fast_terms_given", the kernel alone on bias terms computed beforehand: "fast" minus it is
 what computing the terms (two small matmuls) costs, so the most a kernel computing them from
-q and the tables itself could save (the issue's decision between the two, by measurement).
+q and the tables itself could save (the issue's decision between the two, by measurement);
+"fast_gather_bias", the kernel at the launch configuration the tuner chose for "triton" but
+with the bias gathered per element (the kernel's first way, before the bias modes of
+kernels/rel_pos_attention.py): "fast_terms_given" against it is what those modes gain.
 
     pytest bench/test_bench_attention.py --benchmark-only
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -25,8 +29,9 @@ import torch.nn.functional as F
 
 from bench.common import DEVICE, record, repeats
 from fastsam_core.benchmark import synchronize
+from fastsam_core.kernels import rel_pos_attention as kernel
 from fastsam_core.kernels.rel_pos_attention import flops
-from fastsam_core.ops.attention import rel_pos_attention, rel_pos_terms
+from fastsam_core.ops.attention import rel_pos_attention, rel_pos_terms, tuned_config
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,8 @@ else:
 # "reference": SDPA with the bias materialized (what the fast encoder's sdpa path does);
 # "fast": the fused kernel; "floor_sdpa_nobias": SDPA without any bias, the floor;
 # "fast_terms_given": the kernel on precomputed bias terms.
-IMPLS = ["reference", "fast", "fast_terms_given", "floor_sdpa_nobias"]
+# "fast_gather_bias": the kernel at that launch, the bias gathered per element.
+IMPLS = ["reference", "fast", "fast_terms_given", "fast_gather_bias", "floor_sdpa_nobias"]
 
 
 def inputs(shape: Shape):
@@ -66,6 +72,15 @@ def inputs(shape: Shape):
     return [t.to(DEVICE, shape.dtype) for t in (q, k, v, pos_h, pos_w)]
 
 
+def gather_config(q, k, v, rel_h, rel_w, key_grid_w, scale):
+    """The launch the tuner chose for the "triton" backend, with the bias gathered."""
+    config = (kernel.INTERPRETER_CONFIG if kernel.INTERPRETER else
+              tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, False))
+    if config is None:
+        pytest.skip("no launch configuration matched the reference: the op runs SDPA")
+    return dataclasses.replace(config, bias="gather")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[s.name for s in SHAPES])
 def test_attention(benchmark, shape, impl):
@@ -74,6 +89,8 @@ def test_attention(benchmark, shape, impl):
     benchmark.group = f"attention {shape.name}"
     with torch.inference_mode():
         rel_h, rel_w = rel_pos_terms(q, pos_h, pos_w, shape.grid)
+        if impl == "fast_gather_bias":
+            gathering = gather_config(q, k, v, rel_h, rel_w, shape.grid[1], scale)
 
     def run():
         with torch.inference_mode():
@@ -83,6 +100,9 @@ def test_attention(benchmark, shape, impl):
                 elif impl == "fast_terms_given":  # what the "triton" backend calls
                     torch.ops.fastsam.rel_pos_attention(q, k, v, rel_h, rel_w, shape.grid[1],
                                                         scale, False)
+                elif impl == "fast_gather_bias":
+                    kernel.rel_pos_attention_fwd(q, k, v, rel_h, rel_w, shape.grid[1], scale,
+                                                 gathering)
                 else:
                     backend = "triton" if impl == "fast" else "sdpa"
                     rel_pos_attention(q, k, v, pos_h, pos_w, shape.grid, scale, backend)

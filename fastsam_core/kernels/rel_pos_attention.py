@@ -16,9 +16,21 @@ output accumulator (the online softmax of FlashAttention):
     m_new = max(m_i, rowmax(S_blk));  p = exp(S_blk - m_new);  alpha = exp(m_i - m_new)
     l_i   = alpha * l_i + rowsum(p);   acc = alpha * acc + p @ V_blk;   O = acc / l_i
 
-The bias of a block is gathered from rel_h / rel_w with integer division of the key index by
-the grid width: no N x N bias either. Head dims that are not a power of two (vit_h: 80) are
-handled by masking the d axis up to BLOCK_D, without padding q/k/v in memory.
+No N x N bias either. How a block's bias is formed from rel_h / rel_w (BIAS_MODE; compiled
+for sm_90, a tile of per-element gathers spills hundreds of bytes per thread, see
+scripts/runs/compile_check-sm90-triton3.6.txt):
+
+    "row"     BLOCK_N == w: a block is one key row, columns 0..w-1 in order, so its bias is
+              rel_h[:, row] (one column) + the program's rel_w tile, loaded once;
+    "onehot"  small grids (windows): rel_h and rel_w tiles loaded once, the bias of a block
+              as two matmuls with one-hot matrices, rel_h @ [r == row(j)] + rel_w @ [c ==
+              col(j)] (exact: one product of 1 per entry, fp32 accumulation);
+    "gather"  otherwise: rel_h[i, j // w] and rel_w[i, j % w] loaded per element.
+
+Head dims are split into a power-of-two part and a remainder instead of being padded to the
+next power of two (vit_h's 80 = 64 + 16, not 128: 37.5% fewer multiply-adds and accumulator
+registers), the d axis masked where the remainder is partial; q/k/v are never padded in
+memory.
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ import triton.language as tl
 
 # TRITON_INTERPRET=1 is read when a kernel is decorated: runs on CPU tensors, with numpy.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BIAS_MODES = ("row", "onehot", "gather")
+ONEHOT_MAX_DEPTH = 64  # largest padded h + w the one-hot matmuls take (windows: 16 + 16)
 
 
 @dataclass(frozen=True)
@@ -40,21 +54,59 @@ class LaunchConfig:
 
     Rules of thumb: BLOCK_M queries per program (64-128: enough work per program to hide load
     latency, few enough programs' registers to keep occupancy); BLOCK_N keys per step (32-64:
-    the S tile is BLOCK_M x BLOCK_N fp32 registers); num_warps 4 for 64-row tiles, 8 for 128;
-    num_stages 2-3 software-pipelines the K/V loads.
+    the S tile is BLOCK_M x BLOCK_N fp32 registers; equal to the grid width, the bias comes
+    from a tile loaded once); num_warps 4 for 64-row tiles, 8 for 128; num_stages 2-3
+    software-pipelines the K/V loads. `bias` forces a BIAS_MODE ("auto": `bias_mode`).
     """
 
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    bias: str = "auto"
+
+    def __post_init__(self):
+        if self.bias not in ("auto", *BIAS_MODES):
+            raise ValueError(f"bias must be 'auto' or one of {BIAS_MODES}, got {self.bias!r}")
 
     def as_key(self) -> str:
-        return f"m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}"
+        key = f"m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}"
+        return key if self.bias == "auto" else f"{key}_{self.bias}"
 
 
 # The interpreter runs a numpy op per tile per step: large tiles make few, cheap steps.
 INTERPRETER_CONFIG = LaunchConfig(block_m=32, block_n=32, num_warps=1, num_stages=1)
+
+
+def bias_mode(config: LaunchConfig, grid: tuple[int, int]) -> str:
+    """The BIAS_MODE a launch of `config` on an h x w key grid uses: `config.bias` if forced,
+    else "row" when a block is one key row, "onehot" for small grids, "gather" otherwise."""
+    if config.bias != "auto":
+        if config.bias == "row" and config.block_n != grid[1]:
+            raise ValueError(f"bias 'row' needs block_n == grid width, got {config.block_n} "
+                             f"and {grid[1]}")
+        return config.bias
+    if config.block_n == grid[1]:
+        return "row"
+    if _pad(grid[0]) + _pad(grid[1]) <= ONEHOT_MAX_DEPTH:
+        return "onehot"
+    return "gather"
+
+
+def head_dim_split(d: int) -> tuple[int, int]:
+    """(D0, D1): the head dim as a power of two D0 >= 16 plus a remainder block D1 (0 or a
+    power of two >= 16), where that covers d with fewer columns than padding to a power of
+    two (80 -> 64 + 16; 64 -> 64 + 0; 24 -> 32 + 0)."""
+    padded = _pad(d)
+    low = max(16, 1 << (d.bit_length() - 1))
+    if low >= d or low + _pad(d - low) >= padded:
+        return padded, 0
+    return low, _pad(d - low)
+
+
+def _pad(n: int) -> int:
+    """n rounded up to a power of two >= 16 (tl.dot's smallest block dimension)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 @triton.jit
@@ -62,24 +114,29 @@ def _rel_pos_attention_fwd(
     Q,  # B x heads x N x d queries (any strides), compute dtype
     K,  # B x heads x N x d keys
     V,  # B x heads x N x d values
-    RH,  # B x heads x N x kh: rel_h[i, key row], any float dtype (unused without HAS_BIAS)
-    RW,  # B x heads x N x kw: rel_w[i, key column]
+    RH,  # B x heads x N x kh: rel_h[i, key row], unit last stride (unused without HAS_BIAS)
+    RW,  # B x heads x N x kw: rel_w[i, key column], unit last stride
     Out,  # B x heads x N x d output (any strides), written once per element
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_rhb, stride_rhh, stride_rhn, stride_rhk,
-    stride_rwb, stride_rwh, stride_rwn, stride_rwk,
+    stride_rhb, stride_rhh, stride_rhn,
+    stride_rwb, stride_rwh, stride_rwn,
     stride_ob, stride_oh, stride_on, stride_od,
     heads,  # number of heads: program_id(1) = b * heads + h
     n_tokens,  # N = kh * kw
     scale,  # softmax scale on q . k (not on the bias)
+    KEY_H: tl.constexpr,  # kh: height of the key grid
     KEY_W: tl.constexpr,  # kw: width of the key grid, key j sits at (j // kw, j % kw)
     HEAD_DIM: tl.constexpr,  # d
-    BLOCK_D: tl.constexpr,  # d rounded up to a power of two >= 16 (tl.dot's minimum)
+    D0: tl.constexpr,  # head-dim columns of the first block (a power of two >= 16)
+    D1: tl.constexpr,  # head-dim columns of the second block, 0 for none (head_dim_split)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BIAS_MODE: tl.constexpr,  # 0 "row", 1 "onehot", 2 "gather" (see the module docstring)
+    PAD_H: tl.constexpr,  # kh and kw rounded up to a power of two >= 16 ("onehot" tiles)
+    PAD_W: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32" otherwise (ignored)
     UPCAST_DOT: tl.constexpr,  # interpreter only: tl.dot on bf16 is wrong there (triton #11584)
 ):
@@ -89,57 +146,101 @@ def _rel_pos_attention_fwd(
     b = (pid_bh // heads).to(tl.int64)
     h = (pid_bh % heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < n_tokens
-    d_valid = offs_d < HEAD_DIM
-
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn \
-        + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
+    offs_d0 = tl.arange(0, D0)
+    d0_valid = offs_d0 < HEAD_DIM
+    q_base = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    rh_base = RH + b * stride_rhb + h * stride_rhh + offs_m[:, None] * stride_rhn
+    q0 = tl.load(q_base + offs_d0[None, :] * stride_qd, mask=m_valid[:, None] & d0_valid[None, :],
+                 other=0.0)
+    if UPCAST_DOT:
+        q0 = q0.to(tl.float32)
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        d1_valid = offs_d1 < HEAD_DIM
+        q1 = tl.load(q_base + offs_d1[None, :] * stride_qd,
+                     mask=m_valid[:, None] & d1_valid[None, :], other=0.0)
+        if UPCAST_DOT:
+            q1 = q1.to(tl.float32)
+        acc1 = tl.zeros((BLOCK_M, D1), dtype=tl.float32)
+    rh_base = RH + b * stride_rhb + h * stride_rhh + offs_m[:, None] * stride_rhn  # BLOCK_M x 1
     rw_base = RW + b * stride_rwb + h * stride_rwh + offs_m[:, None] * stride_rwn
+    if HAS_BIAS:
+        if BIAS_MODE == 0:  # rel_w[i, col] for the columns of every block: BLOCK_M x kw
+            rw_tile = tl.load(rw_base + tl.arange(0, BLOCK_N)[None, :], mask=m_valid[:, None],
+                              other=0.0)
+        if BIAS_MODE == 1:  # all of rel_h and rel_w: BLOCK_M x PAD_H and BLOCK_M x PAD_W
+            cols_h = tl.arange(0, PAD_H)
+            cols_w = tl.arange(0, PAD_W)
+            rh_tile = tl.load(rh_base + cols_h[None, :],
+                              mask=m_valid[:, None] & (cols_h < KEY_H)[None, :], other=0.0)
+            rw_tile = tl.load(rw_base + cols_w[None, :],
+                              mask=m_valid[:, None] & (cols_w < KEY_W)[None, :], other=0.0)
+            if UPCAST_DOT:
+                rh_tile = rh_tile.to(tl.float32)
+                rw_tile = rw_tile.to(tl.float32)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
     log2e = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the native instruction
 
     for start_n in range(0, n_tokens, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < n_tokens
-        # K^T tile: BLOCK_D x BLOCK_N
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        # K^T tiles: D0 x BLOCK_N (and D1 x BLOCK_N)
+        k0 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d0[:, None] * stride_kd,
+                     mask=n_valid[None, :] & d0_valid[:, None], other=0.0)
+        v0 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d0[None, :] * stride_vd,
+                     mask=n_valid[:, None] & d0_valid[None, :], other=0.0)
         if UPCAST_DOT:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale  # BLOCK_M x BLOCK_N, fp32
+            k0 = k0.to(tl.float32)
+            v0 = v0.to(tl.float32)
+        s = tl.dot(q0, k0, input_precision=DOT_PRECISION)  # BLOCK_M x BLOCK_N, fp32
+        if D1 > 0:
+            k1 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d1[:, None] * stride_kd,
+                         mask=n_valid[None, :] & d1_valid[:, None], other=0.0)
+            v1 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd,
+                         mask=n_valid[:, None] & d1_valid[None, :], other=0.0)
+            if UPCAST_DOT:
+                k1 = k1.to(tl.float32)
+                v1 = v1.to(tl.float32)
+            s = tl.dot(q1, k1, s, input_precision=DOT_PRECISION)
+        s = s * scale
         if HAS_BIAS:
-            both = m_valid[:, None] & n_valid[None, :]
-            rel_h = tl.load(rh_base + (offs_n // KEY_W)[None, :] * stride_rhk, mask=both,
-                            other=0.0)
-            rel_w = tl.load(rw_base + (offs_n % KEY_W)[None, :] * stride_rwk, mask=both,
-                            other=0.0)
-            s += rel_h.to(tl.float32) + rel_w.to(tl.float32)
+            if BIAS_MODE == 0:  # the block is key row start_n // kw, all its columns in order
+                rel_h = tl.load(rh_base + start_n // KEY_W, mask=m_valid[:, None], other=0.0)
+                s += rel_h.to(tl.float32) + rw_tile.to(tl.float32)
+            elif BIAS_MODE == 1:
+                rows = (tl.arange(0, PAD_H)[:, None] == (offs_n // KEY_W)[None, :])
+                cols = (tl.arange(0, PAD_W)[:, None] == (offs_n % KEY_W)[None, :])
+                s = tl.dot(rh_tile, rows.to(rh_tile.dtype), s, input_precision="ieee")
+                s = tl.dot(rw_tile, cols.to(rw_tile.dtype), s, input_precision="ieee")
+            else:
+                both = m_valid[:, None] & n_valid[None, :]
+                rel_h = tl.load(rh_base + (offs_n // KEY_W)[None, :], mask=both, other=0.0)
+                rel_w = tl.load(rw_base + (offs_n % KEY_W)[None, :], mask=both, other=0.0)
+                s += rel_h.to(tl.float32) + rel_w.to(tl.float32)
         s = tl.where(n_valid[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2((s - m_new[:, None]) * log2e)
         alpha = tl.exp2((m_i - m_new) * log2e)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        p = p.to(v0.dtype)
+        acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+        if D1 > 0:
+            acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
-    out = acc / l_i[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on \
-        + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    o_base = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
+    tl.store(o_base + offs_d0[None, :] * stride_od, (acc0 / l_i[:, None]).to(Out.dtype.element_ty),
+             mask=m_valid[:, None] & d0_valid[None, :])
+    if D1 > 0:
+        tl.store(o_base + offs_d1[None, :] * stride_od,
+                 (acc1 / l_i[:, None]).to(Out.dtype.element_ty),
+                 mask=m_valid[:, None] & d1_valid[None, :])
 
 
 def empty_output(q: torch.Tensor) -> torch.Tensor:
@@ -175,22 +276,31 @@ def rel_pos_attention_fwd(
         B x heads x N x d in q's dtype.
     """
     b, heads, n, d = q.shape
+    grid_hw = (n // key_grid_w, key_grid_w)
     out = empty_output(q) if out is None else out
     has_bias = rel_h is not None
-    dummy = q.new_empty(1, 1, 1, 1)
-    rh = rel_h if has_bias else dummy
-    rw = rel_w if has_bias else dummy
-    grid = (triton.cdiv(n, config.block_m), b * heads)
-    _rel_pos_attention_fwd[grid](
+    if has_bias:  # the kernel reads the bias terms' last dim with unit stride
+        rh, rw = (t if t.stride(-1) == 1 else t.contiguous() for t in (rel_h, rel_w))
+    else:
+        rh = rw = q.new_empty(1, 1, 1, 1)
+    d0, d1 = head_dim_split(d)
+    launch = (triton.cdiv(n, config.block_m), b * heads)
+    _rel_pos_attention_fwd[launch](
         q, k, v, rh, rw, out,
-        *q.stride(), *k.stride(), *v.stride(), *rh.stride(), *rw.stride(), *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *rh.stride()[:3], *rw.stride()[:3],
+        *out.stride(),
         heads, n, scale,
+        KEY_H=grid_hw[0],
         KEY_W=key_grid_w,
         HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        D0=d0,
+        D1=d1,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         HAS_BIAS=has_bias,
+        BIAS_MODE=BIAS_MODES.index(bias_mode(config, grid_hw)),
+        PAD_H=_pad(grid_hw[0]),
+        PAD_W=_pad(grid_hw[1]),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOT=INTERPRETER and q.dtype == torch.bfloat16,
         num_warps=config.num_warps,

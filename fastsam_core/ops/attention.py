@@ -42,7 +42,7 @@ except ImportError:  # no Triton on this platform: the SDPA and math paths still
 
 DISABLE_ENV = "FASTSAM_DISABLE_TRITON"
 TUNER = Tuner("rel_pos_attention")
-KERNEL_VERSION = 1  # part of every tuning key: bump when the kernel's code changes
+KERNEL_VERSION = 2  # part of every tuning key: bump when the kernel's code changes
 KERNEL_FALLBACKS: dict[str, int] = {}  # reason -> calls (this process) that wanted the kernel
 
 
@@ -164,7 +164,7 @@ def _rel_pos_attention_op(
     if kernel.INTERPRETER:  # timing the interpreter would measure numpy, not the kernel
         config = kernel.INTERPRETER_CONFIG
     else:
-        config = _tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed)
+        config = tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed)
     if config is None:
         return _sdpa_into_layout(q, k, v, rel_h, rel_w, scale)
     return kernel.rel_pos_attention_fwd(q, k, v, rel_h, rel_w, key_grid_w, scale, config,
@@ -182,10 +182,19 @@ if kernel is not None:
         kernel.LaunchConfig(64, 64, 4, 3),
         kernel.LaunchConfig(64, 32, 4, 3),
         kernel.LaunchConfig(128, 64, 8, 2),
+        kernel.LaunchConfig(128, 64, 8, 3),
         kernel.LaunchConfig(128, 32, 8, 3),
         kernel.LaunchConfig(128, 128, 8, 2),
     ]
-    _BY_NAME = {c.as_key(): c for c in CANDIDATES}
+
+
+def candidates_for(grid: tuple[int, int]) -> dict[str, kernel.LaunchConfig]:
+    """The launch configurations tuned on an h x w key grid, by name: those forming the bias
+    from tiles loaded once ("row", "onehot"), and only where none does, the per-element
+    gathers (compiled for sm_90, those spill 600 to 3000 bytes of registers per thread;
+    scripts/runs/compile_check-sm90-triton3.6.txt)."""
+    loaded_once = [c for c in CANDIDATES if kernel.bias_mode(c, grid) != "gather"]
+    return {c.as_key(): c for c in loaded_once or CANDIDATES}
 
 
 def tuning_key(q: torch.Tensor, key_grid_w: int, has_bias: bool, sdpa_allowed: bool) -> str:
@@ -199,18 +208,19 @@ def tuning_key(q: torch.Tensor, key_grid_w: int, has_bias: bool, sdpa_allowed: b
             f"{'auto' if sdpa_allowed else 'triton'}_v{KERNEL_VERSION}_triton{triton.__version__}")
 
 
-def _tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
+def tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
     """The measured-fastest LaunchConfig for this shape, or None for SDPA (it won, or no
     launch configuration matched the reference)."""
     key = tuning_key(q, key_grid_w, rel_h is not None, sdpa_allowed)
-    names = [*_BY_NAME, "sdpa"] if sdpa_allowed else list(_BY_NAME)
+    configs = candidates_for((q.shape[2] // key_grid_w, key_grid_w))
+    names = [*configs, "sdpa"] if sdpa_allowed else list(configs)
     device = torch.cuda.get_device_name(q.device)
     choice = TUNER.cached(device, key, names)
     if choice is None:
         candidates = {
             name: (lambda c=c: kernel.rel_pos_attention_fwd(q, k, v, rel_h, rel_w,
                                                             key_grid_w, scale, c))
-            for name, c in _BY_NAME.items()
+            for name, c in configs.items()
         }
         if sdpa_allowed:  # timed as it would run: bias built, output in the op's layout
             candidates["sdpa"] = lambda: _sdpa_into_layout(q, k, v, rel_h, rel_w, scale)
@@ -220,7 +230,7 @@ def _tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
         except RuntimeError as err:  # no configuration matched: the correct path instead
             note_fallback(str(err))
             return None
-    return _BY_NAME.get(choice)  # None for "sdpa"
+    return configs.get(choice)  # None for "sdpa"
 
 
 def note_fallback(reason: str) -> None:

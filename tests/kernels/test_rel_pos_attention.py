@@ -44,7 +44,8 @@ def reference(q, k, v, rel_h, rel_w, grid):
 
 
 # Windows 4x4, 6x5 and 7x7 (30 and 49 tokens: not multiples of the 32-token tiles), a 14x14
-# window, head dims 16, 64 and 80 (vit_h: BLOCK_D 128 with the d axis masked), batch 1 and 3.
+# window, head dims 16, 64 and 80 (vit_h: 64 + 16 columns), batch 1 and 3; the interpreter's
+# 32-key tiles take the one-hot bias on all of these.
 SHAPES = [
     (1, 2, (4, 4), 16),
     (3, 2, (6, 5), 16),
@@ -85,6 +86,53 @@ def test_bf16_with_the_interpreters_upcast(batch, heads, grid, dim):
     assert_lowp_parity(out, naive, exact)
 
 
+# Each way of forming the bias (kernels/rel_pos_attention.py), forced, on grids where it
+# applies ("row": a block is one key row), with head dims split (80 = 64 + 16, 48 = 32 + 16)
+# or padded (24 -> 32), N not a multiple of the query tile (7 x 7, 6 x 5).
+MODE_CASES = [
+    ("row", (3, 32), 80), ("row", (5, 16), 48), ("row", (7, 16), 24),
+    ("onehot", (7, 7), 80), ("onehot", (6, 5), 24), ("onehot", (3, 32), 48),
+    ("gather", (7, 7), 48), ("gather", (3, 32), 80), ("gather", (6, 5), 24),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode, grid, dim", MODE_CASES)
+def test_every_bias_mode_and_head_dim_split(mode, grid, dim, dtype):
+    block_n = grid[1] if mode == "row" else 32
+    config = kernel.LaunchConfig(32, block_n, CONFIG.num_warps, 1, bias=mode)
+    assert kernel.bias_mode(config, grid) == mode
+    q, k, v, rh, rw = problem(2, 2, grid, dim, dtype)
+    out = kernel.empty_output(q).fill_(float("nan"))
+    kernel.rel_pos_attention_fwd(q, k, v, rh, rw, grid[1], dim**-0.5, config, out=out)
+    if dtype == torch.float32:
+        assert_close_fp32(out, reference(q, k, v, rh, rw, grid), tol.FP32_OP_REL_L2)
+    else:
+        naive = reference(q, k, v, rh, rw, grid)
+        exact = reference(*(t.double() for t in (q, k, v, rh, rw)), grid)
+        assert_lowp_parity(out, naive, exact)
+
+
+def test_bias_mode_and_head_dim_split_rules():
+    """What a launch uses when nothing is forced, and what the tuner is offered."""
+    vit_global, window = (64, 64), (14, 14)
+    assert kernel.bias_mode(kernel.LaunchConfig(128, 64), vit_global) == "row"
+    assert kernel.bias_mode(kernel.LaunchConfig(64, 32), vit_global) == "gather"
+    assert kernel.bias_mode(kernel.LaunchConfig(64, 32), window) == "onehot"
+    assert kernel.bias_mode(kernel.LaunchConfig(64, 64), (32, 32)) == "onehot"
+    with pytest.raises(ValueError, match="block_n == grid width"):
+        kernel.bias_mode(kernel.LaunchConfig(64, 32, bias="row"), vit_global)
+    with pytest.raises(ValueError, match="bias must be"):
+        kernel.LaunchConfig(bias="dense")
+    assert all(kernel.bias_mode(c, vit_global) == "row"
+               for c in ops.candidates_for(vit_global).values())
+    assert len(ops.candidates_for(window)) == len(ops.CANDIDATES)  # all one-hot
+    assert ops.candidates_for((5, 40))  # every candidate gathers there: all are offered
+    splits = {d: kernel.head_dim_split(d) for d in (8, 16, 24, 32, 48, 64, 72, 80, 96, 128)}
+    assert splits == {8: (16, 0), 16: (16, 0), 24: (32, 0), 32: (32, 0), 48: (32, 16),
+                      64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32), 128: (128, 0)}
+
+
 def test_strided_inputs_as_the_encoder_passes_them():
     """q, k, v as views into one B x N x 3 x heads x d qkv tensor (not contiguous)."""
     b, n, heads, d, grid = 2, 30, 3, 16, (6, 5)
@@ -93,7 +141,8 @@ def test_strided_inputs_as_the_encoder_passes_them():
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     assert not q.is_contiguous()
     rh = torch.randn(b, heads, n, grid[0], generator=gen).to(DEVICE)
-    rw = torch.randn(b, heads, n, grid[1], generator=gen).to(DEVICE)
+    # rel_w with a non-unit last stride: the launch copies it to the layout the kernel reads
+    rw = torch.randn(b, heads, grid[1], n, generator=gen).to(DEVICE).transpose(-1, -2)
     out = launch(q, k, v, rh, rw, grid)
     assert_close_fp32(out, reference(q, k, v, rh, rw, grid), tol.FP32_OP_REL_L2)
     assert out.transpose(1, 2).is_contiguous()  # B x N x heads x d: free reshape to B x N x C
