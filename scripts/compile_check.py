@@ -1,13 +1,17 @@
 """Compile every Triton kernel of fastsam_core, at the launch configurations it can pick, for a
-GPU that is not here: ahead of time, for CUDA compute capability --arch (default 90, the H200),
-with Triton's own ptxas. No GPU is needed; the interpreter must be off (the script clears
-TRITON_INTERPRET before importing triton).
+GPU that is not here: ahead of time, for CUDA compute capability --arch (default 90, the
+H200), with Triton's own ptxas, from the arguments a real launch passes (each kernel module's
+`*_launch`, built on CPU tensors of the real shapes and specialized as Triton's JIT does: the
+16-byte alignment of pointers and integers is what lets loads be pipelined). No GPU is
+needed; the interpreter must be off (the script clears TRITON_INTERPRET before importing
+triton).
 
 What it tells without a GPU: that each kernel compiles for that target with this Triton (the
 lent H200 runs its own Triton, see ../shared/device/README.md), the shared memory each launch
 asks for against the target's per-block limit (a candidate over it would fail at launch and
 cost its compile time on every cold start), the registers per thread and the bytes spilled to
-local memory (ptxas -v), whether tl.dot became Hopper's wgmma, and the compile time of each
+local memory (ptxas -v), whether tl.dot became Hopper's wgmma, whether loads were
+software-pipelined (asynchronous copies to shared memory), and the compile time of each
 (a fresh Triton cache: what a cold start's tuning compiles, on this CPU). What it cannot
 tell: speed.
 
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import dataclasses
 import json
 import os
 import re
@@ -37,88 +40,97 @@ os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled 
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastsam-compile-check-")
 atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastsam_core.kernels import int8_matmul, layer_norm_quant, quantize_rows  # noqa: E402
 from fastsam_core.kernels import rel_pos_attention as attention  # noqa: E402
-from fastsam_core.ops.attention import candidates_for  # noqa: E402
+from fastsam_core.kernels.launch import Launch  # noqa: E402
+from fastsam_core.kernels.quantize_rows import row_buffers  # noqa: E402
+from fastsam_core.ops.attention import CANDIDATES, rel_pos_terms  # noqa: E402
 
 # Largest dynamic shared memory one block may opt in to, by compute capability (CUDA
 # programming guide, "Technical Specifications per Compute Capability").
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-# (head dim, key grid width) of the encoders' attention: vit_b/l (64) and vit_h (80), global
-# (64 x 64 grid at 1024 px) and windowed (14 x 14)
-ATTENTION_SHAPES = ((80, 64), (64, 64), (80, 14))
-DTYPES = ("bf16", "fp16", "fp32")
+# (name, heads, head dim, grid) of the encoders' attention at 1024 px: global and windowed
+ATTENTION_SHAPES = (("d80 kw64", 16, 80, (64, 64)), ("d64 kw64", 12, 64, (64, 64)),
+                    ("d80 kw14", 16, 80, (14, 14)))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROW_WIDTHS = (768, 1024, 1280, 3072, 4096, 5120)  # SAM / SAM 2 widths and MLP hidden widths
+# (name, tokens, in, out, activation) of vit_h's MLP linears at batch 1
+INT8_SHAPES = (("fc1", 4096, 1280, 5120, "gelu"), ("fc2", 4096, 5120, 1280, None))
 
 
-def signature(fn, pointers: dict[str, str], scalars: dict[str, str], constexprs: dict
-              ) -> dict[str, str]:
-    """Triton type of every argument of `fn`: pointers and scalars as given, the rest i32."""
-    types = {}
-    for name in fn.arg_names:
-        types[name] = ("constexpr" if name in constexprs else pointers.get(name)
-                       or scalars.get(name, "i32"))
-    return types
-
-
-def attention_variants():
-    fn = attention._rel_pos_attention_fwd
-    for dtype in DTYPES:
-        for head_dim, key_w in ATTENTION_SHAPES:
-            if dtype != "bf16" and key_w != 64:
+def attention_launches():
+    """The kernel's launches as the encoder makes them: q, k, v views into one qkv tensor
+    (1 x N x 3 x heads x d), bias terms from `rel_pos_terms`, the op's output layout."""
+    for label, dtype in DTYPES.items():
+        for shape, heads, head_dim, grid in ATTENTION_SHAPES:
+            if label != "bf16" and grid[1] != 64:
                 continue  # the window grid changes only the bias mode: bf16 shows it compiles
-            grid = (key_w, key_w)
-            configs = list(candidates_for(grid).values())  # what the tuner may pick
-            if dtype == "bf16":  # the per-element gathers at the first, for comparison
-                configs.append(dataclasses.replace(configs[0], bias="gather"))
-            for config in configs:
-                d0, d1 = attention.head_dim_split(head_dim)
+            n = grid[0] * grid[1]
+            qkv = torch.empty(1, n, 3, heads, head_dim, dtype=dtype)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 1 x heads x N x d each
+            pos_h = torch.zeros(grid[0], grid[0], head_dim, dtype=dtype)
+            pos_w = torch.zeros(grid[1], grid[1], head_dim, dtype=dtype)
+            rel_h, rel_w = rel_pos_terms(q, pos_h, pos_w, grid)
+            out = attention.empty_output(q)
+            for config in CANDIDATES:  # what the tuner may pick
                 mode = attention.bias_mode(config, grid)
-                constexprs = dict(
-                    KEY_H=grid[0], KEY_W=key_w, HEAD_DIM=head_dim, D0=d0, D1=d1,
-                    BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_BIAS=True,
-                    BIAS_MODE=attention.BIAS_MODES.index(mode), PAD_H=attention._pad(grid[0]),
-                    PAD_W=attention._pad(grid[1]),
-                    DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_DOT=False)
-                pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "RH", "RW", "Out")}
-                yield (f"rel_pos_attention {dtype} d{head_dim} kw{key_w} "
-                       f"{config.as_key().removesuffix('_' + mode)} {mode}",
-                       fn, signature(fn, pointers, {"scale": "fp32"}, constexprs), constexprs,
-                       dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                name = f"{config.as_key().removesuffix('_' + mode)} {mode}"
+                yield (f"rel_pos_attention {label} {shape} {name}",
+                       attention.rel_pos_attention_launch(q, k, v, rel_h, rel_w, grid[1],
+                                                          head_dim**-0.5, config, out))
 
 
-def int8_matmul_variants():
-    fn = int8_matmul._int8_matmul_fwd
+def int8_matmul_launches():
     config = int8_matmul.LaunchConfig()
-    for dtype in DTYPES:
-        for gelu in (False, True):
-            constexprs = dict(HAS_BIAS=True, GELU=gelu, BLOCK_N=config.block_n,
-                              BLOCK_M=config.block_m, BLOCK_K=config.block_k)
-            pointers = dict(XQ="*i8", XS="*fp32", WQ="*i8", WS="*fp32", Bias=f"*{dtype}",
-                            Out=f"*{dtype}")
-            name = (f"int8_matmul {dtype} gelu={gelu} n{config.block_n}_m{config.block_m}_"
-                    f"k{config.block_k}_w{config.num_warps}_s{config.num_stages}")
-            yield (name, fn, signature(fn, pointers, {}, constexprs), constexprs,
-                   dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    tiles = (f"n{config.block_n}_m{config.block_m}_k{config.block_k}_w{config.num_warps}_"
+             f"s{config.num_stages}")
+    for label, dtype in DTYPES.items():
+        for layer, n, k, m, activation in INT8_SHAPES:
+            x_q = torch.empty(n, k, dtype=torch.int8)
+            weight_q = torch.empty(m, k, dtype=torch.int8)
+            yield (f"int8_matmul {label} {layer} {tiles}", int8_matmul.int8_matmul_launch(
+                x_q, torch.empty(n, 1), weight_q, torch.empty(m), torch.empty(m, dtype=dtype),
+                torch.empty(n, m, dtype=dtype), config, activation))
 
 
-def row_variants():
-    kernels = (("quantize_rows", quantize_rows._quantize_rows_fwd, {}),
-               ("layer_norm_quant", layer_norm_quant._layer_norm_quant_fwd,
-                {"W": "*fp32", "B": "*fp32"}))
-    for label, fn, extra in kernels:
-        for dtype in DTYPES:
-            for width in ROW_WIDTHS:
-                launch = quantize_rows.row_launch(width)
-                constexprs = dict(BLOCK=launch["BLOCK"])
-                pointers = dict(X=f"*{dtype}", Q="*i8", S="*fp32", **extra)
-                yield (f"{label} {dtype} k{width} block{launch['BLOCK']}", fn,
-                       signature(fn, pointers, {"eps": "fp32"}, constexprs), constexprs,
-                       dict(num_warps=launch["num_warps"]))
+def row_launches():
+    for label, dtype in DTYPES.items():
+        for width in ROW_WIDTHS:
+            rows, q, s = row_buffers("compile_check", torch.empty(64, width, dtype=dtype), None)
+            block = quantize_rows.row_launch(width)["BLOCK"]
+            yield (f"quantize_rows {label} k{width} block{block}",
+                   quantize_rows.quantize_rows_launch(rows, q, s))
+            norm = torch.empty(width), torch.empty(width)
+            yield (f"layer_norm_quant {label} k{width} block{block}",
+                   layer_norm_quant.layer_norm_quant_launch(rows, *norm, 1e-6, q, s))
+
+
+def specialized(launch: Launch) -> tuple[ASTSource, dict]:
+    """The source Triton's JIT would compile for this launch: every argument specialized as
+    at a real call (pointers and integers divisible by 16 marked so, integers equal to 1
+    made constants), and the compile options."""
+    fn = launch.kernel
+    constexprs = {name: value for name, value in launch.meta.items()
+                  if name not in ("num_warps", "num_stages")}
+    options = {name: launch.meta[name] for name in ("num_warps", "num_stages")
+               if name in launch.meta}
+    types, attrs = {}, {}
+    for index, (name, value) in enumerate(zip(fn.arg_names, launch.args)):
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":
+            constexprs[name] = key
+            continue
+        types[name] = kind
+        if isinstance(key, str):
+            attrs[(index,)] = BaseBackend.parse_attr(key)
+    types.update({name: "constexpr" for name in constexprs})
+    return ASTSource(fn, {name: types[name] for name in fn.arg_names}, constexprs, attrs), options
 
 
 def resource_usage(ptx: str, arch: int) -> dict[str, int]:
@@ -141,21 +153,24 @@ def compile_all(arch: int, only: list[str] | None = None) -> list[dict]:
     target = GPUTarget("cuda", arch, 32)
     limit = SHARED_LIMIT.get(arch)
     results = []
-    for name, fn, types, constexprs, options in (*attention_variants(), *int8_matmul_variants(),
-                                                 *row_variants()):
+    for name, launch in (*attention_launches(), *int8_matmul_launches(), *row_launches()):
         if only and not all(part in name for part in only):
             continue
         start = time.perf_counter()
-        row = dict(name=name, options=options)
+        row = dict(name=name)
         try:
-            compiled = triton.compile(ASTSource(fn, types, constexprs), target=target,
-                                      options=options)
+            source, options = specialized(launch)
+            row["options"] = options
+            compiled = triton.compile(source, target=target, options=options)
         except Exception as err:  # noqa: BLE001 - reported, and the exit status says so
             row.update(ok=False, error=f"{type(err).__name__}: {str(err).splitlines()[0]}")
         else:
             shared = compiled.metadata.shared
+            ttgir = compiled.asm["ttgir"]
             row.update(ok=limit is None or shared <= limit, shared=shared,
                        wgmma="wgmma" in compiled.asm["ptx"],
+                       async_loads=ttgir.count("async_copy_global_to_local")
+                       + ttgir.count("async_tma_copy_global_to_local"),
                        **resource_usage(compiled.asm["ptx"], arch))
             if not row["ok"]:
                 row["error"] = f"shared memory {shared} > {limit} bytes"
@@ -170,8 +185,8 @@ def line(row: dict) -> str:
         return f"{row['name']:<58} FAILED {row['error']}"
     flag = "" if row["ok"] else f"  FAILED {row['error']}"
     return (f"{row['name']:<58} shared {row['shared']:>6}  reg {row['reg']:>3}  "
-            f"spill {row['spill']:>4}  wgmma {'yes' if row['wgmma'] else 'no ':<3}  "
-            f"{row['seconds']:5.1f} s{flag}")
+            f"spill {row['spill']:>5}  wgmma {'yes' if row['wgmma'] else 'no ':<3}  "
+            f"async loads {row['async_loads']:>2}  {row['seconds']:5.1f} s{flag}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsam_core.kernels.launch import Launch
 from fastsam_core.ops import quant
 
 
@@ -121,18 +122,27 @@ def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor
     if activation not in quant.ACTIVATIONS:
         raise ValueError(f"int8_matmul: activation must be one of {quant.ACTIVATIONS}, got "
                          f"{activation!r}")
-    config = config or (INTERPRETER_CONFIG if INTERPRETER else LaunchConfig())
     if out is None:
         out = torch.empty(n, m, dtype=dtype, device=x_q.device)
+    int8_matmul_launch(x_q, x_scale, weight_q, weight_scale, bias, out, config, activation)()
+    return out
+
+
+def int8_matmul_launch(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
+                       weight_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                       config: LaunchConfig | None = None,
+                       activation: str | None = None) -> Launch:
+    """The launch `int8_matmul` runs (its arguments, checked there; `out` N x M required)."""
+    n, k = x_q.shape
+    m = weight_q.shape[0]
+    config = config or (INTERPRETER_CONFIG if INTERPRETER else LaunchConfig())
     x_scale = x_scale.reshape(n).float().contiguous()
     weight_scale = weight_scale.float().contiguous()
+    args = (x_q, x_scale, weight_q, weight_scale, bias if bias is not None else weight_scale,
+            out, n, m, k, x_q.stride(0), x_q.stride(1), weight_q.stride(0), weight_q.stride(1),
+            out.stride(0), out.stride(1))
+    meta = dict(HAS_BIAS=bias is not None, GELU=activation == "gelu", BLOCK_N=config.block_n,
+                BLOCK_M=config.block_m, BLOCK_K=config.block_k, num_warps=config.num_warps,
+                num_stages=config.num_stages)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))
-    _int8_matmul_fwd[grid](
-        x_q, x_scale, weight_q, weight_scale, bias if bias is not None else weight_scale, out,
-        n, m, k,
-        x_q.stride(0), x_q.stride(1), weight_q.stride(0), weight_q.stride(1),
-        out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, GELU=activation == "gelu", BLOCK_N=config.block_n,
-        BLOCK_M=config.block_m, BLOCK_K=config.block_k, num_warps=config.num_warps,
-        num_stages=config.num_stages)
-    return out
+    return Launch(_int8_matmul_fwd, grid, args, meta)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastsam_core.kernels.launch import Launch
 from fastsam_core.kernels.quantize_rows import int8_codes, row_buffers, row_launch
 from fastsam_core.ops.quant import quantize_per_row
 
@@ -71,9 +72,16 @@ def layer_norm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         raise ValueError(f"layer_norm_quant: weight and bias must have shape ({k},), got "
                          f"{tuple(weight.shape)} and {tuple(bias.shape)}")
     rows, q, s = row_buffers("layer_norm_quant", x, out)
-    _layer_norm_quant_fwd[(rows.shape[0],)](rows, weight, bias, q, s, rows.stride(0), k, eps,
-                                            **row_launch(k))
+    layer_norm_quant_launch(rows, weight, bias, eps, q, s)()
     return q.view(x.shape), s.view(*x.shape[:-1], 1)
+
+
+def layer_norm_quant_launch(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            eps: float, q: torch.Tensor, s: torch.Tensor) -> Launch:
+    """The launch `layer_norm_quant` runs on its N x K rows and buffers (`row_buffers`)."""
+    k = rows.shape[1]
+    return Launch(_layer_norm_quant_fwd, (rows.shape[0],),
+                  (rows, weight, bias, q, s, rows.stride(0), k, eps), row_launch(k))
 
 
 def layer_norm_quant_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsam_core.kernels.launch import Launch
 from fastsam_core.ops.quant import quantize_per_row
 
 MAX_ROW = 8192  # widest row one program takes (a block of registers per row)
@@ -92,9 +93,15 @@ def quantize_rows(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None
         (... x K int8 codes, ... x 1 fp32 scales), as `quantize_rows_ref`.
     """
     rows, q, s = row_buffers("quantize_rows", x, out)
-    k = rows.shape[1]
-    _quantize_rows_fwd[(rows.shape[0],)](rows, q, s, rows.stride(0), k, **row_launch(k))
+    quantize_rows_launch(rows, q, s)()
     return q.view(x.shape), s.view(*x.shape[:-1], 1)
+
+
+def quantize_rows_launch(rows: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> Launch:
+    """The launch `quantize_rows` runs on its N x K rows and buffers (`row_buffers`)."""
+    k = rows.shape[1]
+    return Launch(_quantize_rows_fwd, (rows.shape[0],), (rows, q, s, rows.stride(0), k),
+                  row_launch(k))
 
 
 def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,9 +16,8 @@ output accumulator (the online softmax of FlashAttention):
     m_new = max(m_i, rowmax(S_blk));  p = exp(S_blk - m_new);  alpha = exp(m_i - m_new)
     l_i   = alpha * l_i + rowsum(p);   acc = alpha * acc + p @ V_blk;   O = acc / l_i
 
-No N x N bias either. How a block's bias is formed from rel_h / rel_w (BIAS_MODE; compiled
-for sm_90, a tile of per-element gathers spills hundreds of bytes per thread, see
-scripts/runs/compile_check-sm90-triton3.6.txt):
+No N x N bias either. How a block's bias is formed from rel_h / rel_w (BIAS_MODE; which is
+faster is measured: the tuner's candidates hold both tiled and gathered forms):
 
     "row"     BLOCK_N == w: a block is one key row, columns 0..w-1 in order, so its bias is
               rel_h[:, row] (one column) + the program's rel_w tile, loaded once;
@@ -28,9 +27,10 @@ scripts/runs/compile_check-sm90-triton3.6.txt):
     "gather"  otherwise: rel_h[i, j // w] and rel_w[i, j % w] loaded per element.
 
 Head dims are split into a power-of-two part and a remainder instead of being padded to the
-next power of two (vit_h's 80 = 64 + 16, not 128: 37.5% fewer multiply-adds and accumulator
-registers), the d axis masked where the remainder is partial; q/k/v are never padded in
-memory.
+next power of two (vit_h's 80 = 64 + 16, not 128: 37.5% fewer multiply-adds, accumulator
+registers and K/V tile bytes; compiled for sm_90 the padded kernel spilled 556-676 bytes of
+registers per thread on vit_h's windows, this one none, scripts/runs/compile_check-sm90-*.txt),
+the d axis masked where the remainder is partial; q/k/v are never padded in memory.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from fastsam_core.kernels.launch import Launch
 
 # TRITON_INTERPRET=1 is read when a kernel is decorated: runs on CPU tensors, with numpy.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -275,21 +277,26 @@ def rel_pos_attention_fwd(
     Returns:
         B x heads x N x d in q's dtype.
     """
+    out = empty_output(q) if out is None else out
+    rel_pos_attention_launch(q, k, v, rel_h, rel_w, key_grid_w, scale, config, out)()
+    return out
+
+
+def rel_pos_attention_launch(q, k, v, rel_h, rel_w, key_grid_w: int, scale: float,
+                             config: LaunchConfig, out: torch.Tensor) -> Launch:
+    """The launch `rel_pos_attention_fwd` runs (same arguments, `out` required)."""
     b, heads, n, d = q.shape
     grid_hw = (n // key_grid_w, key_grid_w)
-    out = empty_output(q) if out is None else out
     has_bias = rel_h is not None
     if has_bias:  # the kernel reads the bias terms' last dim with unit stride
         rh, rw = (t if t.stride(-1) == 1 else t.contiguous() for t in (rel_h, rel_w))
     else:
         rh = rw = q.new_empty(1, 1, 1, 1)
     d0, d1 = head_dim_split(d)
-    launch = (triton.cdiv(n, config.block_m), b * heads)
-    _rel_pos_attention_fwd[launch](
-        q, k, v, rh, rw, out,
-        *q.stride(), *k.stride(), *v.stride(), *rh.stride()[:3], *rw.stride()[:3],
-        *out.stride(),
-        heads, n, scale,
+    args = (q, k, v, rh, rw, out,
+            *q.stride(), *k.stride(), *v.stride(), *rh.stride()[:3], *rw.stride()[:3],
+            *out.stride(), heads, n, scale)
+    meta = dict(
         KEY_H=grid_hw[0],
         KEY_W=key_grid_w,
         HEAD_DIM=d,
@@ -306,7 +313,8 @@ def rel_pos_attention_fwd(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out
+    return Launch(_rel_pos_attention_fwd, (triton.cdiv(n, config.block_m), b * heads), args,
+                  meta)
 
 
 def rel_pos_attention_ref(

@@ -177,6 +177,10 @@ def _(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
 
 
 if kernel is not None:
+    # Tile sizes; the bias mode follows from them and the grid (`kernel.bias_mode`: a 64-key
+    # block on vit's 64-wide global grid is one row, window grids take the one-hot form), and
+    # the last two gather the bias at the most common tiles, so that the tuner measures the
+    # bias modes against each other on every grid.
     CANDIDATES = [
         kernel.LaunchConfig(64, 64, 4, 2),
         kernel.LaunchConfig(64, 64, 4, 3),
@@ -185,16 +189,10 @@ if kernel is not None:
         kernel.LaunchConfig(128, 64, 8, 3),
         kernel.LaunchConfig(128, 32, 8, 3),
         kernel.LaunchConfig(128, 128, 8, 2),
+        kernel.LaunchConfig(64, 64, 4, 2, bias="gather"),
+        kernel.LaunchConfig(128, 64, 8, 2, bias="gather"),
     ]
-
-
-def candidates_for(grid: tuple[int, int]) -> dict[str, kernel.LaunchConfig]:
-    """The launch configurations tuned on an h x w key grid, by name: those forming the bias
-    from tiles loaded once ("row", "onehot"), and only where none does, the per-element
-    gathers (compiled for sm_90, those spill 600 to 3000 bytes of registers per thread;
-    scripts/runs/compile_check-sm90-triton3.6.txt)."""
-    loaded_once = [c for c in CANDIDATES if kernel.bias_mode(c, grid) != "gather"]
-    return {c.as_key(): c for c in loaded_once or CANDIDATES}
+    _BY_NAME = {c.as_key(): c for c in CANDIDATES}
 
 
 def tuning_key(q: torch.Tensor, key_grid_w: int, has_bias: bool, sdpa_allowed: bool) -> str:
@@ -212,15 +210,14 @@ def tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
     """The measured-fastest LaunchConfig for this shape, or None for SDPA (it won, or no
     launch configuration matched the reference)."""
     key = tuning_key(q, key_grid_w, rel_h is not None, sdpa_allowed)
-    configs = candidates_for((q.shape[2] // key_grid_w, key_grid_w))
-    names = [*configs, "sdpa"] if sdpa_allowed else list(configs)
+    names = [*_BY_NAME, "sdpa"] if sdpa_allowed else list(_BY_NAME)
     device = torch.cuda.get_device_name(q.device)
     choice = TUNER.cached(device, key, names)
     if choice is None:
         candidates = {
             name: (lambda c=c: kernel.rel_pos_attention_fwd(q, k, v, rel_h, rel_w,
                                                             key_grid_w, scale, c))
-            for name, c in configs.items()
+            for name, c in _BY_NAME.items()
         }
         if sdpa_allowed:  # timed as it would run: bias built, output in the op's layout
             candidates["sdpa"] = lambda: _sdpa_into_layout(q, k, v, rel_h, rel_w, scale)
@@ -230,7 +227,7 @@ def tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
         except RuntimeError as err:  # no configuration matched: the correct path instead
             note_fallback(str(err))
             return None
-    return configs.get(choice)  # None for "sdpa"
+    return _BY_NAME.get(choice)  # None for "sdpa"
 
 
 def note_fallback(reason: str) -> None:

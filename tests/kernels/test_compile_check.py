@@ -1,7 +1,9 @@
 """The rel-pos attention kernel compiled ahead of time for the H200 (sm_90) with this machine's
 Triton and its ptxas (scripts/compile_check.py), no GPU needed: each launch configuration the
-tuner may pick at vit_h's shapes compiles and fits the shared memory, and the bias is formed
-without the register spills that gathering it per element costs."""
+tuner may pick at vit_h's shapes compiles from the arguments the encoder passes, fits the
+shared memory, uses Hopper's wgmma with software-pipelined loads, and spills no registers
+(the kernel padding the head dim 80 to 128 spilled 556-676 bytes per thread on the windows;
+scripts/runs/compile_check-sm90-*.txt)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from fastsam_core.ops.attention import CANDIDATES
 
 REPO = Path(__file__).resolve().parents[2]
 PTXAS = (Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
@@ -27,14 +31,7 @@ def test_vit_h_attention_candidates_compile_for_sm90_without_spilling(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.read_text())["results"]
-    fields = {r["name"]: r["name"].split() for r in results}  # ... kw64 m64_n64_w4_s2 row
-    tuned = [r for r in results if fields[r["name"]][5] != "gather"]
-    assert {"kw64", "kw14"} == {fields[r["name"]][3] for r in tuned}  # global and windowed
-    assert all(r["ok"] and r["wgmma"] for r in results)  # Hopper's tensor-core matmul
-    for grid in ("kw64", "kw14"):
-        offered = [r for r in tuned if fields[r["name"]][3] == grid]
-        assert min(r["spill"] for r in offered) == 0, offered
-        gathered = [r for r in results if fields[r["name"]][3] == grid
-                    and fields[r["name"]][5] == "gather"]
-        same_launch = [r for r in offered if fields[r["name"]][4] == fields[gathered[0]["name"]][4]]
-        assert gathered[0]["spill"] > 10 * max(same_launch[0]["spill"], 16), (gathered, offered)
+    assert {"kw64", "kw14"} == {r["name"].split()[3] for r in results}  # global and windowed
+    assert len(results) == 2 * len(CANDIDATES)
+    for r in results:
+        assert r["ok"] and r["wgmma"] and r["async_loads"] > 0 and r["spill"] == 0, r
