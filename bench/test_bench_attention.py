@@ -20,8 +20,7 @@ kernels/rel_pos_attention.py): "fast_terms_given" against it is what those modes
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -78,7 +77,7 @@ def gather_config(q, k, v, rel_h, rel_w, key_grid_w, scale):
               tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, False))
     if config is None:
         pytest.skip("no launch configuration matched the reference: the op runs SDPA")
-    return dataclasses.replace(config, bias="gather")
+    return replace(config, bias="gather")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

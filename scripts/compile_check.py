@@ -120,8 +120,11 @@ def specialized(launch: Launch) -> tuple[ASTSource, dict]:
                   if name not in ("num_warps", "num_stages")}
     options = {name: launch.meta[name] for name in ("num_warps", "num_stages")
                if name in launch.meta}
+    runtime = fn.arg_names[:len(launch.args)]  # positional: the runtime arguments come first
+    if set(fn.arg_names[len(launch.args):]) - set(constexprs):
+        raise ValueError(f"{fn.__name__}: arguments neither passed nor constexpr")
     types, attrs = {}, {}
-    for index, (name, value) in enumerate(zip(fn.arg_names, launch.args)):
+    for index, (name, value) in enumerate(zip(runtime, launch.args)):
         kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
         if kind == "constexpr":
             constexprs[name] = key

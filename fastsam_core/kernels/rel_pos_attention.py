@@ -23,13 +23,14 @@ faster is measured: the tuner's candidates hold both tiled and gathered forms):
               rel_h[:, row] (one column) + the program's rel_w tile, loaded once;
     "onehot"  small grids (windows): rel_h and rel_w tiles loaded once, the bias of a block
               as two matmuls with one-hot matrices, rel_h @ [r == row(j)] + rel_w @ [c ==
-              col(j)] (exact: one product of 1 per entry, fp32 accumulation);
+              col(j)] (each product exact, summed in fp32);
     "gather"  otherwise: rel_h[i, j // w] and rel_w[i, j % w] loaded per element.
 
 Head dims are split into a power-of-two part and a remainder instead of being padded to the
 next power of two (vit_h's 80 = 64 + 16, not 128: 37.5% fewer multiply-adds, accumulator
-registers and K/V tile bytes; compiled for sm_90 the padded kernel spilled 556-676 bytes of
-registers per thread on vit_h's windows, this one none, scripts/runs/compile_check-sm90-*.txt),
+registers and K/V tile bytes; compiled for sm_90 in bf16, the padded kernel spilled 556-676
+bytes of registers per thread on vit_h's windows at 64-key tiles, this one spills at none of
+its candidates, scripts/runs/compile_check-sm90-*.txt),
 the d axis masked where the remainder is partial; q/k/v are never padded in memory.
 """
 
@@ -286,6 +287,9 @@ def rel_pos_attention_launch(q, k, v, rel_h, rel_w, key_grid_w: int, scale: floa
                              config: LaunchConfig, out: torch.Tensor) -> Launch:
     """The launch `rel_pos_attention_fwd` runs (same arguments, `out` required)."""
     b, heads, n, d = q.shape
+    if n % key_grid_w:
+        raise ValueError(f"rel_pos_attention: {n} tokens is not a multiple of the grid width "
+                         f"{key_grid_w} (key_grid_w)")
     grid_hw = (n // key_grid_w, key_grid_w)
     has_bias = rel_h is not None
     if has_bias:  # the kernel reads the bias terms' last dim with unit stride

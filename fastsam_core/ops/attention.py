@@ -192,7 +192,18 @@ if kernel is not None:
         kernel.LaunchConfig(64, 64, 4, 2, bias="gather"),
         kernel.LaunchConfig(128, 64, 8, 2, bias="gather"),
     ]
-    _BY_NAME = {c.as_key(): c for c in CANDIDATES}
+
+
+def distinct_launches(grid: tuple[int, int]) -> dict[str, kernel.LaunchConfig]:
+    """CANDIDATES by name, less those that launch the same kernel as an earlier one on an
+    h x w key grid (a forced "gather" where the tile gathers anyway)."""
+    seen, configs = set(), {}
+    for c in CANDIDATES:
+        launch = (c.block_m, c.block_n, c.num_warps, c.num_stages, kernel.bias_mode(c, grid))
+        if launch not in seen:
+            seen.add(launch)
+            configs[c.as_key()] = c
+    return configs
 
 
 def tuning_key(q: torch.Tensor, key_grid_w: int, has_bias: bool, sdpa_allowed: bool) -> str:
@@ -210,14 +221,15 @@ def tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
     """The measured-fastest LaunchConfig for this shape, or None for SDPA (it won, or no
     launch configuration matched the reference)."""
     key = tuning_key(q, key_grid_w, rel_h is not None, sdpa_allowed)
-    names = [*_BY_NAME, "sdpa"] if sdpa_allowed else list(_BY_NAME)
+    configs = distinct_launches((q.shape[2] // key_grid_w, key_grid_w))
+    names = [*configs, "sdpa"] if sdpa_allowed else list(configs)
     device = torch.cuda.get_device_name(q.device)
     choice = TUNER.cached(device, key, names)
     if choice is None:
         candidates = {
             name: (lambda c=c: kernel.rel_pos_attention_fwd(q, k, v, rel_h, rel_w,
                                                             key_grid_w, scale, c))
-            for name, c in _BY_NAME.items()
+            for name, c in configs.items()
         }
         if sdpa_allowed:  # timed as it would run: bias built, output in the op's layout
             candidates["sdpa"] = lambda: _sdpa_into_layout(q, k, v, rel_h, rel_w, scale)
@@ -227,7 +239,7 @@ def tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
         except RuntimeError as err:  # no configuration matched: the correct path instead
             note_fallback(str(err))
             return None
-    return _BY_NAME.get(choice)  # None for "sdpa"
+    return configs.get(choice)  # None for "sdpa"
 
 
 def note_fallback(reason: str) -> None:

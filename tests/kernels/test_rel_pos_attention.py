@@ -87,12 +87,15 @@ def test_bf16_with_the_interpreters_upcast(batch, heads, grid, dim):
 
 
 # Each way of forming the bias (kernels/rel_pos_attention.py), forced, on grids where it
-# applies ("row": a block is one key row), with head dims split (80 = 64 + 16, 48 = 32 + 16)
-# or padded (24 -> 32), N not a multiple of the query tile (7 x 7, 6 x 5).
+# applies ("row": a block is one key row), with head dims split (80 = 64 + 16, 48 = 32 + 16;
+# 72 and 40 leave the second block partly masked) or padded (24 -> 32, 8 -> 16), N not a
+# multiple of the query tile (7 x 7, 6 x 5).
 MODE_CASES = [
-    ("row", (3, 32), 80), ("row", (5, 16), 48), ("row", (7, 16), 24),
+    ("row", (3, 32), 80), ("row", (5, 16), 48), ("row", (7, 16), 24), ("row", (5, 16), 8),
     ("onehot", (7, 7), 80), ("onehot", (6, 5), 24), ("onehot", (3, 32), 48),
+    ("onehot", (7, 7), 72),
     ("gather", (7, 7), 48), ("gather", (3, 32), 80), ("gather", (6, 5), 24),
+    ("gather", (3, 32), 40),
 ]
 
 
@@ -103,6 +106,10 @@ def test_every_bias_mode_and_head_dim_split(mode, grid, dim, dtype):
     config = kernel.LaunchConfig(32, block_n, CONFIG.num_warps, 1, bias=mode)
     assert kernel.bias_mode(config, grid) == mode
     q, k, v, rh, rw = problem(2, 2, grid, dim, dtype)
+    # q, k, v as views into one qkv tensor, as the encoder passes them: a read past the head
+    # dim picks up the next head's numbers, not zeros
+    qkv = torch.stack([q, k, v], dim=2).permute(0, 3, 2, 1, 4).contiguous()  # B x N x 3 x h x d
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     out = kernel.empty_output(q).fill_(float("nan"))
     kernel.rel_pos_attention_fwd(q, k, v, rh, rw, grid[1], dim**-0.5, config, out=out)
     if dtype == torch.float32:
@@ -124,9 +131,18 @@ def test_bias_mode_and_head_dim_split_rules():
         kernel.bias_mode(kernel.LaunchConfig(64, 32, bias="row"), vit_global)
     with pytest.raises(ValueError, match="bias must be"):
         kernel.LaunchConfig(bias="dense")
+    q = torch.zeros(1, 1, 30, 16)
+    with pytest.raises(ValueError, match="multiple of the grid width"):
+        kernel.rel_pos_attention_launch(q, q, q, None, None, 7, 0.25, kernel.LaunchConfig(),
+                                        kernel.empty_output(q))
     for grid, tiled in ((vit_global, "row"), (window, "onehot")):  # measured against each other
         modes = {(c.block_m, c.block_n, kernel.bias_mode(c, grid)) for c in ops.CANDIDATES}
         assert {(64, 64, tiled), (64, 64, "gather"), (128, 64, tiled), (128, 64, "gather")} <= modes
+    # a 48-wide grid gathers at every tile: the forced-gather candidates are not timed twice
+    distinct = ops.distinct_launches((48, 48))
+    assert len(distinct) == len({(c.block_m, c.block_n, c.num_warps, c.num_stages)
+                                 for c in ops.CANDIDATES}) < len(ops.CANDIDATES)
+    assert len(ops.distinct_launches(vit_global)) == len(ops.CANDIDATES)
     splits = {d: kernel.head_dim_split(d) for d in (8, 16, 24, 32, 48, 64, 72, 80, 96, 128)}
     assert splits == {8: (16, 0), 16: (16, 0), 24: (32, 0), 32: (32, 0), 48: (32, 16),
                       64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32), 128: (128, 0)}
