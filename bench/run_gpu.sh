@@ -21,7 +21,7 @@
 #   $OUT/tuned-rel_pos_attention.json   the kernel's measured launch choices (to ship in
 #        fastsam_core/kernels/tuned/rel_pos_attention.json under the GPU's name)
 #   $OUT/tuned-int8_matmul.json, $OUT/tuned-int8_fusion.json   the int8 linears' measured
-#        matmul backends and the fused-or-separate choices of the int8 MLPs and of the
+#        matmul backends and tiles, the fused-or-separate choices of the int8 MLPs and of the
 #        LayerNorms feeding an int8 qkv (likewise)
 #   $OUT/accuracy-<model>-cuda.json   `fastsam accuracy` at real size (random weights; bf16,
 #        int8, 2:4 against fp32: mask IoU and per-layer SQNR), to commit under bench/results/

@@ -87,16 +87,16 @@ def attention_launches():
 
 
 def int8_matmul_launches():
-    config = int8_matmul.LaunchConfig()
-    tiles = (f"n{config.block_n}_m{config.block_m}_k{config.block_k}_w{config.num_warps}_"
-             f"s{config.num_stages}")
     for label, dtype in DTYPES.items():
         for layer, n, k, m, activation in INT8_SHAPES:
             x_q = torch.empty(n, k, dtype=torch.int8)
             weight_q = torch.empty(m, k, dtype=torch.int8)
-            yield (f"int8_matmul {label} {layer} {tiles}", int8_matmul.int8_matmul_launch(
-                x_q, torch.empty(n, 1), weight_q, torch.empty(m), torch.empty(m, dtype=dtype),
-                torch.empty(n, m, dtype=dtype), config, activation))
+            for tile in int8_matmul.TILE_CANDIDATES:  # what the tuner may pick
+                yield (f"int8_matmul {label} {layer} {tile.as_key()}",
+                       int8_matmul.int8_matmul_launch(
+                           x_q, torch.empty(n, 1), weight_q, torch.empty(m),
+                           torch.empty(m, dtype=dtype), torch.empty(n, m, dtype=dtype), tile,
+                           activation))
 
 
 def row_launches():

@@ -46,6 +46,16 @@ class LaunchConfig:
     num_warps: int = 8
     num_stages: int = 3
 
+    def as_key(self) -> str:
+        return (f"n{self.block_n}_m{self.block_m}_k{self.block_k}_w{self.num_warps}_"
+                f"s{self.num_stages}")
+
+
+# The tiles measured per shape on CUDA (`ops.quant.int8_tile`): compiled for sm_90 at vit_h's
+# MLP shapes, GELU epilogue included, none spills registers (256-wide output tiles do;
+# scripts/runs/compile_check-sm90-*.txt).
+TILE_CANDIDATES = (LaunchConfig(), LaunchConfig(block_k=128), LaunchConfig(64, 128, 128, 4, 4),
+                   LaunchConfig(128, 64, 128, 4, 4))
 
 # TRITON_INTERPRET=1 is read when a kernel is decorated: runs on CPU tensors, with numpy.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"

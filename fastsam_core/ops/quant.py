@@ -30,7 +30,7 @@ from fastsam_core.kernels.tuning import Tuner
 
 INT8_MAX = 127
 INT8_TUNER = Tuner("int8_matmul")  # the per-shape, per-GPU choice of int8 matmul backend
-INT8_KERNEL_VERSION = 1  # part of every tuning key: bump when kernels/int8_matmul.py changes
+INT8_KERNEL_VERSION = 2  # part of every tuning key: bump when kernels/int8_matmul.py changes
 # The per-shape, per-GPU choice between fused kernels and separate passes: for int8 MLPs and
 # for LayerNorms that feed an int8 linear directly (norm1 -> qkv).
 FUSION_TUNER = Tuner("int8_fusion")
@@ -94,7 +94,9 @@ def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor
     if backend == "triton":
         from fastsam_core.kernels.int8_matmul import int8_matmul as fused
 
-        return fused(x_q, x_scale, weight_q, weight_scale, bias, dtype, activation=activation)
+        tile = int8_tile(x_q, x_scale, weight_q, weight_scale, bias, dtype, activation)
+        return fused(x_q, x_scale, weight_q, weight_scale, bias, dtype, tile,
+                     activation=activation)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if backend == "int_mm":
@@ -173,6 +175,38 @@ def int8_backend(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tenso
     run = partial(int8_matmul, x_q, x_scale, weight_q, weight_scale, bias, dtype)
     reference = run("dequant")
     return tuner.tune(device, key, {name: partial(run, name) for name in names}, reference)
+
+
+def int8_tile(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
+              weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+              activation: str | None = None, tuner: Tuner = INT8_TUNER,
+              device: str | None = None):
+    """The Triton int8 matmul's tile (a `kernels.int8_matmul.LaunchConfig`) for this shape on
+    this GPU, by measurement: on first use every one of `TILE_CANDIDATES` runs on the real
+    codes, one whose output differs from the fp32 reference ("dequant") beyond
+    `tuning.MATCH_REL_L2` is discarded, the fastest of the rest is kept (with the backend
+    choices of `int8_backend`, in `int8_matmul.json`). Token counts are bucketed to powers of
+    two. Off CUDA and in the interpreter: None, the kernel's default (`device` names a GPU to
+    tune for anyway: the tests')."""
+    from fastsam_core.kernels import int8_matmul as kernel
+
+    if device is None:
+        if not x_q.is_cuda or kernel.INTERPRETER:
+            return None
+        device = device_key(x_q)
+    n, k = x_q.shape
+    m = weight_q.shape[0]
+    key = f"v{INT8_KERNEL_VERSION}:tile:n{token_bucket(n)}:k{k}:m{m}:{dtype}:{activation}"
+    tiles = {c.as_key(): c for c in kernel.TILE_CANDIDATES}
+    choice = tuner.cached(device, key, list(tiles))
+    if choice is None:
+        run = partial(kernel.int8_matmul, x_q, x_scale, weight_q, weight_scale, bias, dtype,
+                      activation=activation)
+        reference = int8_matmul(x_q, x_scale, weight_q, weight_scale, bias, dtype, "dequant",
+                                activation)
+        choice = tuner.tune(device, key, {name: partial(run, tile)
+                                          for name, tile in tiles.items()}, reference)
+    return tiles[choice]
 
 
 def int8_mlp_path(x: torch.Tensor, hidden: int, has_norm: bool,

@@ -1,9 +1,10 @@
-"""The rel-pos attention kernel compiled ahead of time for the H200 (sm_90) with this machine's
-Triton and its ptxas (scripts/compile_check.py), no GPU needed: each launch configuration the
-tuner may pick at vit_h's shapes, in bf16, compiles from the arguments the encoder passes, fits
-the shared memory, uses Hopper's wgmma with software-pipelined loads, and spills no registers
-(the kernel padding the head dim 80 to 128 spilled 556-676 bytes per thread on the windows at
-64-key tiles; scripts/runs/compile_check-sm90-*.txt)."""
+"""The rel-pos attention and int8 matmul kernels compiled ahead of time for the H200 (sm_90)
+with this machine's Triton and its ptxas (scripts/compile_check.py), no GPU needed: each
+launch configuration the tuners may pick at vit_h's shapes, in bf16, compiles from the
+arguments the encoder passes, fits the shared memory, uses Hopper's wgmma with
+software-pipelined loads, and spills no registers (the attention kernel padding the head dim
+80 to 128 spilled 556-676 bytes per thread on the windows at 64-key tiles;
+scripts/runs/compile_check-sm90-*.txt)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import triton
 
+from fastsam_core.kernels.int8_matmul import TILE_CANDIDATES
 from fastsam_core.ops.attention import CANDIDATES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,17 +36,20 @@ def specializes_like_the_jit() -> bool:
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no bundled ptxas")
 @pytest.mark.skipif(not specializes_like_the_jit(),
                     reason="this Triton has no native_specialize_impl (Triton 3.6 and 3.8 do)")
-def test_vit_h_attention_candidates_compile_for_sm90_without_spilling(tmp_path):
+@pytest.mark.parametrize("only, expected", [
+    ("rel_pos_attention bf16 d80", 2 * len(CANDIDATES)),  # global and windowed
+    ("int8_matmul bf16", 2 * len(TILE_CANDIDATES)),  # fc1 (GELU epilogue) and fc2
+], ids=["attention", "int8_matmul"])
+def test_vit_h_candidates_compile_for_sm90_without_spilling(tmp_path, only, expected):
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     done = subprocess.run(
         [sys.executable, "scripts/compile_check.py", "--arch", "90", "--json", str(out),
-         "--only", "rel_pos_attention bf16 d80"],
+         "--only", only],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.read_text())["results"]
-    assert {"kw64", "kw14"} == {r["name"].split()[3] for r in results}  # global and windowed
-    assert len(results) == 2 * len(CANDIDATES)
+    assert len(results) == expected
     for r in results:
         assert r["ok"] and r["wgmma"] and r["async_loads"] > 0 and r["spill"] == 0, r

@@ -134,3 +134,31 @@ def test_backend_never_picks_a_wrong_kernel(tmp_path, monkeypatch):
     assert int8_backend(*codes(48, 32, 64)[:4], None, torch.float32, tuner=tuner) == "int_mm"
     monkeypatch.setenv("FASTSAM_DISABLE_TRITON", "1")
     assert int8_backend(*codes(48, 24, 64)[:4], None, torch.float32, tuner=tuner) == "int_mm"
+
+
+def test_tile_chosen_by_measurement_among_those_matching(tmp_path, monkeypatch):
+    """ops.quant.int8_tile: every candidate tile runs on the real codes (in the interpreter
+    here, tuned for a named test GPU), one returning a wrong result is never chosen however
+    fast, the fastest of the rest is kept; off CUDA nothing is tuned (the kernel's default)."""
+    import fastsam_core.kernels.int8_matmul as kernel
+    from fastsam_core.kernels.tuning import Tuner
+    from fastsam_core.ops.quant import int8_tile
+
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+    tiles = kernel.TILE_CANDIDATES
+    real = kernel.int8_matmul
+
+    def second_tile_wrong(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out.zero_() if args[6] == tiles[1] else out
+
+    monkeypatch.setattr(kernel, "int8_matmul", second_tile_wrong)
+    fake_ms = dict(zip(tiles, (3.0, 0.5, 1.0, 2.0)))
+    tuner = Tuner("int8_matmul_test", timer=lambda run: fake_ms[run.args[-1]])
+    args = codes(40, 24, 48)
+    assert int8_tile(*args, torch.float32, "gelu", tuner=tuner) is None  # CPU: no tuning
+    chosen = int8_tile(*args, torch.float32, "gelu", tuner=tuner, device="test-gpu")
+    assert chosen == tiles[2]
+    assert sorted(tuner.last_measurements) == sorted(t.as_key() for t in (tiles[0], *tiles[2:]))
+    monkeypatch.setattr(kernel, "int8_matmul", lambda *a, **k: 1 / 0)  # kept: not run again
+    assert int8_tile(*args, torch.float32, "gelu", tuner=tuner, device="test-gpu") == tiles[2]
