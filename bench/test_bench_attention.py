@@ -12,8 +12,9 @@ position tables, so the bias terms' cost is included where a backend needs them;
 what computing the terms (two small matmuls) costs, so the most a kernel computing them from
 q and the tables itself could save (the issue's decision between the two, by measurement);
 "fast_gather_bias", the kernel at the launch configuration the tuner chose for "triton" but
-with the bias gathered per element (the kernel's first way, before the bias modes of
-kernels/rel_pos_attention.py): "fast_terms_given" against it is what those modes gain.
+with the bias gathered per element (the kernel's first way; kernels/rel_pos_attention.py's
+bias modes): where the tuner chose a tiled form ("row", "onehot"), "fast_gather_bias" minus
+"fast_terms_given" is what the tiled form gains at that launch.
 
     pytest bench/test_bench_attention.py --benchmark-only
 """

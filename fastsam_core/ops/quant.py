@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from fastsam_core.kernels.tuning import Tuner
 
 INT8_MAX = 127
-INT8_TUNER = Tuner("int8_matmul")  # the per-shape, per-GPU choice of int8 matmul backend
+INT8_TUNER = Tuner("int8_matmul")  # per shape and GPU: the int8 matmul backend, the kernel tile
 INT8_KERNEL_VERSION = 2  # part of every tuning key: bump when kernels/int8_matmul.py changes
 # The per-shape, per-GPU choice between fused kernels and separate passes: for int8 MLPs and
 # for LayerNorms that feed an int8 linear directly (norm1 -> qkv).
