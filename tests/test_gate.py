@@ -49,15 +49,18 @@ def gate(tmp_path, *args, repeat=1):
 def test_gate_passes_unchanged_and_fails_a_slowed_fast_path(tmp_path):
     """The small image-encoder suite: save a baseline, rerun unchanged (passes), rerun with the
     fast path doing its work 8 times per call (the speedup collapses: fails). Tolerances are
-    wide because this runs on a shared 2-core machine."""
-    saved = gate(tmp_path, "--save")
+    wide because this runs on a shared 2-core machine; the int8 case is left out: its CPU
+    stand-in (fp32 products of the codes) swung 2.6x between runs here (24 to 69 ms, 3 rounds)
+    and failed the unchanged rerun, which says nothing about the gate."""
+    cases = ("--", "-k", "not fast_int8")
+    saved = gate(tmp_path, "--save", *cases)
     assert saved.returncode == 0, saved.stdout + saved.stderr
     assert list(tmp_path.glob("*/*/0001_baseline.json"))
     wide = ("--abs-tolerance", "400", "--ratio-tolerance", "60")
-    same = gate(tmp_path, *wide)
+    same = gate(tmp_path, *wide, *cases)
     assert same.returncode == 0, same.stdout + same.stderr
-    assert "ok " in same.stdout
-    slowed = gate(tmp_path, *wide, repeat=8)
+    assert "ok " in same.stdout and "-fast_int8]" not in same.stdout  # the case was left out
+    slowed = gate(tmp_path, *wide, *cases, repeat=8)
     assert slowed.returncode == 1, slowed.stdout + slowed.stderr
     assert "FAIL" in slowed.stdout
 
