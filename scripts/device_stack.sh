@@ -6,7 +6,8 @@
 #   scripts/device_stack.sh python -m pytest -q tests/kernels    # the suite, interpreter
 #   scripts/device_stack.sh python scripts/compile_check.py      # kernels for sm_90, Triton 3.6
 #
-# The first call downloads about 3 GB from PyPI (torch's CUDA build) into .venv-device/.
+# The first call installs torch's CUDA build and its NVIDIA libraries from PyPI into
+# .venv-device/ (2.4 min here on 2026-12-02, the kernel tests included).
 # numpy stays below 2.4: Triton 3.6's interpreter fails on numpy 2.5 ("only 0-dimensional
 # arrays can be converted to Python scalars"; seen 2026-12-02), which the GPU never runs.
 set -euo pipefail

@@ -25,6 +25,7 @@ path (with one warning when "triton" was asked for).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -194,9 +195,10 @@ if kernel is not None:
     ]
 
 
+@functools.cache  # looked up on every call of the op on CUDA
 def distinct_launches(grid: tuple[int, int]) -> dict[str, kernel.LaunchConfig]:
     """CANDIDATES by name, less those that launch the same kernel as an earlier one on an
-    h x w key grid (a forced "gather" where the tile gathers anyway)."""
+    h x w key grid (a forced "gather" where the tile gathers anyway). Not to be mutated."""
     seen, configs = set(), {}
     for c in CANDIDATES:
         launch = (c.block_m, c.block_n, c.num_warps, c.num_stages, kernel.bias_mode(c, grid))
