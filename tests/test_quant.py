@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from sam2.modeling.backbones.hieradet import MultiScaleBlock
 from segment_anything.modeling.common import MLPBlock
 from torch import nn
 
@@ -115,7 +116,12 @@ def test_sam2_encoder_quantized():
     fastsam_core.optimize(model, FastConfig(quantize="int8"))
     blocks = model.image_encoder.trunk.blocks
     assert all(isinstance(b.attn.qkv, Int8Linear) for b in blocks)
-    assert all(type(b.norm1) is nn.LayerNorm for b in blocks)  # sam2's forward needs a tensor
+    # norm1 deferred to qkv where the block keeps its width; at a stage change it also
+    # feeds the shortcut's projection, so it stays a LayerNorm
+    assert [type(b.norm1) for b in blocks] == [
+        DeferredLayerNorm if b.dim == b.dim_out else nn.LayerNorm for b in blocks]
+    assert sum(b.dim != b.dim_out for b in blocks) == 3
+    assert "4 norm1 LayerNorms can feed their int8 qkv" in str(fastsam_core.report(model))
     out = model.image_encoder(x)["vision_features"]
     assert sqnr_db(before, out) > tol.INT8_ENCODER_MIN_SQNR_DB
     fastsam_core.restore(model)
@@ -336,6 +342,59 @@ def test_fused_norm1_in_the_encoder_blocks():
     assert attn_inputs == [Int8Tokens] * 4
 
 
+@torch.inference_mode()
+def test_fused_norm1_in_the_hiera_blocks():
+    """SAM 2's Hiera at 96 px (a 6 x 6 stage in 4 x 4 windows: padded) with norm1 forced
+    "fused", in each width-keeping block: qkv gets the codes (`Int8Tokens`, padded tokens
+    code 0) and gives what it gives on the separate path but for rounding-tie flips; the
+    block differs from its separate path only by qkv's input; the separate path is what the
+    reference block computes with a plain LayerNorm."""
+    from tests.models.sam2.test_image_encoder import images, small_encoder, small_sam2
+
+    model = small_sam2()
+    model.image_encoder = small_encoder()
+    fastsam_core.optimize(model, FastConfig(quantize="int8"))
+    trunk = model.image_encoder.trunk
+    set_mlp_paths(model.image_encoder, "separate")
+    deferred = [b for b in trunk.blocks if type(b.norm1) is DeferredLayerNorm]
+    assert any(b.window_size == 0 for b in deferred) and any(b.window_size for b in deferred)
+    inputs = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0])))
+             for b in deferred]
+    model.image_encoder(images(batch=2, size=96))
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == len(deferred) == 4
+    padded = 0
+    for block, x in inputs:
+        qkv_inputs = []
+        handle = block.attn.qkv.register_forward_pre_hook(
+            lambda m, args: qkv_inputs.append(args[0]))
+        separate = block(x)
+        block.norm1.path = "fused"
+        fused = block(x)
+        block.norm1.path = "separate"
+        handle.remove()
+        floats, codes = qkv_inputs
+        assert type(floats) is torch.Tensor and isinstance(codes, Int8Tokens)
+        assert codes.shape == floats.shape
+        assert sqnr_db(block.attn.qkv(floats), block.attn.qkv(codes)) \
+            >= tol.INT8_TIE_FLIP_MIN_SQNR_DB
+        pad = (floats == 0).all(-1)  # the window partition's zero padding
+        assert (codes.codes[pad] == 0).all()
+        padded += int(pad.any())
+        handle = block.attn.qkv.register_forward_pre_hook(lambda m, args: (codes,))
+        assert torch.equal(block(x), fused)  # separate, but qkv fed the codes
+        handle.remove()
+        block.norm1.path = "auto"
+        reference = copy.copy(block)  # the same children but norm1 a plain LayerNorm
+        reference._modules = dict(block._modules, drop_path=nn.Identity(),
+                                  norm1=nn.LayerNorm(block.dim, eps=block.norm1.eps))
+        reference.norm1.weight, reference.norm1.bias = block.norm1.weight, block.norm1.bias
+        assert torch.equal(MultiScaleBlock.forward(reference, x), separate)
+    assert padded == 1  # the 6 x 6 stage's windowed block
+
+
 def test_norm1_path_separate_for_hooks_float_linears_and_compile(monkeypatch):
     """"auto" for a deferred norm1 measures only where it may (the CPU standing in for
     CUDA, the measurement faked to prefer fused): not for a float linear, not while the qkv
@@ -461,11 +520,12 @@ def test_int8_mlp_bf16_real_widths(k, hidden, tmp_path, monkeypatch):
 
 @pytest.mark.cuda
 @torch.inference_mode()
-@pytest.mark.parametrize("k, window", [(768, 14), (1280, 0)])
+@pytest.mark.parametrize("k, window", [(768, 14), (1280, 0), (112, 8)])
 def test_norm1_into_int8_qkv_bf16_real_widths(k, window, tmp_path, monkeypatch):
     """The compiled LayerNorm + codes kernel feeding an int8 qkv at vit_b (windowed, padded
-    64x64 grid) / vit_h (global) widths in bf16: both paths as close to the float layers
-    (fp32) as an int8 linear allows, and both pass the path measurement's match."""
+    64x64 grid) / vit_h (global) / hiera_b+'s first stage (windows of 8) widths in bf16:
+    both paths as close to the float layers (fp32) as an int8 linear allows, and both pass
+    the path measurement's match."""
     from segment_anything.modeling.image_encoder import window_partition
 
     from fastsam_core.kernels.tuning import Tuner

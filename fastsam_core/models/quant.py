@@ -20,12 +20,12 @@ an `Int8MLP` over the two int8 linears, and the LayerNorm before it (`norm2`) a
 quantization of its output in one pass, GELU in fc1's matmul epilogue, fc1's output
 quantized in one pass (kernels/layer_norm_quant.py, int8_matmul.py, quantize_rows.py);
 whether that is faster than the separate passes is measured per shape on first use.
-In SAM's ViT blocks the LayerNorm before attention (`norm1`) is deferred too, to the int8
-qkv linear behind it: on CUDA the norm and the quantization of its output can run as one
-kernel whose int8 codes (not the normalized activations) are window-partitioned for qkv
-(`PendingLayerNorm.for_linear`), again where measured faster per shape. (sam2's Hiera blocks
-keep their norm1: their forward uses its output as a tensor.) State_dict keys are unchanged
-by this (same child names).
+The LayerNorm before attention (`norm1`) is deferred too, to the int8 qkv linear behind it,
+in SAM's ViT blocks and in the Hiera blocks that keep their width (at a stage change norm1's
+output also feeds the shortcut's projection): on CUDA the norm and the quantization of its
+output can run as one kernel whose int8 codes (not the normalized activations) are
+window-partitioned for qkv (`PendingLayerNorm.for_linear`), again where measured faster per
+shape. State_dict keys are unchanged by this (same child names).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from sam2.modeling.backbones.hieradet import MultiScaleBlock
 from sam2.modeling.sam2_utils import MLP
 from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import window_partition
@@ -331,23 +330,31 @@ def fusable_mlp(mlp: nn.Module) -> bool:
             and max(linears[0].in_features, linears[0].out_features) <= MAX_ROW)
 
 
+def _block_types() -> tuple[type, type]:
+    from fastsam_core.models.sam.image_encoder import FastBlock
+    from fastsam_core.models.sam2.image_encoder import FastMultiScaleBlock
+
+    return FastBlock, FastMultiScaleBlock
+
+
 def defers_norm2(block: nn.Module) -> bool:
     """True for the blocks whose forward is `x + mlp(norm2(x))` with norm2 an affine
-    nn.LayerNorm (weight and bias): ours for SAM (`FastBlock`) and sam2's `MultiScaleBlock`
-    (whose MLP output passes only through an identity drop-path at inference)."""
-    from fastsam_core.models.sam.image_encoder import FastBlock
-
-    return type(block) in (FastBlock, MultiScaleBlock) and _affine_layer_norm(block.norm2)
+    nn.LayerNorm (weight and bias): ours, for SAM (`FastBlock`) and SAM 2
+    (`FastMultiScaleBlock`)."""
+    return type(block) in _block_types() and _affine_layer_norm(block.norm2)
 
 
 def defers_norm1(block: nn.Module) -> bool:
-    """True for SAM's `FastBlock` with an affine nn.LayerNorm norm1 before an int8 qkv
-    within the row kernels' reach: its forward hands a deferred norm1 to qkv
-    (`PendingLayerNorm.for_linear`)."""
+    """True for our blocks whose forward hands a deferred norm1 to qkv
+    (`PendingLayerNorm.for_linear`): an affine nn.LayerNorm norm1 before an int8 qkv within
+    the row kernels' reach, in a block that keeps its width (a Hiera stage change also
+    projects norm1's output for the shortcut)."""
     from fastsam_core.kernels.quantize_rows import MAX_ROW
-    from fastsam_core.models.sam.image_encoder import FastBlock
 
-    return (type(block) is FastBlock and _affine_layer_norm(block.norm1)
+    vit_block, hiera_block = _block_types()
+    keeps_width = type(block) is vit_block or (type(block) is hiera_block
+                                               and block.dim == block.dim_out)
+    return (keeps_width and _affine_layer_norm(block.norm1)
             and isinstance(block.attn.qkv, Int8Linear)
             and block.attn.qkv.in_features <= MAX_ROW)
 
@@ -426,8 +433,8 @@ def quantize_linears(encoder: nn.Module, mode: str, layers: str) -> StageReport:
 
 def fuse_int8_layers(encoder: nn.Module) -> tuple[int, int]:
     """Make each block's int8 MLP an `Int8MLP` (and its norm2 a `DeferredLayerNorm` where
-    the block allows), and SAM's norm1 before an int8 qkv a `DeferredLayerNorm`; returns how
-    many MLPs and how many norm1s."""
+    the block allows), and norm1 before an int8 qkv a `DeferredLayerNorm` where the block
+    allows (`defers_norm1`); returns how many MLPs and how many norm1s."""
     prefix = "blocks" if hasattr(encoder, "blocks") else "trunk.blocks"
     mlps = norms = 0
     for i, block in enumerate(encoder.get_submodule(prefix)):

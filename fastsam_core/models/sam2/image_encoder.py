@@ -13,6 +13,9 @@ Replaces `sam2.modeling.backbones.image_encoder.ImageEncoder` (with its
 - weights and activations in the configured dtype (the blocks' attention is SDPA, LayerNorm
   statistics fp32), whatever the autocast state; the neck's top-down upsampling in fp32 as
   the reference does; optional `torch.compile` of the whole encoder (fullgraph);
+- the blocks (`FastMultiScaleBlock`) run the reference's `MultiScaleBlock.forward` at
+  inference, except that with int8 linears a block's norm1 may hand its int8 qkv the codes of
+  its output (models/quant.py);
 - training mode or autograd recording run the kept reference encoder instead.
 """
 
@@ -20,8 +23,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from sam2.modeling.backbones.hieradet import Hiera, MultiScaleBlock
+from sam2.modeling.backbones.hieradet import Hiera, MultiScaleBlock, do_pool
 from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
+from sam2.modeling.backbones.utils import window_partition, window_unpartition
 from sam2.modeling.position_encoding import PositionEmbeddingSine
 from torch import nn
 
@@ -29,7 +33,58 @@ from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, adopt_parameter
 from fastsam_core.models.fallback import ReferenceFallback
+from fastsam_core.models.quant import PendingLayerNorm
 from fastsam_core.report import StageReport, UnsupportedModule
+
+
+class FastMultiScaleBlock(nn.Module):
+    """Hiera block (reference `MultiScaleBlock`): the same children, so the same parameter
+    names, and the reference's forward with drop-path the identity (inference).
+
+    With int8 linears `norm1` may be a `models.quant.DeferredLayerNorm` (in a block that keeps
+    its width: no stage-change projection also takes norm1's output); it then hands qkv the
+    int8 codes of its output, window-partitioned as codes.
+
+    forward(x): B x H x W x dim -> B x H' x W' x dim_out (H' = H / q_stride at a q-pooling
+    stage change, else H).
+    """
+
+    def __init__(self, ref: MultiScaleBlock, dtype: torch.dtype) -> None:
+        super().__init__()
+        ref = adopt_module(ref, dtype)
+        self.dim, self.dim_out = ref.dim, ref.dim_out
+        self.window_size = ref.window_size
+        self.q_stride = ref.q_stride
+        self.norm1 = ref.norm1
+        self.pool = ref.pool  # the attention's q pooling too (None without q_stride)
+        self.attn = ref.attn
+        self.norm2 = ref.norm2
+        self.mlp = ref.mlp
+        if self.dim != self.dim_out:
+            self.proj = ref.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        hw = x.shape[1:3]
+        ws = self.window_size
+        x = self.norm1(x)
+        if isinstance(x, PendingLayerNorm):  # int8 qkv: the norm's codes, maybe (models.quant)
+            x = x.for_linear(self.attn.qkv, ws, carriers=(self.attn,))
+        else:
+            if self.dim != self.dim_out:
+                shortcut = do_pool(self.proj(x), self.pool)  # B x H' x W' x dim_out
+            if ws > 0:
+                # B x H x W x C -> (B * windows) x ws x ws x C, zero-padded
+                x = window_partition(x, ws)[0]
+        x = self.attn(x)
+        if self.q_stride:  # the attention pooled q: smaller windows, the shortcut's grid
+            ws = self.window_size // self.q_stride[0]
+            hw = shortcut.shape[1:3]
+        if self.window_size > 0:
+            padded = (hw[0] + (-hw[0]) % ws, hw[1] + (-hw[1]) % ws)
+            x = window_unpartition(x, ws, padded, hw)  # -> B x H' x W' x dim_out
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
 
 
 class FastHiera(nn.Module):
@@ -44,7 +99,7 @@ class FastHiera(nn.Module):
         self.patch_embed = adopt_module(ref.patch_embed, dtype)
         self.pos_embed = adopt_parameter(ref.pos_embed, dtype)
         self.pos_embed_window = adopt_parameter(ref.pos_embed_window, dtype)
-        self.blocks = nn.ModuleList(adopt_module(b, dtype) for b in ref.blocks)
+        self.blocks = nn.ModuleList(FastMultiScaleBlock(b, dtype) for b in ref.blocks)
         self.stage_ends = list(ref.stage_ends)
         self.return_interm_layers = ref.return_interm_layers
         self.channel_list = list(ref.channel_list)
