@@ -145,6 +145,7 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
     encoder = sam.image_encoder
     dtype = config.resolve_dtype(module_device(encoder), module_dtype(encoder))
     state = _State(config=config, dtype=dtype)
+    unhooked: list[str] = []
     for name, fast_class in _stages(sam).items():
         if fast_class is None:
             state.kept.append(StageReport(name, "reference", "no fast version yet"))
@@ -158,7 +159,15 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
             if name == "image_encoder" and config.quantize is not None:
                 state.kept.append(quantize_linears(fast, config.quantize,
                                                    config.quantize_layers))
+            unhooked += _hooks_left_behind(name, getattr(sam, name), fast)
             _replace(state, sam, name, fast)
+    if unhooked:
+        shown = ", ".join(unhooked[:8]) + (f" and {len(unhooked) - 8} more"
+                                           if len(unhooked) > 8 else "")
+        warnings.warn(f"fastsam_core: forward hooks on {shown} will not run: optimize() "
+                      "replaced those modules (register the hooks on the optimized model's "
+                      "modules if you need them; restore() brings the originals back with "
+                      "their hooks)", stacklevel=2)
     if type(sam) is SAM2VideoPredictor:  # batched multi-object propagation
         sam.__dict__[_SWAPPED] = type(sam)
         sam.__class__ = FastSam2VideoPredictor
@@ -325,6 +334,16 @@ def _replace(state: _State, owner: nn.Module, name: str, fast: nn.Module) -> Non
     fast.train(original.training)
     setattr(owner, name, fast)
     state.replacements.append(_Replacement(owner, name, original, fast, shared, load_hook))
+
+
+def _hooks_left_behind(name: str, original: nn.Module, fast: nn.Module) -> list[str]:
+    """Paths (from the model) of the modules in `original` with forward hooks or pre-hooks
+    that are not part of `fast`, so that their hooks stop running once `fast` replaces
+    `original`. (A module `fast` shares may still be bypassed by a fused forward: not
+    looked at. Global module hooks run on the fast modules too.)"""
+    kept = {id(m) for m in fast.modules()}
+    return [f"{name}.{path}" if path else name for path, m in original.named_modules()
+            if (m._forward_hooks or m._forward_pre_hooks) and id(m) not in kept]
 
 
 def _shares_tensors(a: nn.Module, b: nn.Module) -> bool:

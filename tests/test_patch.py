@@ -136,6 +136,34 @@ def test_non_vit_encoder_is_kept_with_a_warning(sam):
     assert sam.image_encoder is other
 
 
+def test_hooks_on_replaced_modules_are_named_in_a_warning(sam):
+    """A forward hook (or pre-hook) on a module optimize() replaces would silently stop
+    running: optimize() names those modules in one warning. A hook on a module the fast
+    stage keeps (fp32: the blocks' own LayerNorms) runs on, and is not named; restore()
+    brings the hooked originals back, hooks and all."""
+    x = image_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastsam_core.optimize(sam)  # no hooks: no warning
+    fastsam_core.restore(sam)
+    calls = []
+    encoder = sam.image_encoder
+    encoder.register_forward_hook(lambda m, args, out: calls.append("encoder"))
+    encoder.blocks[0].register_forward_pre_hook(lambda m, args: calls.append("block"))
+    encoder.blocks[0].norm1.register_forward_hook(lambda m, args, out: calls.append("norm1"))
+    with pytest.warns(UserWarning) as caught:
+        fastsam_core.optimize(sam)
+    (message,) = [str(w.message) for w in caught]
+    assert "forward hooks on image_encoder, image_encoder.blocks.0 will not run" in message
+    assert "norm1" not in message
+    encode(sam, x)
+    assert calls == ["norm1"]
+    fastsam_core.restore(sam)
+    calls.clear()
+    encode(sam, x)
+    assert calls == ["block", "norm1", "encoder"]
+
+
 def test_report_names_each_stage_path_and_reason(sam):
     assert fastsam_core.report(sam).path_of("image_encoder") == "reference"
     fastsam_core.optimize(sam, FastConfig(attention="math"))
