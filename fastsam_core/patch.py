@@ -164,10 +164,10 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
     if unhooked:
         shown = ", ".join(unhooked[:8]) + (f" and {len(unhooked) - 8} more"
                                            if len(unhooked) > 8 else "")
-        warnings.warn(f"fastsam_core: forward hooks on {shown} will not run: optimize() "
-                      "replaced those modules (register the hooks on the optimized model's "
-                      "modules if you need them; restore() brings the originals back with "
-                      "their hooks)", stacklevel=2)
+        warnings.warn(f"fastsam_core: forward hooks on {shown} do not run on the fast "
+                      "path: optimize() replaced those modules (register the hooks on the "
+                      "optimized model's modules if you need them; restore() brings the "
+                      "originals back with their hooks)", stacklevel=2)
     if type(sam) is SAM2VideoPredictor:  # batched multi-object propagation
         sam.__dict__[_SWAPPED] = type(sam)
         sam.__class__ = FastSam2VideoPredictor

@@ -16,9 +16,12 @@ software-pipelined (asynchronous copies to shared memory), and the compile time 
 tell: speed.
 
     python scripts/compile_check.py [--arch 90] [--json FILE] [--only TEXT ...]
+                                    [--launches FILE]
 
-Prints one line per compiled variant, then a summary; exits 1 if a variant failed to compile
-or asked for more shared memory than the target has.
+With --launches, it compiles instead the launches a test run made (recorded by the pytest
+plugin scripts/record_launches.py, with the GPU's launch configurations): what the CUDA run
+of those tests will compile. Prints one line per compiled variant, then a summary; exits 1 if
+a variant failed to compile or asked for more shared memory than the target has.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled kernels
@@ -42,13 +46,11 @@ atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=Tru
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from launch_spec import ast_source, specialization  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from fastsam_core.kernels import int8_matmul, layer_norm_quant, quantize_rows  # noqa: E402
 from fastsam_core.kernels import rel_pos_attention as attention  # noqa: E402
-from fastsam_core.kernels.launch import Launch  # noqa: E402
 from fastsam_core.kernels.quantize_rows import row_buffers  # noqa: E402
 from fastsam_core.ops.attention import CANDIDATES, rel_pos_terms  # noqa: E402
 
@@ -111,31 +113,6 @@ def row_launches():
                    layer_norm_quant.layer_norm_quant_launch(rows, *norm, 1e-6, q, s))
 
 
-def specialized(launch: Launch) -> tuple[ASTSource, dict]:
-    """The source Triton's JIT would compile for this launch: every argument specialized as
-    at a real call (pointers and integers divisible by 16 marked so, integers equal to 1
-    made constants), and the compile options."""
-    fn = launch.kernel
-    constexprs = {name: value for name, value in launch.meta.items()
-                  if name not in ("num_warps", "num_stages")}
-    options = {name: launch.meta[name] for name in ("num_warps", "num_stages")
-               if name in launch.meta}
-    runtime = fn.arg_names[:len(launch.args)]  # positional: the runtime arguments come first
-    if set(fn.arg_names[len(launch.args):]) - set(constexprs):
-        raise ValueError(f"{fn.__name__}: arguments neither passed nor constexpr")
-    types, attrs = {}, {}
-    for index, (name, value) in enumerate(zip(runtime, launch.args)):
-        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
-        if kind == "constexpr":
-            constexprs[name] = key
-            continue
-        types[name] = kind
-        if isinstance(key, str):
-            attrs[(index,)] = BaseBackend.parse_attr(key)
-    types.update({name: "constexpr" for name in constexprs})
-    return ASTSource(fn, {name: types[name] for name in fn.arg_names}, constexprs, attrs), options
-
-
 def resource_usage(ptx: str, arch: int) -> dict[str, int]:
     """Registers per thread and bytes spilled (stores) per thread of the kernel in `ptx`, from
     `ptxas -v` (Triton's own ptxas, for the PTX's target)."""
@@ -151,18 +128,31 @@ def resource_usage(ptx: str, arch: int) -> dict[str, int]:
                 spill=int(re.search(r"(\d+) bytes spill stores", log).group(1)))
 
 
-def compile_all(arch: int, only: list[str] | None = None) -> list[dict]:
-    """Compile the variants (those whose name contains every string of `only`, if given)."""
+def builtin_variants(only: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """(name, specialization) of the launches above whose name contains every string of
+    `only`, if given."""
+    for name, launch in (*attention_launches(), *int8_matmul_launches(), *row_launches()):
+        if not only or all(part in name for part in only):
+            yield name, specialization(launch)
+
+
+def recorded_variants(path: Path, only: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """(name, specialization) of the launches scripts/record_launches.py recorded in `path`."""
+    for record in json.loads(path.read_text())["launches"]:
+        if not only or all(part in record["name"] for part in only):
+            yield record["name"], record["spec"]
+
+
+def compile_all(arch: int, variants: Iterable[tuple[str, dict]]) -> list[dict]:
+    """Compile each (name, specialization) for sm_<arch>: one result row each."""
     target = GPUTarget("cuda", arch, 32)
     limit = SHARED_LIMIT.get(arch)
     results = []
-    for name, launch in (*attention_launches(), *int8_matmul_launches(), *row_launches()):
-        if only and not all(part in name for part in only):
-            continue
+    for name, spec in variants:
         start = time.perf_counter()
         row = dict(name=name)
         try:
-            source, options = specialized(launch)
+            source, options = ast_source(spec)
             row["options"] = options
             compiled = triton.compile(source, target=target, options=options)
         except Exception as err:  # noqa: BLE001 - reported, and the exit status says so
@@ -198,10 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--only", action="append", metavar="TEXT",
                         help="compile only the variants whose name contains TEXT (repeatable)")
+    parser.add_argument("--launches", type=Path, metavar="FILE",
+                        help="compile the launches scripts/record_launches.py recorded in FILE "
+                             "instead of the built-in ones")
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}, target sm_{args.arch}, shared-memory limit "
           f"{SHARED_LIMIT.get(args.arch, 'unknown')} bytes", flush=True)
-    results = compile_all(args.arch, args.only)
+    variants = (recorded_variants(args.launches, args.only) if args.launches
+                else builtin_variants(args.only))
+    results = compile_all(args.arch, variants)
     failed = [r for r in results if not r["ok"]]
     spilled = [r for r in results if r.get("spill")]
     print(f"{len(results)} variants, {len(failed)} failed, {len(spilled)} spilling registers, "

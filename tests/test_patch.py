@@ -154,7 +154,7 @@ def test_hooks_on_replaced_modules_are_named_in_a_warning(sam):
     with pytest.warns(UserWarning) as caught:
         fastsam_core.optimize(sam)
     (message,) = [str(w.message) for w in caught]
-    assert "forward hooks on image_encoder, image_encoder.blocks.0 will not run" in message
+    assert "forward hooks on image_encoder, image_encoder.blocks.0 do not run" in message
     assert "norm1" not in message
     encode(sam, x)
     assert calls == ["norm1"]

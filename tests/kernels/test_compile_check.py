@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import triton
 
 from fastsam_core.kernels.int8_matmul import TILE_CANDIDATES
@@ -53,3 +54,41 @@ def test_vit_h_candidates_compile_for_sm90_without_spilling(tmp_path, only, expe
     assert len(results) == expected
     for r in results:
         assert r["ok"] and r["wgmma"] and r["async_loads"] > 0 and r["spill"] == 0, r
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no bundled ptxas")
+@pytest.mark.skipif(not specializes_like_the_jit(),
+                    reason="this Triton has no native_specialize_impl (Triton 3.6 and 3.8 do)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA run compiles these itself")
+def test_recorded_test_launches_compile_for_sm90(tmp_path):
+    """scripts/record_launches.py records the launches of a test run with the GPU's launch
+    configurations (the int8 kernel's default 128 x 128 x 64 tiles with 8 warps, not the
+    interpreter's 32s with 1), once each; compile_check --launches compiles them all for
+    sm_90."""
+    launches, out = tmp_path / "launches.json", tmp_path / "compile.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "scripts"), str(REPO),
+                                                      env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/kernels/test_int8_matmul.py", "-q",
+         "-p", "no:cacheprovider", "-p", "record_launches", "--record-launches",
+         str(launches)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = json.loads(launches.read_text())["launches"]
+    assert records and all(r["test"].startswith("tests/kernels/test_int8_matmul.py::")
+                           for r in records)
+    specs = [json.dumps(r["spec"], sort_keys=True) for r in records]
+    assert len(set(specs)) == len(specs)
+    assert len({r["name"] for r in records}) == len(records)  # a name tells them apart
+    tiles = {(r["spec"]["constexprs"]["BLOCK_M"], r["spec"]["options"]["num_warps"])
+             for r in records}  # the default, and the tiles tests pass themselves
+    assert (128, 8) in tiles and (32, 1) not in tiles
+    env.pop("TRITON_INTERPRET")
+    done = subprocess.run(
+        [sys.executable, "scripts/compile_check.py", "--arch", "90", "--launches",
+         str(launches), "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [r["name"] for r in results] == [r["name"] for r in records]
+    assert all(r["ok"] for r in results)
