@@ -4,7 +4,7 @@
 #
 # From the repository root, after ../shared/device/prepare.sh (see its README for the wheel
 # prefix that makes segment_anything, sam2, ... importable; nothing else is pip-installed):
-#   bash bench/run_gpu.sh           # all stages: tests bench accuracy profile bench-tail
+#   bash bench/run_gpu.sh           # all: tests bench cuda-tests accuracy profile bench-tail
 #   bash bench/run_gpu.sh bench profile     # a selection
 # Everything runs as `python -m ...` from the repository root. The whole script keeps to a
 # deadline (FASTSAM_RUNNER_DEADLINE seconds, default 540: under the device tool's 600 s per
@@ -48,7 +48,10 @@ BENCH=${FASTSAM_RUNNER_BENCH:-"bench/test_bench_attention.py bench/test_bench_im
   bench/test_bench_sam2_image.py"}
 BENCH_TAIL=${FASTSAM_RUNNER_BENCH_TAIL:-"bench/test_bench_prompt.py bench/test_bench_amg.py
   bench/test_bench_end_to_end.py bench/test_bench_video_memory.py"}
-stages=${*:-tests bench accuracy profile bench-tail}
+# the kernel and op suites first (they compile the kernels the benchmarks use), the
+# benchmarks next (the issues' measurements), then the CUDA tests of the models and pipelines
+# (real-size float64 references, torch.compile of whole encoders)
+stages=${*:-tests bench cuda-tests accuracy profile bench-tail}
 status=0
 summary=()
 
@@ -83,9 +86,10 @@ git rev-parse HEAD >> "$WORK/logs/env.log" 2>/dev/null
 for stage in $stages; do
   case $stage in
     tests)
-      # CUDA-marked tests, plus the kernel and op suites whole: on a GPU they run the
+      # the kernel and op suites whole, CUDA-marked tests included: on a GPU they run the
       # compiled kernels (fp32 "ieee", fp16, bf16) instead of the interpreter
-      run tests "$PY" -m pytest tests/kernels tests/ops -q -p no:cacheprovider -rs
+      run tests "$PY" -m pytest tests/kernels tests/ops -q -p no:cacheprovider -rs ;;
+    cuda-tests)
       run cuda_tests "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rs \
         --deselect tests/kernels --deselect tests/ops ;;
     bench|bench-tail)
@@ -106,7 +110,8 @@ for stage in $stages; do
         --out "$WORK/profile"
       for f in "$WORK"/profile/*; do [ -e "$f" ] && cp "$f" "$OUT/profile-$(basename "$f")"; done ;;
     *)
-      echo "unknown stage $stage (tests, bench, accuracy, profile, bench-tail)"; status=2 ;;
+      echo "unknown stage $stage (tests, bench, cuda-tests, accuracy, profile, bench-tail)"
+      status=2 ;;
   esac
 done
 

@@ -18,17 +18,16 @@ from triton.compiler import ASTSource
 
 # Constexprs that depend on running under the interpreter: their value on a GPU.
 GPU_CONSTEXPRS = {"UPCAST_DOT": False}
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")  # launch keywords that are options
 
 
 def specialization(launch) -> dict:
     """The launch as JSON-ready data: kernel (module and name), types (per argument, constexprs
     "constexpr"), constexprs, attrs ([argument index, attributes] pairs) and options
-    (num_warps, num_stages), with the GPU's value of GPU_CONSTEXPRS."""
+    (OPTIONS), with the GPU's value of GPU_CONSTEXPRS."""
     fn = launch.kernel
-    constexprs = {name: value for name, value in launch.meta.items()
-                  if name not in ("num_warps", "num_stages")}
-    options = {name: launch.meta[name] for name in ("num_warps", "num_stages")
-               if name in launch.meta}
+    constexprs = {name: value for name, value in launch.meta.items() if name not in OPTIONS}
+    options = {name: launch.meta[name] for name in OPTIONS if name in launch.meta}
     runtime = fn.arg_names[:len(launch.args)]  # positional: the runtime arguments come first
     if set(fn.arg_names[len(launch.args):]) - set(constexprs):
         raise ValueError(f"{fn.__name__}: arguments neither passed nor constexpr")

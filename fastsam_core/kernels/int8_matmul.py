@@ -153,6 +153,9 @@ def int8_matmul_launch(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch
             out.stride(0), out.stride(1))
     meta = dict(HAS_BIAS=bias is not None, GELU=activation == "gelu", BLOCK_N=config.block_n,
                 BLOCK_M=config.block_m, BLOCK_K=config.block_k, num_warps=config.num_warps,
-                num_stages=config.num_stages)
+                num_stages=config.num_stages,
+                # rescale, then bias, each rounded as torch rounds them: no fused multiply-add
+                # (the result is then the reference's to the bit; the epilogue is not the cost)
+                enable_fp_fusion=False)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))
     return Launch(_int8_matmul_fwd, grid, args, meta)

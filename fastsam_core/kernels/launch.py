@@ -12,7 +12,7 @@ class Launch:
     kernel: object  # the @triton.jit function
     grid: tuple[int, ...]  # programs per axis
     args: tuple  # positional arguments: tensors (pointers) and scalars
-    meta: dict  # constexpr arguments by name, num_warps, num_stages
+    meta: dict  # constexpr arguments by name and compile options (num_warps, ...)
 
     def __call__(self) -> None:
         self.kernel[self.grid](*self.args, **self.meta)

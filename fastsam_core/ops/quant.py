@@ -30,11 +30,11 @@ from fastsam_core.kernels.tuning import Tuner
 
 INT8_MAX = 127
 INT8_TUNER = Tuner("int8_matmul")  # per shape and GPU: the int8 matmul backend, the kernel tile
-INT8_KERNEL_VERSION = 2  # part of every tuning key: bump when kernels/int8_matmul.py changes
+INT8_KERNEL_VERSION = 3  # part of every tuning key: bump when kernels/int8_matmul.py changes
 # The per-shape, per-GPU choice between fused kernels and separate passes: for int8 MLPs and
 # for LayerNorms that feed an int8 linear directly (norm1 -> qkv).
 FUSION_TUNER = Tuner("int8_fusion")
-FUSION_VERSION = 1  # part of every tuning key: bump when a fused path's kernels change
+FUSION_VERSION = 2  # part of every tuning key: bump when a fused path's kernels change
 FUSED_PATHS = ("fused", "separate")
 # Relative L2 distance allowed between a fused and the separate int8 result. Both are int8
 # results of the same layers (from the float ones: MLPs 1.1e-2 to 1.8e-2, norm1 -> qkv 7.0e-3
@@ -52,7 +52,11 @@ def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         x_q ... x K int8, scale ... x 1 fp32 (a zero row gets scale 1, all-zero codes).
     """
-    scale = x.detach().abs().amax(dim=-1, keepdim=True).float() / INT8_MAX
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    # divided by a tensor on amax's device: CUDA divides by a Python number as a multiply by
+    # its reciprocal (1 ulp off for some rows), the kernels (quantize_rows, layer_norm_quant)
+    # and the CPU divide exactly
+    scale = amax / amax.new_full((), INT8_MAX)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     x_q = torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return x_q, scale

@@ -170,7 +170,8 @@ def test_whole_encoder_with_triton_attention(name):
     sam = small_sam(name).to(DEVICE)  # on a GPU machine: the compiled kernel, fp32 ("ieee")
     x = image_batch(batch=1).to(DEVICE)
     expected = sam.image_encoder(x)
-    fastsam_core.optimize(sam, FastConfig(attention="triton"))
+    # fp32 stated: on CUDA the default dtype is bf16
+    fastsam_core.optimize(sam, FastConfig(attention="triton", dtype=torch.float32))
     rep = fastsam_core.report(sam)
     assert rep.path_of("image_encoder.attention[global]") == "triton"
     assert_close_fp32(sam.image_encoder(x), expected, tol.FP32_STAGE_REL_L2)
@@ -204,7 +205,7 @@ def test_compile_fullgraph_traces_the_encoder_with_triton_attention():
     sam = small_sam().to(DEVICE)
     x = image_batch(batch=1).to(DEVICE)
     expected = sam.image_encoder(x)
-    fastsam_core.optimize(sam, FastConfig(attention="triton"))
+    fastsam_core.optimize(sam, FastConfig(attention="triton", dtype=torch.float32))
     fast = sam.image_encoder
     compiled = torch.compile(fast._forward_fast, backend="aot_eager", fullgraph=True)
     assert_close_fp32(compiled(x), expected, tol.FP32_STAGE_REL_L2)
@@ -212,7 +213,7 @@ def test_compile_fullgraph_traces_the_encoder_with_triton_attention():
 
 def test_disable_env_and_unsupported_inputs_fall_back_to_sdpa(monkeypatch):
     q, k, v, rh, rw = problem(1, 2, (4, 4), 16, torch.float32)
-    pos = torch.randn(4, 4, 16)
+    pos = torch.randn(4, 4, 16, device=DEVICE)
     expected = ops.rel_pos_attention(q, k, v, pos, pos, (4, 4), 0.25, "sdpa")
     monkeypatch.setenv(ops.DISABLE_ENV, "1")
     monkeypatch.setattr(ops, "KERNEL_FALLBACKS", {})
