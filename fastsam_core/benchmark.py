@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastsam_core.config import FastConfig
-from fastsam_core.models.convert import adopt_module
+from fastsam_core.models.convert import adopt_module, forward_hook_registries
 from fastsam_core.models.sam.reference import build_encoder, build_sam
 from fastsam_core.numerics import rel_l2
 from fastsam_core.patch import optimize, report
@@ -79,8 +79,9 @@ def encoder_flops(
 
 def meta_flops(module: torch.nn.Module, *input_shape: int) -> int:
     """FLOPs of `module` on one input of `input_shape`, counted by torch.utils.flop_counter on
-    a meta-device copy (no memory, no compute)."""
-    meta = copy.deepcopy(module).to("meta")
+    a meta-device copy (no memory, no compute; forward hooks not copied)."""
+    memo = {id(registry): type(registry)() for registry in forward_hook_registries(module)}
+    meta = copy.deepcopy(module, memo).to("meta")
     with FlopCounterMode(display=False) as counter:
         meta(torch.empty(*input_shape, device="meta"))
     return counter.get_total_flops()

@@ -165,9 +165,9 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
         shown = ", ".join(unhooked[:8]) + (f" and {len(unhooked) - 8} more"
                                            if len(unhooked) > 8 else "")
         warnings.warn(f"fastsam_core: forward hooks on {shown} do not run on the fast "
-                      "path: optimize() replaced those modules (register the hooks on the "
-                      "optimized model's modules if you need them; restore() brings the "
-                      "originals back with their hooks)", stacklevel=2)
+                      "path: optimize() replaced or dropped those modules (register the "
+                      "hooks on the optimized model's modules if you need them; restore() "
+                      "brings the originals back with their hooks)", stacklevel=2)
     if type(sam) is SAM2VideoPredictor:  # batched multi-object propagation
         sam.__dict__[_SWAPPED] = type(sam)
         sam.__class__ = FastSam2VideoPredictor
@@ -338,12 +338,24 @@ def _replace(state: _State, owner: nn.Module, name: str, fast: nn.Module) -> Non
 
 def _hooks_left_behind(name: str, original: nn.Module, fast: nn.Module) -> list[str]:
     """Paths (from the model) of the modules in `original` with forward hooks or pre-hooks
-    that are not part of `fast`, so that their hooks stop running once `fast` replaces
-    `original`. (A module `fast` shares may still be bypassed by a fused forward: not
-    looked at. Global module hooks run on the fast modules too.)"""
-    kept = {id(m) for m in fast.modules()}
-    return [f"{name}.{path}" if path else name for path, m in original.named_modules()
-            if (m._forward_hooks or m._forward_pre_hooks) and id(m) not in kept]
+    that will not run once `fast` replaces `original`: those that `fast` does not hold at the
+    same path with the same hook registries (a module replaced by a fast one, or not kept,
+    such as a dropout). A module `fast` shares, or a compute-dtype copy of it (which shares
+    its registries), runs its hooks: the fast forwards call it, or call it instead of a fused
+    form while it has hooks (`has_forward_hooks`). Global module hooks run on the fast
+    modules too."""
+    left = []
+    for path, m in original.named_modules():
+        if not (m._forward_hooks or m._forward_pre_hooks):
+            continue
+        try:
+            held = fast.get_submodule(path)
+        except AttributeError:
+            held = None
+        if held is None or held._forward_hooks is not m._forward_hooks \
+                or held._forward_pre_hooks is not m._forward_pre_hooks:
+            left.append(f"{name}.{path}" if path else name)
+    return left
 
 
 def _shares_tensors(a: nn.Module, b: nn.Module) -> bool:

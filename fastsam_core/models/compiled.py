@@ -33,8 +33,10 @@ class LazyCompiled:
         self.compiled = torch.compile(fn, mode=mode, **options) if mode else None
         self.cudagraphs = mode in CUDAGRAPH_MODES
 
-    def __call__(self, *args: object) -> object:
-        if self.compiled is None:
+    def __call__(self, *args: object, eager: bool = False) -> object:
+        """`fn(*args)`, compiled; `eager`: `fn` itself this time (for forward hooks, which a
+        compiled graph would trace into it, or recompile for)."""
+        if self.compiled is None or eager:
             return self.fn(*args)
         if self.status != "pending first call":
             return self._own(self.compiled(*args))

@@ -7,12 +7,19 @@ import copy
 import torch
 from torch import nn
 
+# nn.Module's forward hook registries (torch 2.x)
+_FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                       "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
 
 def adopt_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """`module` itself when its floating-point tensors are already `dtype`, else a copy in `dtype`.
 
     The copy is made without a temporary full-precision duplicate: each floating parameter and
     buffer is converted directly into the new module. Parameters keep their `requires_grad`.
+    Each copied module shares its original's forward hook registries: hooks registered on
+    either, before or after, run on both (the hooks themselves are not copied), and their
+    handles remove them from both.
     """
     tensors = list(module.parameters()) + list(module.buffers())
     if all(t.dtype == dtype for t in tensors if t.is_floating_point()):
@@ -22,7 +29,14 @@ def adopt_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         memo[id(p)] = adopt_parameter(p, dtype)
     for b in module.buffers():
         memo[id(b)] = b.detach().to(dtype) if b.is_floating_point() else b.detach().clone()
+    memo.update((id(registry), registry) for registry in forward_hook_registries(module))
     return copy.deepcopy(module, memo)
+
+
+def forward_hook_registries(module: nn.Module) -> list[dict]:
+    """The dicts holding the forward hooks and pre-hooks of `module` and its submodules."""
+    return [getattr(m, name) for m in module.modules() for name in _FORWARD_HOOK_DICTS
+            if hasattr(m, name)]
 
 
 def adopt_parameter(param: nn.Parameter, dtype: torch.dtype) -> nn.Parameter:

@@ -70,6 +70,14 @@ class ReferenceFallback(nn.Module):
             f"{why}: {n}x" for why, n in self.fallbacks.items())
 
 
+def has_forward_hooks(*modules: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook sits on any of `modules` or their submodules (global
+    module hooks aside). Where a fast forward would use a module's weights directly, or a
+    cached output of it, it calls the module instead while this is true, so the hooks run."""
+    return any(m._forward_hooks or m._forward_pre_hooks
+               for module in modules for m in module.modules())
+
+
 def without_autocast(method):
     """Run a fast module's method in its own dtypes whatever the caller's autocast state (the
     configured dtype is the fast path's contract; autocast would silently change it)."""

@@ -30,7 +30,7 @@ from torch import nn
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, adopt_parameter, module_device
-from fastsam_core.models.fallback import ReferenceFallback
+from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks
 from fastsam_core.models.quant import Int8Tokens, PendingLayerNorm
 from fastsam_core.models.sam.common import layer_norm_2d
 from fastsam_core.ops.attention import (
@@ -247,7 +247,8 @@ class FastImageEncoderViT(ReferenceFallback):
         if fallback is not None:
             return self.run_reference(fallback, x)
         with torch.autocast(x.device.type, enabled=False):
-            y = self._run_fast(x.to(self.patch_embed.proj.weight.dtype))
+            y = self._run_fast(x.to(self.patch_embed.proj.weight.dtype),
+                               eager=has_forward_hooks(self.neck))
         return y.to(x.dtype)
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
@@ -264,8 +265,9 @@ class FastImageEncoderViT(ReferenceFallback):
         return x
 
     def neck_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The neck on tokens: B x H x W x C -> B x out x H x W."""
-        if not self.fused_neck:
+        """The neck on tokens: B x H x W x C -> B x out x H x W (the reference's modules
+        called where not fused, or while hooks sit on them)."""
+        if not self.fused_neck or has_forward_hooks(self.neck):
             return self.neck(x.permute(0, 3, 1, 2))
         conv1, norm1, conv2, norm2 = self.neck
         # 1x1 conv on channels-last tokens is a matmul: B x H x W x C -> B x H x W x out
@@ -324,8 +326,12 @@ class FastImageEncoderViT(ReferenceFallback):
                                + ", ".join(KERNEL_FALLBACKS))
                 stages.append(StageReport(f"image_encoder.attention[{kind}]", attn.backend,
                                           detail))
-        neck = ("fused", "1x1 conv as matmul, LayerNorm2d as layer_norm") if self.fused_neck \
-            else ("reference", "not the reference neck layout")
+        if not self.fused_neck:
+            neck = ("reference", "not the reference neck layout")
+        elif has_forward_hooks(self.neck):
+            neck = ("reference", "its modules called: forward hooks sit on them")
+        else:
+            neck = ("fused", "1x1 conv as matmul, LayerNorm2d as layer_norm")
         stages.append(StageReport("image_encoder.neck", *neck))
         return stages
 

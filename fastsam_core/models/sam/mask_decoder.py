@@ -20,7 +20,7 @@ from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, to_device
-from fastsam_core.models.fallback import ReferenceFallback, without_autocast
+from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, without_autocast
 from fastsam_core.models.sam.common import LAYER_NORMS_2D, layer_norm_2d
 from fastsam_core.models.sam.transformer import FastTwoWayTransformer, PromptGroups
 from fastsam_core.report import StageReport, UnsupportedModule
@@ -89,7 +89,8 @@ class FastMaskDecoder(ReferenceFallback):
         groups = PromptGroups(
             torch.zeros(k, dtype=torch.long, device=image_embeddings.device), n_images=1)
         tokens = self.prompt_tokens(sparse_prompt_embeddings.to(self.dtype))
-        masks, iou, _ = self._decode_dense(image_embeddings, image_pe, tokens, dense, groups)
+        masks, iou, _ = self._decode_dense(image_embeddings, image_pe, tokens, dense, groups,
+                                           eager=self.hooks_on_fused())
         return self.select(masks, iou, multimask_output, image_embeddings.dtype)
 
     @without_autocast
@@ -217,23 +218,32 @@ class FastMaskDecoder(ReferenceFallback):
     def upscale(self, x: torch.Tensor, high_res: list[torch.Tensor] | None = None
                 ) -> torch.Tensor:
         """output_upscaling (with SAM 2's high-res features added after each transposed
-        convolution): K x C x h x w -> K x C/8 x 4h x 4w."""
+        convolution): K x C x h x w -> K x C/8 x 4h x 4w. While hooks sit on these modules
+        each is called, as the reference calls it."""
         seq = self.output_upscaling
-        if not (len(seq) == 5 and type(seq[1]) in LAYER_NORMS_2D):
+        hooked = has_forward_hooks(seq)
+        if not (len(seq) == 5 and type(seq[1]) in LAYER_NORMS_2D) or (hooked and not high_res):
             return seq(x)
         up1, norm, act1, up2, act2 = seq
         x = up1(x)
         if high_res:
             x = x + high_res[1].to(x.dtype)
-        x = up2(act1(layer_norm_2d(x, norm)))
+        x = up2(act1(norm(x) if hooked else layer_norm_2d(x, norm)))
         if high_res:
             x = x + high_res[0].to(x.dtype)
         return act2(x)
 
+    def hooks_on_fused(self) -> bool:
+        """Whether forward hooks sit on modules `upscale` / `hypernetworks` would fuse."""
+        return has_forward_hooks(self.output_upscaling, self.output_hypernetworks_mlps)
+
     def hypernetworks(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The M mask tokens through their own 3-layer MLPs at once: K x M x C -> K x M x C/8."""
-        x = tokens.transpose(0, 1)  # M x K x C
+        """The M mask tokens through their own 3-layer MLPs at once: K x M x C -> K x M x C/8
+        (one MLP call per token, as the reference makes, while hooks sit on them)."""
         mlps = self.output_hypernetworks_mlps
+        if has_forward_hooks(mlps):
+            return torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(mlps)], dim=1)
+        x = tokens.transpose(0, 1)  # M x K x C
         for i in range(mlps[0].num_layers):
             weight = torch.stack([m.layers[i].weight for m in mlps])  # M x out x in
             bias = torch.stack([m.layers[i].bias for m in mlps])  # M x out

@@ -23,7 +23,7 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import adopt_module
-from fastsam_core.models.fallback import ReferenceFallback, without_autocast
+from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, without_autocast
 from fastsam_core.models.sam.common import LAYER_NORMS_2D, layer_norm_2d
 from fastsam_core.report import StageReport, UnsupportedModule
 
@@ -66,7 +66,10 @@ class FastPromptEncoder(ReferenceFallback):
         self._dense_pe = None
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image-embedding grid: 1 x C x h x w, fp32, cached."""
+        """Positional encoding of the image-embedding grid: 1 x C x h x w, fp32, cached (the
+        reference's `pe_layer` called instead while hooks sit on it)."""
+        if has_forward_hooks(self.pe_layer):
+            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
         gauss = self.pe_layer.positional_encoding_gaussian_matrix
         if self._dense_pe is None or self._dense_pe.device != gauss.device:
             h, w = self.image_embedding_size
@@ -124,7 +127,7 @@ class FastPromptEncoder(ReferenceFallback):
         """Mask inputs: B x 1 x 4h x 4w logits -> B x C x h x w (fp32)."""
         weight = self.mask_downscaling[0].weight
         x = masks.to(weight.dtype)
-        if not self.fused_downscaling:
+        if not self.fused_downscaling or has_forward_hooks(self.mask_downscaling):
             return self.mask_downscaling(x).float()
         conv1, norm1, act1, conv2, norm2, act2, conv3 = self.mask_downscaling
         x = conv1(x)

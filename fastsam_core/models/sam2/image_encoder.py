@@ -32,7 +32,7 @@ from torch import nn
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, adopt_parameter
-from fastsam_core.models.fallback import ReferenceFallback
+from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks
 from fastsam_core.models.quant import PendingLayerNorm
 from fastsam_core.report import StageReport, UnsupportedModule
 
@@ -157,6 +157,8 @@ class FastFpnNeck(nn.Module):
         return self._pos_cache[key]
 
     def forward(self, xs: list[torch.Tensor], pos: list[torch.Tensor]):
+        """`pos` empty: `position_encoding` is called on each level, as the reference calls
+        it (while hooks sit on it)."""
         n = len(self.convs) - 1
         out: list[torch.Tensor | None] = [None] * len(self.convs)
         enc: list[torch.Tensor | None] = [None] * len(self.convs)
@@ -174,7 +176,8 @@ class FastFpnNeck(nn.Module):
             else:
                 prev = lateral
             out[i] = prev
-            enc[i] = pos[i].to(prev.dtype).expand(prev.shape[0], -1, -1, -1)
+            enc[i] = (pos[i].to(prev.dtype).expand(prev.shape[0], -1, -1, -1) if pos
+                      else self.position_encoding(prev).to(prev.dtype))
         return out, enc
 
 
@@ -219,9 +222,11 @@ class FastSam2ImageEncoder(ReferenceFallback):
         hw = tuple((s + 2 * p - k) // st + 1 for s, p, k, st in
                    zip(sample.shape[-2:], padding, kernel, stride, strict=True))
         trunk_pos = self.trunk.pos_embed_for(hw)
-        neck_pos = self._neck_pos(hw, sample.device)
+        hooked = has_forward_hooks(self.neck.position_encoding)
+        neck_pos = [] if hooked else self._neck_pos(hw, sample.device)
         with torch.autocast(sample.device.type, enabled=False):
-            features, pos = self._run_fast(sample.to(self.dtype), trunk_pos, neck_pos)
+            features, pos = self._run_fast(sample.to(self.dtype), trunk_pos, neck_pos,
+                                           eager=hooked)
         features = [f.to(sample.dtype) for f in features]
         pos = [p.to(sample.dtype) for p in pos]
         return {"vision_features": features[-1], "vision_pos_enc": pos,

@@ -111,7 +111,8 @@ class FastSam2MaskDecoder(FastMaskDecoder):
             high_res = [f.to(self.dtype) for f in high_res_features]
         tokens = self.prompt_tokens(sparse_prompt_embeddings.to(self.dtype))
         masks, iou, out_tokens = self._decode_dense(image_embeddings, image_pe, tokens, dense,
-                                                    groups, high_res)
+                                                    groups, high_res,
+                                                    eager=self.hooks_on_fused())
         return self.finish(masks, iou, out_tokens, multimask_output, image_embeddings.dtype)
 
     def finish(self, masks: torch.Tensor, iou: torch.Tensor, out_tokens: torch.Tensor,

@@ -20,7 +20,7 @@ from torch import nn
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module
-from fastsam_core.models.fallback import ReferenceFallback, without_autocast
+from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, without_autocast
 from fastsam_core.models.sam.common import LAYER_NORMS_2D, layer_norm_2d
 from fastsam_core.report import StageReport, UnsupportedModule
 
@@ -70,24 +70,32 @@ class FastMemoryEncoder(ReferenceFallback):
         why = self.inference_only_reason(pix_feat, masks)
         if why is not None:
             return self.run_reference(why, pix_feat, masks, skip_mask_sigmoid)
-        x = self._run_fast(pix_feat, masks, skip_mask_sigmoid)
+        x = self._run_fast(pix_feat, masks, skip_mask_sigmoid,
+                           eager=has_forward_hooks(self.mask_downsampler, self.fuser))
         # a copy per call, as the reference makes: callers may write into their memories
         pos = self._pos(x).to(x.dtype).expand(x.shape[0], -1, -1, -1).clone()
         return {"vision_features": x, "vision_pos_enc": [pos]}
 
     def _encode(self, pix_feat: torch.Tensor, masks: torch.Tensor,
                 skip_mask_sigmoid: bool) -> torch.Tensor:
-        """The memory features, B x C_out x h x w in pix_feat's dtype."""
+        """The memory features, B x C_out x h x w in pix_feat's dtype (the mask downsampler
+        and the fuser called as the reference calls them while hooks sit on them)."""
         masks = masks.to(self.dtype)
         if not skip_mask_sigmoid:
             masks = torch.sigmoid(masks)
-        for layer in self.mask_downsampler.encoder:  # B x 1 x H x W -> B x C x h x w
-            masks = layer_norm_2d(masks, layer) if isinstance(layer, LAYER_NORMS_2D) \
-                else layer(masks)
+        if has_forward_hooks(self.mask_downsampler):
+            masks = self.mask_downsampler(masks)
+        else:
+            for layer in self.mask_downsampler.encoder:  # B x 1 x H x W -> B x C x h x w
+                masks = layer_norm_2d(masks, layer) if isinstance(layer, LAYER_NORMS_2D) \
+                    else layer(masks)
         x = self.pix_feat_proj(pix_feat.to(device=masks.device, dtype=self.dtype)) + masks
-        x = self.fuser.proj(x)
-        for block in self.fuser.layers:
-            x = x + self._cx_block(block, x)
+        if has_forward_hooks(self.fuser):
+            x = self.fuser(x)
+        else:
+            x = self.fuser.proj(x)
+            for block in self.fuser.layers:
+                x = x + self._cx_block(block, x)
         return self.out_proj(x).to(pix_feat.dtype)
 
     @staticmethod
@@ -100,7 +108,10 @@ class FastMemoryEncoder(ReferenceFallback):
         return y.permute(0, 3, 1, 2)
 
     def _pos(self, x: torch.Tensor) -> torch.Tensor:
-        """The sine encoding of x's h x w grid, 1 x C x h x w fp32, cached."""
+        """The sine encoding of x's h x w grid, 1 x C x h x w fp32, cached (B x C x h x w
+        from the module, called on x as the reference calls it, while hooks sit on it)."""
+        if has_forward_hooks(self.position_encoding):
+            return self.position_encoding(x)
         key = (*x.shape[-2:], x.device)
         if key not in self._pos_cache:
             probe = torch.empty(1, 1, *x.shape[-2:], device=x.device)
