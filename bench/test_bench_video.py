@@ -55,9 +55,9 @@ def video_dir(tmp_path_factory):
     return str(root), centres
 
 
-def build():
-    overrides = [] if IMAGE_SIZE == 1024 else [f"++model.image_size={IMAGE_SIZE}"]
-    return build_sam2_video_predictor(f"configs/sam2.1/sam2.1_{MODEL}.yaml", None,
+def build(model: str = MODEL, image_size: int = IMAGE_SIZE):
+    overrides = [] if image_size == 1024 else [f"++model.image_size={image_size}"]
+    return build_sam2_video_predictor(f"configs/sam2.1/sam2.1_{model}.yaml", None,
                                       device=DEVICE, hydra_overrides_extra=overrides)
 
 

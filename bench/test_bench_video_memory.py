@@ -10,6 +10,12 @@ propagation), with `img_s` the frames per second of the propagation.
   under bf16 autocast, the fast path in bf16, and the fast path with
   `init_state(offload_video_to_cpu=True)` (frames on the host, one on the device at a time).
 - CPU: hiera_t at 256 px, 8 frames, fp32 (the CPU cannot run the real case in a test's time).
+- CPU with FASTSAM_BENCH_LONG_VIDEO=full: the CUDA case (hiera_b+, 1024 px, 200 frames,
+  bf16; the reference under CPU bf16 autocast) without the offload case, about 25 minutes
+  per case on 2 cores. `extra_info` then holds `peak_rss_mib`, the process's resident set
+  sampled every 10 ms over init_state and the propagation (model, libraries and allocator
+  caches included), and `rss_at_start_mib` before them. Memory a case frees may stay
+  resident, so run each case in its own process (`-k reference`, `-k "fast"`).
 
     pytest bench/test_bench_video_memory.py --benchmark-only
 """
@@ -17,6 +23,8 @@ propagation), with `img_s` the frames per second of the propagation.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -30,7 +38,8 @@ from fastsam_core import FastConfig
 from fastsam_core.benchmark import synchronize
 
 CUDA = DEVICE.type == "cuda"
-if CUDA:
+FULL = CUDA or os.environ.get("FASTSAM_BENCH_LONG_VIDEO") == "full"
+if FULL:
     MODEL, IMAGE_SIZE, FRAMES, DTYPE = "hiera_b+", 1024, 200, torch.bfloat16
 else:
     MODEL, IMAGE_SIZE, FRAMES, DTYPE = "hiera_t", 256, 8, torch.float32
@@ -68,6 +77,35 @@ def tensor_mib(*trees: object) -> float:
     return total / 2**20
 
 
+class PeakRss:
+    """The largest resident set size of this process between `start()` and `stop()`, in MiB,
+    sampled by a thread every `interval` seconds (Linux /proc); `start_mib` is the size at
+    `start()`."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.start_mib, self.peak_mib = interval, 0.0, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def resident_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self.peak_mib = max(self.peak_mib, self.resident_mib())
+
+    def start(self):
+        self.start_mib = self.peak_mib = self.resident_mib()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self.resident_mib())
+
+
 CASES = ["reference", "fast"] + (["fast-offload"] if CUDA else [])
 
 
@@ -76,21 +114,24 @@ def test_long_video_memory(benchmark, long_video, impl):
     path, point = long_video
     group = f"sam2 long video {MODEL}-{IMAGE_SIZE} {FRAMES} frames"
     benchmark.group = group
-    predictor = build()
+    predictor = build(MODEL, IMAGE_SIZE)
     autocast = contextlib.nullcontext
     if impl != "reference":
         fastsam_core.optimize(predictor, FastConfig(dtype=DTYPE))
-    elif CUDA:
+    elif FULL:
         def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
     else:
         predictor.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
     sizes = {}
+    host = PeakRss() if FULL and not CUDA else None
 
     def setup():
         if CUDA:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        if host:
+            host.start()
         with torch.inference_mode(), autocast():
             state = predictor.init_state(path, offload_video_to_cpu=impl == "fast-offload")
             predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=point,
@@ -105,10 +146,14 @@ def test_long_video_memory(benchmark, long_video, impl):
         synchronize(DEVICE)
         sizes["frames_mib"] = tensor_mib(state["images"])
         sizes["memories_mib"] = tensor_mib(state["output_dict_per_obj"])
+        if host:
+            host.stop()
 
     benchmark.pedantic(run, setup=setup, rounds=1, iterations=1)
     if CUDA:
         sizes["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if host:
+        sizes.update(peak_rss_mib=host.peak_mib, rss_at_start_mib=host.start_mib)
     record(benchmark, group, impl, items=FRAMES, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
            frames=FRAMES, objects=1, dtype=str(DTYPE).replace("torch.", ""),
            offload_video_to_cpu=impl == "fast-offload", **sizes)

@@ -12,6 +12,7 @@ from sam2.build_sam import build_sam2_video_predictor
 
 import fastsam_core
 from fastsam_core import FastConfig
+from fastsam_core.pipelines.video import frames_in
 from tests import tolerances as tol
 from tests.models.sam2.test_image_encoder import randomize_pos_embeds
 from tests.parity import assert_close_fp32, mask_iou_outside_margin
@@ -352,3 +353,39 @@ def test_compiled_step_does_not_recompile_as_the_memory_bank_fills(video_dir, mo
         print(f"\n[video compile] (frame, graphs compiled so far): {counts}")
     for a, b in zip(compiled, plain, strict=True):
         assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_frames_reach_the_device_in_the_encoder_dtype(video_dir, offload):
+    """bf16 frames equal the reference's fp32 frames rounded, with the caller's
+    offload_video_to_cpu kept in the state (the fp32 frames are loaded on the host)."""
+    predictor = video_predictor()
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.bfloat16))
+    with torch.inference_mode():
+        state = predictor.init_state(video_dir, offload_video_to_cpu=offload)
+        full = video_predictor().init_state(video_dir, offload_video_to_cpu=offload)["images"]
+    assert state["offload_video_to_cpu"] is offload
+    assert state["images"].device == (torch.device("cpu") if offload else state["device"])
+    assert torch.equal(state["images"], full.to(torch.bfloat16))
+
+
+@pytest.mark.cuda
+def test_frames_reach_the_gpu_without_an_fp32_copy_there():
+    """CUDA: moving 64 host fp32 frames to the GPU in bf16 allocates the bf16 frames plus at
+    most a chunk's temporary on the device, never the fp32 video (200 MiB here)."""
+    frames = torch.randn(64, 3, 512, 512)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = frames_in(frames, torch.bfloat16, torch.device("cuda"), chunk=8)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    chunk_fp32 = frames[:8].numel() * 4
+    assert peak <= out.numel() * 2 + chunk_fp32, (peak, frames.numel() * 4)
+    assert torch.equal(out.cpu(), frames.bfloat16())
+
+
+def test_frames_in_copies_in_chunks():
+    frames = torch.randn(11, 3, 4, 4)
+    out = frames_in(frames, torch.float16, torch.device("cpu"), chunk=4)
+    assert out.dtype == torch.float16 and torch.equal(out, frames.half())
