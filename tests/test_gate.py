@@ -51,13 +51,18 @@ def test_gate_passes_unchanged_and_fails_a_slowed_fast_path(tmp_path):
     fast path doing its work 8 times per call (the speedup collapses: fails). Tolerances are
     wide because this runs on a shared 2-core machine; the int8 case is left out: its CPU
     stand-in (fp32 products of the codes) swung 2.6x between runs here (24 to 69 ms, 3 rounds)
-    and failed the unchanged rerun, which says nothing about the gate."""
+    and failed the unchanged rerun, which says nothing about the gate. The unchanged pair
+    gets a second try with a new baseline (one CI run saw a reference baseline of 98 ms
+    against 42 ms in the rerun)."""
     cases = ("--", "-k", "not fast_int8")
-    saved = gate(tmp_path, "--save", *cases)
-    assert saved.returncode == 0, saved.stdout + saved.stderr
-    assert list(tmp_path.glob("*/*/0001_baseline.json"))
     wide = ("--abs-tolerance", "400", "--ratio-tolerance", "60")
-    same = gate(tmp_path, *wide, *cases)
+    for _ in range(2):  # a fresh baseline once: 3 rounds can catch a neighbour's burst
+        saved = gate(tmp_path, "--save", *cases)
+        assert saved.returncode == 0, saved.stdout + saved.stderr
+        assert list(tmp_path.glob("*/*/0001_baseline.json"))
+        same = gate(tmp_path, *wide, *cases)
+        if same.returncode == 0:
+            break
     assert same.returncode == 0, same.stdout + same.stderr
     assert "ok " in same.stdout and "-fast_int8]" not in same.stdout  # the case was left out
     slowed = gate(tmp_path, *wide, *cases, repeat=8)
