@@ -16,6 +16,10 @@ propagation), with `img_s` the frames per second of the propagation.
   sampled every 10 ms over init_state and the propagation (model, libraries and allocator
   caches included), and `rss_at_start_mib` before them. Memory a case frees may stay
   resident, so run each case in its own process (`-k reference`, `-k "fast"`).
+- CPU with FASTSAM_BENCH_LONG_VIDEO=init (or full): `test_init_state_memory` alone at that
+  size, `init_state` only (the frames loaded, frame 0 encoded), a few minutes per case:
+  `peak_rss_mib` over it, against `rss_at_start_mib`, and `frames_mib`. Again one case per
+  process (`-k "init_state_memory and reference"`, `-k "init_state_memory and fast"`).
 
     pytest bench/test_bench_video_memory.py --benchmark-only
 """
@@ -38,7 +42,8 @@ from fastsam_core import FastConfig
 from fastsam_core.benchmark import synchronize
 
 CUDA = DEVICE.type == "cuda"
-FULL = CUDA or os.environ.get("FASTSAM_BENCH_LONG_VIDEO") == "full"
+LONG_VIDEO = os.environ.get("FASTSAM_BENCH_LONG_VIDEO", "")
+FULL = CUDA or LONG_VIDEO in ("full", "init")
 if FULL:
     MODEL, IMAGE_SIZE, FRAMES, DTYPE = "hiera_b+", 1024, 200, torch.bfloat16
 else:
@@ -109,20 +114,27 @@ class PeakRss:
 CASES = ["reference", "fast"] + (["fast-offload"] if CUDA else [])
 
 
-@pytest.mark.parametrize("impl", CASES)
-def test_long_video_memory(benchmark, long_video, impl):
-    path, point = long_video
-    group = f"sam2 long video {MODEL}-{IMAGE_SIZE} {FRAMES} frames"
-    benchmark.group = group
+def predictor_for(impl: str):
+    """The case's predictor and the autocast it runs under: the fast ones in DTYPE; the
+    reference under bf16 autocast at full size, else in fp32 with its memories kept fp32."""
     predictor = build(MODEL, IMAGE_SIZE)
-    autocast = contextlib.nullcontext
     if impl != "reference":
         fastsam_core.optimize(predictor, FastConfig(dtype=DTYPE))
     elif FULL:
-        def autocast():
-            return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+        return predictor, lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16)
     else:
         predictor.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
+    return predictor, contextlib.nullcontext
+
+
+@pytest.mark.parametrize("impl", CASES)
+def test_long_video_memory(benchmark, long_video, impl):
+    if LONG_VIDEO == "init" and not CUDA:
+        pytest.skip("FASTSAM_BENCH_LONG_VIDEO=init: test_init_state_memory only")
+    path, point = long_video
+    group = f"sam2 long video {MODEL}-{IMAGE_SIZE} {FRAMES} frames"
+    benchmark.group = group
+    predictor, autocast = predictor_for(impl)
     sizes = {}
     host = PeakRss() if FULL and not CUDA else None
 
@@ -157,3 +169,27 @@ def test_long_video_memory(benchmark, long_video, impl):
     record(benchmark, group, impl, items=FRAMES, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
            frames=FRAMES, objects=1, dtype=str(DTYPE).replace("torch.", ""),
            offload_video_to_cpu=impl == "fast-offload", **sizes)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_init_state_memory(benchmark, long_video, impl):
+    """Host memory of `init_state` alone, where the frames are loaded (CPU, full size)."""
+    if CUDA or not FULL:
+        pytest.skip("host memory of init_state: CPU with FASTSAM_BENCH_LONG_VIDEO=init / full")
+    path, _ = long_video
+    group = f"sam2 init_state {MODEL}-{IMAGE_SIZE} {FRAMES} frames"
+    benchmark.group = group
+    predictor, autocast = predictor_for(impl)
+    host, sizes = PeakRss(), {}
+
+    def run():
+        host.start()
+        with torch.inference_mode(), autocast():
+            state = predictor.init_state(path)
+        host.stop()
+        sizes["frames_mib"] = tensor_mib(state["images"])
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    record(benchmark, group, impl, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
+           frames=FRAMES, dtype=str(DTYPE).replace("torch.", ""), peak_rss_mib=host.peak_mib,
+           rss_at_start_mib=host.start_mib, **sizes)

@@ -26,6 +26,7 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import module_device, module_dtype
+from fastsam_core.models.fallback import hooks_left_behind, shown_paths
 from fastsam_core.models.quant import quantize_linears
 from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
 from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
@@ -159,13 +160,11 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
             if name == "image_encoder" and config.quantize is not None:
                 state.kept.append(quantize_linears(fast, config.quantize,
                                                    config.quantize_layers))
-            unhooked += _hooks_left_behind(name, getattr(sam, name), fast)
+            unhooked += hooks_left_behind(name, getattr(sam, name), fast)
             _replace(state, sam, name, fast)
     if unhooked:
-        shown = ", ".join(unhooked[:8]) + (f" and {len(unhooked) - 8} more"
-                                           if len(unhooked) > 8 else "")
-        warnings.warn(f"fastsam_core: forward hooks on {shown} do not run on the fast "
-                      "path: optimize() replaced or dropped those modules (register the "
+        warnings.warn(f"fastsam_core: forward hooks on {shown_paths(unhooked)} do not run on "
+                      "the fast path: optimize() replaced or dropped those modules (register the "
                       "hooks on the optimized model's modules if you need them; restore() "
                       "brings the originals back with their hooks)", stacklevel=2)
     if type(sam) is SAM2VideoPredictor:  # batched multi-object propagation
@@ -334,28 +333,6 @@ def _replace(state: _State, owner: nn.Module, name: str, fast: nn.Module) -> Non
     fast.train(original.training)
     setattr(owner, name, fast)
     state.replacements.append(_Replacement(owner, name, original, fast, shared, load_hook))
-
-
-def _hooks_left_behind(name: str, original: nn.Module, fast: nn.Module) -> list[str]:
-    """Paths (from the model) of the modules in `original` with forward hooks or pre-hooks
-    that will not run once `fast` replaces `original`: those that `fast` does not hold at the
-    same path with the same hook registries (a module replaced by a fast one, or not kept,
-    such as a dropout). A module `fast` shares, or a compute-dtype copy of it (which shares
-    its registries), runs its hooks: the fast forwards call it, or call it instead of a fused
-    form while it has hooks (`has_forward_hooks`). Global module hooks run on the fast
-    modules too."""
-    left = []
-    for path, m in original.named_modules():
-        if not (m._forward_hooks or m._forward_pre_hooks):
-            continue
-        try:
-            held = fast.get_submodule(path)
-        except AttributeError:
-            held = None
-        if held is None or held._forward_hooks is not m._forward_hooks \
-                or held._forward_pre_hooks is not m._forward_pre_hooks:
-            left.append(f"{name}.{path}" if path else name)
-    return left
 
 
 def _shares_tensors(a: nn.Module, b: nn.Module) -> bool:

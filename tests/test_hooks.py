@@ -90,7 +90,8 @@ def no_fallbacks(model) -> bool:
                          + [("sam2", p) for p in SAM2_FUSED])
 def test_hooks_on_fused_modules_run_on_the_fast_path(model_name, path):
     """fp32: the hooked module fires as often as in the reference, with the reference's
-    output, the results do not change, and the fast stages ran (no fallback)."""
+    output, the results do not change, the fast stages ran (no fallback), and the report
+    names the hooked module."""
     build, run = CASES[model_name]
     model = build()
     recorder = Recorder(model, [path])
@@ -101,6 +102,10 @@ def test_hooks_on_fused_modules_run_on_the_fast_path(model_name, path):
         fastsam_core.optimize(model, FastConfig(dtype=torch.float32))
         got_out, (got,) = run(model), recorder.take().values()
     assert no_fallbacks(model)
+    stage, child = path.split(".")[:2]
+    details = [s.detail for s in fastsam_core.report(model).stages
+               if s.stage.split(".")[0] == stage]
+    assert any(f"forward hooks on {child}" in d for d in details), details
     assert len(got) == len(expected)
     for a, b in zip(got, expected, strict=True):
         assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
@@ -188,3 +193,35 @@ def test_hooks_on_modules_the_fast_stages_drop_or_replace_are_named():
         fastsam_core.optimize(sam, FastConfig(quantize="int8", quantize_layers="mlp"))
     (message,) = [str(w.message) for w in caught if "forward hooks" in str(w.message)]
     assert "forward hooks on image_encoder.blocks.0.mlp.lin1 do not run" in message
+
+
+def test_batched_prediction_names_the_hooks_it_does_not_run():
+    """predict_batch decodes all images in one `decode_batch` call: a hook on the decoder
+    itself does not run and is named (SAM and SAM 2); hooks on the prompt encoder and on a
+    fused decoder submodule run. A model that is not optimized runs fast views of its heads:
+    a hook on a module the view replaces (the decoder's transformer) is named."""
+    from fastsam_core.pipelines import predict_batch
+    from tests.pipelines.test_predict_batch import batch
+
+    images, prompts = batch()
+    for build, prefix in ((small_sam, ""), (small_sam2, "sam_")):
+        model = build()
+        fastsam_core.optimize(model)
+        recorder = Recorder(model, [f"{prefix}prompt_encoder",
+                                    f"{prefix}mask_decoder.output_upscaling.1"])
+        model.get_submodule(f"{prefix}mask_decoder").register_forward_hook(
+            lambda m, args, out: None)
+        with pytest.warns(UserWarning, match="hooks on the mask decoder do not run in "
+                                             "decode_batch"):
+            predict_batch(model, images, prompts)
+        assert all(recorder.take().values())
+
+    sam = small_sam()
+    sam.mask_decoder.transformer.register_forward_hook(lambda m, args, out: None)
+    recorder = Recorder(sam, ["prompt_encoder.pe_layer"])
+    with pytest.warns(UserWarning) as caught:
+        predict_batch(sam, images, prompts)
+    (message,) = [str(w.message) for w in caught if "forward hooks" in str(w.message)]
+    assert message.startswith("fastsam_core: forward hooks on mask_decoder.transformer do not "
+                              "run: the model is not optimized")
+    assert recorder.take()["prompt_encoder.pe_layer"]

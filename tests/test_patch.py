@@ -177,6 +177,7 @@ def test_report_names_each_stage_path_and_reason(sam):
     assert stages == sorted(stages, key=order.index) and set(stages) == set(order)
     text = str(rep)
     assert "forced by FastConfig.attention" in text and "compile: eager" in text
+    assert "forward hooks" not in text
 
 
 def test_state_dict_of_optimized_model_loads_into_reference(tmp_path):

@@ -78,6 +78,45 @@ def has_forward_hooks(*modules: nn.Module) -> bool:
                for module in modules for m in module.modules())
 
 
+def hooks_left_behind(name: str, original: nn.Module, fast: nn.Module) -> list[str]:
+    """Paths (from the model) of the modules in `original` with forward hooks or pre-hooks
+    that will not run once `fast` replaces `original`: those that `fast` does not hold at the
+    same path with the same hook registries (a module replaced by a fast one, or not kept,
+    such as a dropout). A module `fast` shares, or a compute-dtype copy of it (which shares
+    its registries), runs its hooks: the fast forwards call it, or call it instead of a fused
+    form while it has hooks (`has_forward_hooks`). Global module hooks run on the fast
+    modules too."""
+    left = []
+    for path, m in original.named_modules():
+        if not (m._forward_hooks or m._forward_pre_hooks):
+            continue
+        try:
+            held = fast.get_submodule(path)
+        except AttributeError:
+            held = None
+        if held is None or held._forward_hooks is not m._forward_hooks \
+                or held._forward_pre_hooks is not m._forward_pre_hooks:
+            left.append(f"{name}.{path}" if path else name)
+    return left
+
+
+def shown_paths(paths: list[str], most: int = 8) -> str:
+    """The first `most` of `paths`, comma-separated, and how many more."""
+    more = f" and {len(paths) - most} more" if len(paths) > most else ""
+    return ", ".join(paths[:most]) + more
+
+
+def hooks_note(owner: nn.Module, *names: str, eager: bool = False) -> str:
+    """For `describe()`: which of `owner`'s submodules (dotted `names`) a fast forward calls
+    as modules now because forward hooks sit on them ("; forward hooks on ...: ..."), or ""
+    if none. `eager`: those hooks also make the compiled part run eagerly."""
+    hooked = [n for n in names if has_forward_hooks(owner.get_submodule(n))]
+    if not hooked:
+        return ""
+    how = "called as modules" + (", run eagerly" if eager else "")
+    return f"; forward hooks on {', '.join(hooked)}: {how}"
+
+
 def without_autocast(method):
     """Run a fast module's method in its own dtypes whatever the caller's autocast state (the
     configured dtype is the fast path's contract; autocast would silently change it)."""
@@ -93,12 +132,19 @@ def without_autocast(method):
     return wrapper
 
 
-def fast_view(module: nn.Module, fast_class: type) -> nn.Module:
+def fast_view(module: nn.Module, fast_class: type, name: str) -> nn.Module:
     """`module` if it is already a `fast_class`, else a fast view of it sharing its weights
     (in its own dtype, default config) that falls back to it where the fast path does not
-    apply: the batched pipelines use the fast modules on unoptimized models too."""
+    apply: the batched pipelines use the fast modules on unoptimized models too. Forward hooks
+    on `module` (the model's `name`) that the view does not run are named in a warning."""
     if isinstance(module, fast_class):
         return module
     view = fast_class.from_reference(module, FastConfig(), module_dtype(module)).eval()
     view.set_reference(module)
+    left = hooks_left_behind(name, module, view)
+    if left:
+        warnings.warn(f"fastsam_core: forward hooks on {shown_paths(left)} do not run: the "
+                      f"model is not optimized, and the fast view of its {name} that the "
+                      "batched pipelines run does not call those modules (optimize() the "
+                      "model to keep hooks on the modules it shares running)", stacklevel=3)
     return view

@@ -41,6 +41,7 @@ from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import window_partition
 from torch import nn
 
+from fastsam_core.models.fallback import has_forward_hooks
 from fastsam_core.ops.quant import (
     FUSED_PATHS,
     int8_backend,
@@ -232,7 +233,7 @@ class DeferredLayerNorm(nn.Module):
         x = pending.x
         if (torch.compiler.is_compiling() or not isinstance(linear, Int8Linear)
                 or x.device.type not in self.measured_devices
-                or any(m._forward_hooks or m._forward_pre_hooks for m in (linear, *carriers))):
+                or has_forward_hooks(linear, *carriers)):
             return "separate"
         return layer_norm_linear_path(x, linear.out_features, window_size,
                                       lambda path: linear(pending.laid_out(path, window_size)))
@@ -287,8 +288,8 @@ class Int8MLP(nn.Module):
         if torch.compiler.is_compiling():  # traced: torch ops only, no Triton launch
             return "separate"
         src = x.x if isinstance(x, PendingLayerNorm) else x
-        if src.device.type not in self.measured_devices or any(
-                m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.act, self.fc2)):
+        if src.device.type not in self.measured_devices or has_forward_hooks(
+                self.fc1, self.act, self.fc2):
             return "separate"
         return int8_mlp_path(src, self.fc1.out_features, isinstance(x, PendingLayerNorm),
                              lambda path: self.run(path, x))

@@ -120,8 +120,8 @@ def encode_images(
 
 def fast_prompt_path(sam: Sam) -> tuple[FastPromptEncoder, FastMaskDecoder]:
     """The model's fast prompt encoder and decoder, or fast views sharing its weights."""
-    return (fast_view(sam.prompt_encoder, FastPromptEncoder),
-            fast_view(sam.mask_decoder, FastMaskDecoder))
+    return (fast_view(sam.prompt_encoder, FastPromptEncoder, "prompt_encoder"),
+            fast_view(sam.mask_decoder, FastMaskDecoder, "mask_decoder"))
 
 
 

@@ -62,8 +62,8 @@ def predict_batch_sam2(model: SAM2Base, images: Sequence[np.ndarray], parsed: li
 
 def fast_sam2_heads(model: SAM2Base) -> tuple[FastPromptEncoder, FastSam2MaskDecoder]:
     """The model's fast prompt encoder and decoder, or fast views sharing its weights."""
-    return (fast_view(model.sam_prompt_encoder, FastPromptEncoder),
-            fast_view(model.sam_mask_decoder, FastSam2MaskDecoder))
+    return (fast_view(model.sam_prompt_encoder, FastPromptEncoder, "sam_prompt_encoder"),
+            fast_view(model.sam_mask_decoder, FastSam2MaskDecoder, "sam_mask_decoder"))
 
 
 def _encode(model: SAM2Base, images: Sequence[np.ndarray], transforms: SAM2Transforms):

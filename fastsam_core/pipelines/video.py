@@ -35,16 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastsam_core.models.sam2.memory_attention import FastMemoryAttention
-
-
-def frames_in(frames: torch.Tensor, dtype: torch.dtype, device: torch.device,
-              chunk: int = 8) -> torch.Tensor:
-    """N x 3 x S x S frames in `dtype` on `device`, copied `chunk` frames at a time, so that
-    whatever temporary a copy that changes device and dtype makes holds a few frames only."""
-    out = torch.empty(frames.shape, dtype=dtype, device=device)
-    for start in range(0, frames.shape[0], chunk):
-        out[start:start + chunk].copy_(frames[start:start + chunk])
-    return out
+from fastsam_core.pipelines.video_frames import frames_loaded_in
 
 
 class FastSam2VideoPredictor(SAM2VideoPredictor):
@@ -59,20 +50,20 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
         """The reference's inference state, with the video frames (`state["images"]`) kept in
         the fast image encoder's dtype when it is bf16 / fp16: half the memory of the
         reference's fp32 frames, and the same results, as that encoder rounds its input to its
-        dtype anyway. The fp32 frames are loaded on the host (as with offload_video_to_cpu)
-        and reach the device a few at a time in that dtype, so the device never holds the
-        fp32 video. Frames loaded asynchronously (`async_loading_frames`) stay fp32. A state
-        made here keeps its rounded frames after `fastsam_core.restore()`: make a new one for
-        the reference model."""
+        dtype anyway. A JPEG folder is read one frame at a time, each computed in fp32 as the
+        reference computes it and then rounded, so neither the host nor the device holds the
+        fp32 video; a video file is loaded in fp32 on the host and reaches the device a few
+        frames at a time (`pipelines.video_frames`). Frames loaded asynchronously
+        (`async_loading_frames`) stay fp32. A state made here keeps its rounded frames after
+        `fastsam_core.restore()`: make a new one for the reference model."""
         dtype = getattr(self.image_encoder, "dtype", None)  # None: the reference encoder
         if dtype not in (torch.bfloat16, torch.float16) or async_loading_frames:
             return super().init_state(video_path, offload_video_to_cpu, offload_state_to_cpu,
                                       async_loading_frames)
-        state = super().init_state(video_path, True, offload_state_to_cpu, False)
-        device = torch.device("cpu") if offload_video_to_cpu else state["device"]
-        state["images"] = frames_in(state["images"], dtype, device)
-        state["offload_video_to_cpu"] = offload_video_to_cpu
-        return state
+        device = torch.device("cpu") if offload_video_to_cpu else self.device
+        with frames_loaded_in(dtype, device):
+            return super().init_state(video_path, offload_video_to_cpu, offload_state_to_cpu,
+                                      False)
 
     @torch.inference_mode()
     def propagate_in_video(self, inference_state: dict, start_frame_idx: int | None = None,

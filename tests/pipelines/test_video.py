@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sam2.sam2_video_predictor as sam2_video_predictor
 import torch
 from PIL import Image
 from sam2.build_sam import build_sam2_video_predictor
+from sam2.utils.misc import load_video_frames
 
 import fastsam_core
 from fastsam_core import FastConfig
-from fastsam_core.pipelines.video import frames_in
 from tests import tolerances as tol
 from tests.models.sam2.test_image_encoder import randomize_pos_embeds
 from tests.parity import assert_close_fp32, mask_iou_outside_margin
@@ -356,36 +357,24 @@ def test_compiled_step_does_not_recompile_as_the_memory_bank_fills(video_dir, mo
 
 
 @pytest.mark.parametrize("offload", [False, True])
-def test_frames_reach_the_device_in_the_encoder_dtype(video_dir, offload):
+def test_frames_reach_the_device_in_the_encoder_dtype(video_dir, offload, monkeypatch):
     """bf16 frames equal the reference's fp32 frames rounded, with the caller's
-    offload_video_to_cpu kept in the state (the fp32 frames are loaded on the host)."""
+    offload_video_to_cpu kept in the state; the JPEG folder is not read by the reference's
+    whole-video fp32 loader (it is read frame by frame)."""
     predictor = video_predictor()
     fastsam_core.optimize(predictor, FastConfig(dtype=torch.bfloat16))
+    whole_video_loads = []
+
+    def counting_load(*args, **kwargs):
+        whole_video_loads.append(args or kwargs)
+        return load_video_frames(*args, **kwargs)
+
     with torch.inference_mode():
+        monkeypatch.setattr(sam2_video_predictor, "load_video_frames", counting_load)
         state = predictor.init_state(video_dir, offload_video_to_cpu=offload)
+        assert not whole_video_loads
         full = video_predictor().init_state(video_dir, offload_video_to_cpu=offload)["images"]
+        assert len(whole_video_loads) == 1  # the reference's, through the same name
     assert state["offload_video_to_cpu"] is offload
     assert state["images"].device == (torch.device("cpu") if offload else state["device"])
     assert torch.equal(state["images"], full.to(torch.bfloat16))
-
-
-@pytest.mark.cuda
-def test_frames_reach_the_gpu_without_an_fp32_copy_there():
-    """CUDA: moving 64 host fp32 frames to the GPU in bf16 allocates the bf16 frames plus at
-    most a chunk's temporary on the device, never the fp32 video (200 MiB here)."""
-    frames = torch.randn(64, 3, 512, 512)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = frames_in(frames, torch.bfloat16, torch.device("cuda"), chunk=8)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    chunk_fp32 = frames[:8].numel() * 4
-    assert peak <= out.numel() * 2 + chunk_fp32, (peak, frames.numel() * 4)
-    assert torch.equal(out.cpu(), frames.bfloat16())
-
-
-def test_frames_in_copies_in_chunks():
-    frames = torch.randn(11, 3, 4, 4)
-    out = frames_in(frames, torch.float16, torch.device("cpu"), chunk=4)
-    assert out.dtype == torch.float16 and torch.equal(out, frames.half())

@@ -30,7 +30,7 @@ from torch import nn
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, adopt_parameter, module_device
-from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks
+from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, hooks_note
 from fastsam_core.models.quant import Int8Tokens, PendingLayerNorm
 from fastsam_core.models.sam.common import layer_norm_2d
 from fastsam_core.ops.attention import (
@@ -329,7 +329,7 @@ class FastImageEncoderViT(ReferenceFallback):
         if not self.fused_neck:
             neck = ("reference", "not the reference neck layout")
         elif has_forward_hooks(self.neck):
-            neck = ("reference", "its modules called: forward hooks sit on them")
+            neck = ("reference", hooks_note(self, "neck", eager=True).removeprefix("; "))
         else:
             neck = ("fused", "1x1 conv as matmul, LayerNorm2d as layer_norm")
         stages.append(StageReport("image_encoder.neck", *neck))

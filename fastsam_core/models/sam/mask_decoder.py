@@ -13,6 +13,8 @@ Replaces `segment_anything.modeling.mask_decoder.MaskDecoder`, with the same par
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
@@ -20,7 +22,12 @@ from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, to_device
-from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, without_autocast
+from fastsam_core.models.fallback import (
+    ReferenceFallback,
+    has_forward_hooks,
+    hooks_note,
+    without_autocast,
+)
 from fastsam_core.models.sam.common import LAYER_NORMS_2D, layer_norm_2d
 from fastsam_core.models.sam.transformer import FastTwoWayTransformer, PromptGroups
 from fastsam_core.report import StageReport, UnsupportedModule
@@ -116,7 +123,15 @@ class FastMaskDecoder(ReferenceFallback):
         Returns:
             what `forward` returns (SAM: masks sum(K_i) x M x 4h x 4w and IoU sum(K_i) x M),
             prompts in image order, in the dtype of image_embeddings.
+
+        Not a call of the module: forward hooks on the decoder itself do not run (a warning
+        says so); those on its submodules run as in `forward`.
         """
+        if self._forward_hooks or self._forward_pre_hooks:
+            warnings.warn("fastsam_core: forward hooks on the mask decoder do not run in "
+                          "decode_batch (predict_batch): it decodes the prompts of several "
+                          "images in one call, not through the module's forward",
+                          stacklevel=3)
         device = image_embeddings.device
         kept = [i for i, s in enumerate(sparse) if s.shape[0]]  # images with prompts
         if not kept:
@@ -233,6 +248,10 @@ class FastMaskDecoder(ReferenceFallback):
             x = x + high_res[0].to(x.dtype)
         return act2(x)
 
+    def hooks_on_fused_note(self) -> str:
+        """`describe()`'s words for `hooks_on_fused`."""
+        return hooks_note(self, "output_upscaling", "output_hypernetworks_mlps", eager=True)
+
     def hooks_on_fused(self) -> bool:
         """Whether forward hooks sit on modules `upscale` / `hypernetworks` would fuse."""
         return has_forward_hooks(self.output_upscaling, self.output_hypernetworks_mlps)
@@ -262,7 +281,8 @@ class FastMaskDecoder(ReferenceFallback):
         dtype = str(self.dtype).replace("torch.", "")
         detail = (f"SDPA two-way transformer, {dtype}, no per-prompt image copy, "
                   f"compile: {self._decode_dense.status}")
-        return [StageReport("mask_decoder", "fast", detail + self.fallback_summary())]
+        return [StageReport("mask_decoder", "fast",
+                            detail + self.hooks_on_fused_note() + self.fallback_summary())]
 
 
 def _leading_rows(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -23,7 +23,12 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import adopt_module
-from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, without_autocast
+from fastsam_core.models.fallback import (
+    ReferenceFallback,
+    has_forward_hooks,
+    hooks_note,
+    without_autocast,
+)
 from fastsam_core.models.sam.common import LAYER_NORMS_2D, layer_norm_2d
 from fastsam_core.report import StageReport, UnsupportedModule
 
@@ -177,6 +182,7 @@ class FastPromptEncoder(ReferenceFallback):
     def describe(self) -> list[StageReport]:
         return [StageReport("prompt_encoder", "fast",
                             "sync-free label selection, cached dense PE, fp32 Fourier features"
+                            + hooks_note(self, "pe_layer", "mask_downscaling")
                             + self.fallback_summary())]
 
 

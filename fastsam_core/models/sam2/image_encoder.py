@@ -32,7 +32,7 @@ from torch import nn
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, adopt_parameter
-from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks
+from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, hooks_note
 from fastsam_core.models.quant import PendingLayerNorm
 from fastsam_core.report import StageReport, UnsupportedModule
 
@@ -271,5 +271,6 @@ class FastSam2ImageEncoder(ReferenceFallback):
         return [StageReport(
             "image_encoder", "fast",
             f"Hiera ({len(self.trunk.blocks)} blocks) + FPN neck, {dtype}, cached position "
-            f"embeddings, compile: {self._run_fast.status}" + self.fallback_summary())]
+            f"embeddings, compile: {self._run_fast.status}"
+            + hooks_note(self, "neck.position_encoding", eager=True) + self.fallback_summary())]
 

@@ -158,4 +158,5 @@ class FastSam2MaskDecoder(FastMaskDecoder):
         return [StageReport(
             "sam_mask_decoder", "fast",
             f"SDPA two-way transformer, {dtype} (high-res projections {skip}), object "
-            f"scores, compile: {self._decode_dense.status}" + self.fallback_summary())]
+            f"scores, compile: {self._decode_dense.status}" + self.hooks_on_fused_note()
+            + self.fallback_summary())]

@@ -20,7 +20,12 @@ from torch import nn
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module
-from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, without_autocast
+from fastsam_core.models.fallback import (
+    ReferenceFallback,
+    has_forward_hooks,
+    hooks_note,
+    without_autocast,
+)
 from fastsam_core.models.sam.common import LAYER_NORMS_2D, layer_norm_2d
 from fastsam_core.report import StageReport, UnsupportedModule
 
@@ -123,4 +128,7 @@ class FastMemoryEncoder(ReferenceFallback):
         return [StageReport("memory_encoder", "fast",
                             f"mask downsampler + {len(self.fuser.layers)} ConvNeXt blocks, "
                             f"{dtype}, cached position encoding, compile: "
-                            f"{self._run_fast.status}" + self.fallback_summary())]
+                            f"{self._run_fast.status}"
+                            + hooks_note(self, "mask_downsampler", "fuser", eager=True)
+                            + hooks_note(self, "position_encoding")
+                            + self.fallback_summary())]

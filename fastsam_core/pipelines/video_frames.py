@@ -1,0 +1,97 @@
+"""A video's frames in the fast image encoder's dtype, without an fp32 copy of the video.
+
+`SAM2VideoPredictor.init_state` loads every frame into one fp32 tensor (sam2's
+`load_video_frames`: resized to the model's size, divided by 255, normalized by the ImageNet
+mean and std). A bf16 / fp16 encoder rounds its input to its dtype anyway, so the fast
+predictor keeps the frames in that dtype: `frames_loaded_in(dtype, device)` makes
+`init_state` load a JPEG folder one frame at a time, each frame computed in fp32 exactly as
+the reference computes it and then rounded, so neither the host nor the device ever holds the
+fp32 video. Video files (MP4, bytes) go through the reference loader on the host and reach
+the device a few frames at a time (`frames_in`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import threading
+from collections.abc import Iterator
+
+import sam2.sam2_video_predictor as sam2_video_predictor
+import torch
+from sam2.utils.misc import load_video_frames
+from tqdm import tqdm
+
+try:  # sam2's per-frame reader (private): without it the reference loader runs
+    from sam2.utils.misc import _load_img_as_tensor
+except ImportError:  # pragma: no cover - a sam2 that renamed it
+    _load_img_as_tensor = None
+
+JPEG_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")  # the frames sam2 reads from a folder
+_DEFAULTS = inspect.signature(load_video_frames).parameters
+IMG_MEAN = _DEFAULTS["img_mean"].default  # what init_state normalizes with
+IMG_STD = _DEFAULTS["img_std"].default
+_PATCH_LOCK = threading.Lock()  # one init_state at a time swaps the predictor's loader
+
+
+def frames_in(frames: torch.Tensor, dtype: torch.dtype, device: torch.device,
+              chunk: int = 8) -> torch.Tensor:
+    """N x 3 x S x S frames in `dtype` on `device`, copied `chunk` frames at a time, so that
+    whatever temporary a copy that changes device and dtype makes holds a few frames only."""
+    out = torch.empty(frames.shape, dtype=dtype, device=device)
+    for start in range(0, frames.shape[0], chunk):
+        out[start:start + chunk].copy_(frames[start:start + chunk])
+    return out
+
+
+def jpeg_frame_paths(folder: str) -> list[str]:
+    """The folder's JPEG frames in the order sam2 reads them ("<frame index>.jpg")."""
+    names = [n for n in os.listdir(folder) if os.path.splitext(n)[1] in JPEG_SUFFIXES]
+    if not names:
+        raise RuntimeError(f"no images found in {folder}")
+    names.sort(key=lambda n: int(os.path.splitext(n)[0]))
+    return [os.path.join(folder, n) for n in names]
+
+
+def load_jpeg_frames(folder: str, image_size: int, dtype: torch.dtype, device: torch.device
+                     ) -> tuple[torch.Tensor, int, int]:
+    """A JPEG folder's frames as sam2's loader makes them, in `dtype` on `device`, read one
+    at a time: (N x 3 x image_size x image_size, video height, video width)."""
+    paths = jpeg_frame_paths(folder)
+    mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]  # 3 x 1 x 1
+    std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
+    frames = torch.empty(len(paths), 3, image_size, image_size, dtype=dtype, device=device)
+    for i, path in enumerate(tqdm(paths, desc="frame loading (JPEG)")):
+        frame, height, width = _load_img_as_tensor(path, image_size)  # 3 x S x S float64
+        frame = frame.to(torch.float32)  # the reference's fp32 frame, normalized as it does
+        frame -= mean
+        frame /= std
+        frames[i].copy_(frame)
+    return frames, height, width
+
+
+@contextlib.contextmanager
+def frames_loaded_in(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Within the block, `SAM2VideoPredictor.init_state` loads the frames in `dtype` on
+    `device` (the state's `offload_video_to_cpu` flag stays the caller's). The block swaps
+    the name `load_video_frames` in `sam2.sam2_video_predictor`, under a lock: one block at a
+    time, and other code calling that name meanwhile gets such frames too."""
+    with _PATCH_LOCK:
+        reference_load = sam2_video_predictor.load_video_frames
+
+        def load(video_path, image_size, offload_video_to_cpu, img_mean=IMG_MEAN,
+                 img_std=IMG_STD, async_loading_frames=False, compute_device=None):
+            if _load_img_as_tensor is not None and (img_mean, img_std) == (IMG_MEAN, IMG_STD) \
+                    and isinstance(video_path, str) and os.path.isdir(video_path):
+                return load_jpeg_frames(video_path, image_size, dtype, device)
+            frames, height, width = reference_load(
+                video_path, image_size, offload_video_to_cpu=True, img_mean=img_mean,
+                img_std=img_std, compute_device=compute_device)
+            return frames_in(frames, dtype, device), height, width
+
+        sam2_video_predictor.load_video_frames = load
+        try:
+            yield
+        finally:
+            sam2_video_predictor.load_video_frames = reference_load

@@ -1,0 +1,88 @@
+"""Video frames in the compute dtype (`pipelines.video_frames`): equal to sam2's fp32 frames
+rounded, and loaded without an fp32 copy of the video in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sam2.utils.misc import load_video_frames
+
+from fastsam_core.pipelines.video_frames import frames_in, load_jpeg_frames
+
+
+@pytest.fixture(scope="module")
+def jpeg_video(tmp_path_factory):
+    """64 small noisy JPEG frames, 48 x 64 (sam2 resizes them to the model's size)."""
+    root = tmp_path_factory.mktemp("jpegs")
+    gen = np.random.default_rng(0)
+    for i in range(64):
+        image = gen.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / f"{i}.jpg", quality=90)  # unpadded names sort too
+    return str(root)
+
+
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM": the peak), in bytes."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the resident-set high-water mark to the current RSS
+    except OSError as err:
+        pytest.skip(f"cannot reset the peak resident set here: {err}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_jpeg_frames_equal_the_reference_frames_rounded(jpeg_video, dtype):
+    frames, height, width = load_jpeg_frames(jpeg_video, 96, dtype, torch.device("cpu"))
+    reference, ref_height, ref_width = load_video_frames(jpeg_video, 96, True)
+    assert (height, width) == (ref_height, ref_width) == (48, 64)
+    assert frames.dtype == dtype and frames.shape == reference.shape == (64, 3, 96, 96)
+    assert torch.equal(frames, reference.to(dtype))
+
+
+def test_jpeg_frames_never_hold_the_fp32_video(jpeg_video):
+    """Peak resident memory while loading 64 frames at 512 px in bf16 (100 MiB) stays well
+    under the bf16 frames plus an fp32 copy (300 MiB): the frames are converted one by one."""
+    size = 512
+    bf16_bytes, fp32_bytes = 64 * 3 * size * size * 2, 64 * 3 * size * size * 4
+    _reset_peak_rss()
+    before = _status_bytes("VmRSS")
+    frames, _, _ = load_jpeg_frames(jpeg_video, size, torch.bfloat16, torch.device("cpu"))
+    growth = _status_bytes("VmHWM") - before
+    assert frames.numel() * 2 == bf16_bytes
+    assert growth < bf16_bytes + fp32_bytes // 2, (growth / 2**20, "MiB")
+
+
+def test_missing_frames_are_named(tmp_path):
+    with pytest.raises(RuntimeError, match="no images found in"):
+        load_jpeg_frames(str(tmp_path), 64, torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.mark.cuda
+def test_frames_reach_the_gpu_without_an_fp32_copy_there():
+    """CUDA: moving 64 host fp32 frames to the GPU in bf16 allocates the bf16 frames plus at
+    most a chunk's temporary on the device, never the fp32 video (200 MiB here)."""
+    frames = torch.randn(64, 3, 512, 512)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = frames_in(frames, torch.bfloat16, torch.device("cuda"), chunk=8)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    chunk_fp32 = frames[:8].numel() * 4
+    assert peak <= out.numel() * 2 + chunk_fp32, (peak, frames.numel() * 4)
+    assert torch.equal(out.cpu(), frames.bfloat16())
+
+
+def test_frames_in_copies_in_chunks():
+    frames = torch.randn(11, 3, 4, 4)
+    out = frames_in(frames, torch.float16, torch.device("cpu"), chunk=4)
+    assert out.dtype == torch.float16 and torch.equal(out, frames.half())
