@@ -13,7 +13,7 @@
 # stages run one suite file per pytest process, most wanted first ("bench": the rel-pos
 # kernel, the image encoder with its int8 / 2:4 cases, the int8 kernels, video, SAM 2 image;
 # "bench-tail", after the accuracy report and the profile: prompts, AMG, end to end, the long
-# video), so an overrunning suite loses only its own results; the parts are merged into one
+# video, frame loading), so an overrunning suite loses only its own results; the parts are merged into one
 # file.
 # At most 8 files come back under $OUT, none deeper than $OUT/a/b/file:
 #   $OUT/baselines/<platform>/0001_baseline.json  the bench results (pytest-benchmark file:
@@ -47,7 +47,8 @@ BENCH=${FASTSAM_RUNNER_BENCH:-"bench/test_bench_attention.py bench/test_bench_im
   bench/test_bench_layer_norm_quant.py bench/test_bench_video.py
   bench/test_bench_sam2_image.py"}
 BENCH_TAIL=${FASTSAM_RUNNER_BENCH_TAIL:-"bench/test_bench_prompt.py bench/test_bench_amg.py
-  bench/test_bench_end_to_end.py bench/test_bench_video_memory.py"}
+  bench/test_bench_end_to_end.py bench/test_bench_video_memory.py
+  bench/test_bench_video_frames.py"}
 # the kernel and op suites first (they compile the kernels the benchmarks use), the
 # benchmarks next (the issues' measurements), then the CUDA tests of the models and pipelines
 # (real-size float64 references, torch.compile of whole encoders)

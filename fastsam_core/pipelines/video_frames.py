@@ -4,20 +4,24 @@
 `load_video_frames`: resized to the model's size, divided by 255, normalized by the ImageNet
 mean and std). A bf16 / fp16 encoder rounds its input to its dtype anyway, so the fast
 predictor keeps the frames in that dtype: `frames_loaded_in(dtype, device)` makes
-`init_state` load a JPEG folder one frame at a time, each frame computed in fp32 exactly as
-the reference computes it and then rounded, so neither the host nor the device ever holds the
-fp32 video. Video files (MP4, bytes) go through the reference loader on the host and reach
-the device a few frames at a time (`frames_in`).
+`init_state` load a JPEG folder frame by frame (a few frames decoded at once, in threads),
+each frame computed in fp32 exactly as the reference computes it and then rounded, so
+neither the host nor the device ever holds the fp32 video. Video files (MP4, bytes) go
+through the reference loader on the host and reach the device a few frames at a time
+(`frames_in`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import sam2.sam2_video_predictor as sam2_video_predictor
 import torch
 from sam2.utils.misc import load_video_frames
@@ -54,20 +58,47 @@ def jpeg_frame_paths(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
-def load_jpeg_frames(folder: str, image_size: int, dtype: torch.dtype, device: torch.device
-                     ) -> tuple[torch.Tensor, int, int]:
-    """A JPEG folder's frames as sam2's loader makes them, in `dtype` on `device`, read one
-    at a time: (N x 3 x image_size x image_size, video height, video width)."""
+def normalized_frame(path: str, image_size: int) -> tuple[np.ndarray, int, int]:
+    """One frame as sam2's loader computes it: read and resized by sam2's reader (float64 in
+    [0, 1]), rounded to fp32, minus the mean, over the std, in fp32 (numpy's and torch's
+    fp32 arithmetic round alike): (3 x S x S fp32, video height, video width)."""
+    frame, height, width = _load_img_as_tensor(path, image_size)  # 3 x S x S float64 view
+    chw = frame.numpy().astype(np.float32, order="C")  # the fp32 frame, channels apart
+    chw -= np.asarray(IMG_MEAN, dtype=np.float32)[:, None, None]
+    chw /= np.asarray(IMG_STD, dtype=np.float32)[:, None, None]
+    return chw, height, width
+
+
+def load_jpeg_frames(folder: str, image_size: int, dtype: torch.dtype, device: torch.device,
+                     workers: int | None = None) -> tuple[torch.Tensor, int, int]:
+    """A JPEG folder's frames as sam2's loader makes them, in `dtype` on `device`:
+    (N x 3 x image_size x image_size, video height, video width).
+
+    `workers` threads (default: the CPU count, at most 8) compute the fp32 frames
+    (`normalized_frame`: PIL and numpy release the GIL, and numpy adds no threads of its own),
+    at most `workers` + 1 in flight; this thread rounds each into place in frame order."""
     paths = jpeg_frame_paths(folder)
-    mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]  # 3 x 1 x 1
-    std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
+    workers = workers or min(8, os.cpu_count() or 1)
     frames = torch.empty(len(paths), 3, image_size, image_size, dtype=dtype, device=device)
-    for i, path in enumerate(tqdm(paths, desc="frame loading (JPEG)")):
-        frame, height, width = _load_img_as_tensor(path, image_size)  # 3 x S x S float64
-        frame = frame.to(torch.float32)  # the reference's fp32 frame, normalized as it does
-        frame -= mean
-        frame /= std
-        frames[i].copy_(frame)
+    pending: collections.deque = collections.deque()  # futures of the frames, in order
+    done = 0
+
+    def store_first() -> tuple[int, int]:
+        nonlocal done
+        chw, height, width = pending.popleft().result()
+        frames[done].copy_(torch.from_numpy(chw))
+        done += 1
+        progress.update()
+        return height, width
+
+    with ThreadPoolExecutor(workers) as pool, \
+            tqdm(total=len(paths), desc="frame loading (JPEG)") as progress:
+        for path in paths:
+            pending.append(pool.submit(normalized_frame, path, image_size))
+            if len(pending) > workers:
+                height, width = store_first()
+        while pending:
+            height, width = store_first()
     return frames, height, width
 
 

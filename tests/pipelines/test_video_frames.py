@@ -39,9 +39,12 @@ def _reset_peak_rss() -> None:
         pytest.skip(f"cannot reset the peak resident set here: {err}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_jpeg_frames_equal_the_reference_frames_rounded(jpeg_video, dtype):
-    frames, height, width = load_jpeg_frames(jpeg_video, 96, dtype, torch.device("cpu"))
+@pytest.mark.parametrize("dtype, workers", [(torch.bfloat16, None), (torch.float16, 1),
+                                            (torch.bfloat16, 5)])
+def test_jpeg_frames_equal_the_reference_frames_rounded(jpeg_video, dtype, workers):
+    """In frame order whatever the number of reader threads."""
+    frames, height, width = load_jpeg_frames(jpeg_video, 96, dtype, torch.device("cpu"),
+                                             workers)
     reference, ref_height, ref_width = load_video_frames(jpeg_video, 96, True)
     assert (height, width) == (ref_height, ref_width) == (48, 64)
     assert frames.dtype == dtype and frames.shape == reference.shape == (64, 3, 96, 96)
