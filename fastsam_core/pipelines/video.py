@@ -50,7 +50,7 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
         """The reference's inference state, with the video frames (`state["images"]`) kept in
         the fast image encoder's dtype when it is bf16 / fp16: half the memory of the
         reference's fp32 frames, and the same results, as that encoder rounds its input to its
-        dtype anyway. A JPEG folder is read one frame at a time, each computed in fp32 as the
+        dtype anyway. A JPEG folder is read frame by frame, each computed in fp32 as the
         reference computes it and then rounded, so neither the host nor the device holds the
         fp32 video; a video file is loaded in fp32 on the host and reaches the device a few
         frames at a time (`pipelines.video_frames`). Frames loaded asynchronously
