@@ -19,7 +19,8 @@ propagation), with `img_s` the frames per second of the propagation.
 - CPU with FASTSAM_BENCH_LONG_VIDEO=init (or full): `test_init_state_memory` alone at that
   size, `init_state` only (the frames loaded, frame 0 encoded), a few minutes per case:
   `peak_rss_mib` over it, against `rss_at_start_mib`, and `frames_mib`. Again one case per
-  process (`-k "init_state_memory and reference"`, `-k "init_state_memory and fast"`).
+  process (`-k "init_state_memory and jpeg and reference"`, and so on). `source` is the
+  video's form: the JPEG folder, or the same frames as an MP4 file (read with decord).
 
     pytest bench/test_bench_video_memory.py --benchmark-only
 """
@@ -63,6 +64,20 @@ def long_video(tmp_path_factory):
         img[(yy - cy) ** 2 + (xx - cx) ** 2 < (SIDE / 12) ** 2] = (200, 80, 60)
         Image.fromarray(img).save(root / f"{i:05d}.jpg", quality=90)
     return str(root), np.array([[SIDE / 2 + SIDE / 4, SIDE / 2]], np.float32)
+
+
+@pytest.fixture(scope="module")
+def long_video_file(long_video, tmp_path_factory):
+    """The long video's frames as an MP4 file, which sam2 reads with decord."""
+    pytest.importorskip("decord", reason="sam2 reads video files with decord")
+    cv2 = pytest.importorskip("cv2")
+    folder, _ = long_video
+    path = str(tmp_path_factory.mktemp("long_video_file") / "video.mp4")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 24, (SIDE, SIDE))
+    for name in sorted(os.listdir(folder)):
+        writer.write(cv2.imread(os.path.join(folder, name)))  # BGR in, BGR out
+    writer.release()
+    return path
 
 
 def tensor_mib(*trees: object) -> float:
@@ -172,12 +187,14 @@ def test_long_video_memory(benchmark, long_video, impl):
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_init_state_memory(benchmark, long_video, impl):
+@pytest.mark.parametrize("source", ["jpeg", "mp4"])
+def test_init_state_memory(benchmark, request, source, impl):
     """Host memory of `init_state` alone, where the frames are loaded (CPU, full size)."""
     if CUDA or not FULL:
         pytest.skip("host memory of init_state: CPU with FASTSAM_BENCH_LONG_VIDEO=init / full")
-    path, _ = long_video
-    group = f"sam2 init_state {MODEL}-{IMAGE_SIZE} {FRAMES} frames"
+    path = request.getfixturevalue("long_video")[0] if source == "jpeg" \
+        else request.getfixturevalue("long_video_file")
+    group = f"sam2 init_state {MODEL}-{IMAGE_SIZE} {FRAMES} frames ({source})"
     benchmark.group = group
     predictor, autocast = predictor_for(impl)
     host, sizes = PeakRss(), {}
@@ -191,5 +208,5 @@ def test_init_state_memory(benchmark, long_video, impl):
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     record(benchmark, group, impl, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
-           frames=FRAMES, dtype=str(DTYPE).replace("torch.", ""), peak_rss_mib=host.peak_mib,
-           rss_at_start_mib=host.start_mib, **sizes)
+           frames=FRAMES, source=source, dtype=str(DTYPE).replace("torch.", ""),
+           peak_rss_mib=host.peak_mib, rss_at_start_mib=host.start_mib, **sizes)

@@ -50,10 +50,10 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
         """The reference's inference state, with the video frames (`state["images"]`) kept in
         the fast image encoder's dtype when it is bf16 / fp16: half the memory of the
         reference's fp32 frames, and the same results, as that encoder rounds its input to its
-        dtype anyway. A JPEG folder is read frame by frame, each computed in fp32 as the
-        reference computes it and then rounded, so neither the host nor the device holds the
-        fp32 video; a video file is loaded in fp32 on the host and reaches the device a few
-        frames at a time (`pipelines.video_frames`). Frames loaded asynchronously
+        dtype anyway. A JPEG folder or an MP4 file (decoded with decord, as the reference
+        does) is read frame by frame, each computed in fp32 as the reference computes it and
+        then rounded, so neither the host nor the device holds the fp32 video
+        (`pipelines.video_frames`). Frames loaded asynchronously
         (`async_loading_frames`) stay fp32. A state made here keeps its rounded frames after
         `fastsam_core.restore()`: make a new one for the reference model."""
         dtype = getattr(self.image_encoder, "dtype", None)  # None: the reference encoder

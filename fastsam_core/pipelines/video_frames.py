@@ -6,9 +6,10 @@ mean and std). A bf16 / fp16 encoder rounds its input to its dtype anyway, so th
 predictor keeps the frames in that dtype: `frames_loaded_in(dtype, device)` makes
 `init_state` load a JPEG folder frame by frame (a few frames decoded at once, in threads),
 each frame computed in fp32 exactly as the reference computes it and then rounded, so
-neither the host nor the device ever holds the fp32 video. Video files (MP4, bytes) go
-through the reference loader on the host and reach the device a few frames at a time
-(`frames_in`).
+neither the host nor the device ever holds the fp32 video. A video file (an MP4 path) is
+decoded frame by frame with decord, sam2's own video reader, in the same way. Anything else
+(other normalizations) goes through the reference loader on the host and reaches the device
+a few frames at a time (`frames_in`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ except ImportError:  # pragma: no cover - a sam2 that renamed it
     _load_img_as_tensor = None
 
 JPEG_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")  # the frames sam2 reads from a folder
+VIDEO_SUFFIXES = (".mp4", ".MP4")  # the paths sam2 reads as a video file
 _DEFAULTS = inspect.signature(load_video_frames).parameters
 IMG_MEAN = _DEFAULTS["img_mean"].default  # what init_state normalizes with
 IMG_STD = _DEFAULTS["img_std"].default
@@ -102,6 +104,48 @@ def load_jpeg_frames(folder: str, image_size: int, dtype: torch.dtype, device: t
     return frames, height, width
 
 
+def is_video_file(video_path) -> bool:
+    """Whether sam2's `load_video_frames` reads `video_path` as a video file (decord)."""
+    return isinstance(video_path, bytes) or (
+        isinstance(video_path, str) and os.path.splitext(video_path)[1] in VIDEO_SUFFIXES)
+
+
+def load_video_file_frames(video_path, image_size: int, dtype: torch.dtype,
+                           device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """A video file's frames as sam2's loader makes them, in `dtype` on `device`:
+    (N x 3 x image_size x image_size, video height, video width).
+
+    decord decodes and resizes the frames as it does for sam2 (which stacks them all as
+    uint8 and then makes the fp32 video); here each frame is divided by 255, normalized in
+    fp32 on the host, as sam2 does, and rounded into place. decord decodes ahead of its
+    reader and buffers the decoded uint8 frames, the more the slower each frame is consumed
+    (at most the uint8 video, which sam2's loader holds whole), so the per-frame work stays
+    lean: one reused fp32 frame, computed in place."""
+    try:
+        import decord  # sam2's video reader, which sam2 also imports only for video files
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"video_path={video_path if isinstance(video_path, str) else '<bytes>'!r} is a "
+            "video file: reading it needs decord (pip install decord), as sam2's loader "
+            "does; a folder of JPEG frames needs nothing more") from err
+    decord.bridge.set_bridge("torch")  # as sam2 sets it: frames come as uint8 tensors
+    height, width, _ = decord.VideoReader(video_path).next().shape
+    reader = decord.VideoReader(video_path, width=image_size, height=image_size)
+    mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
+    frames = torch.empty(len(reader), 3, image_size, image_size, dtype=dtype, device=device)
+    chw = torch.empty(3, image_size, image_size)  # one fp32 frame, reused: no temporaries
+    count = 0
+    for frame in tqdm(reader, total=len(reader), desc="frame loading (video)"):
+        chw.copy_(frame.permute(2, 0, 1))  # S x S x 3 uint8 -> 3 x S x S fp32
+        chw /= 255.0
+        chw -= mean
+        chw /= std
+        frames[count].copy_(chw)
+        count += 1
+    return frames[:count], height, width
+
+
 @contextlib.contextmanager
 def frames_loaded_in(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
     """Within the block, `SAM2VideoPredictor.init_state` loads the frames in `dtype` on
@@ -113,9 +157,12 @@ def frames_loaded_in(dtype: torch.dtype, device: torch.device) -> Iterator[None]
 
         def load(video_path, image_size, offload_video_to_cpu, img_mean=IMG_MEAN,
                  img_std=IMG_STD, async_loading_frames=False, compute_device=None):
-            if _load_img_as_tensor is not None and (img_mean, img_std) == (IMG_MEAN, IMG_STD) \
-                    and isinstance(video_path, str) and os.path.isdir(video_path):
-                return load_jpeg_frames(video_path, image_size, dtype, device)
+            if (img_mean, img_std) == (IMG_MEAN, IMG_STD):  # sam2's tests, in its order
+                if is_video_file(video_path):
+                    return load_video_file_frames(video_path, image_size, dtype, device)
+                if _load_img_as_tensor is not None and isinstance(video_path, str) \
+                        and os.path.isdir(video_path):
+                    return load_jpeg_frames(video_path, image_size, dtype, device)
             frames, height, width = reference_load(
                 video_path, image_size, offload_video_to_cpu=True, img_mean=img_mean,
                 img_std=img_std, compute_device=compute_device)

@@ -21,18 +21,40 @@ from tests.parity import assert_close_fp32, mask_iou_outside_margin
 FRAMES, H, W = 16, 120, 160
 
 
-@pytest.fixture(scope="module")
-def video_dir(tmp_path_factory):
-    """A disc moving right and a square moving down over a striped background."""
-    root = tmp_path_factory.mktemp("video")
+def synthetic_frames() -> list[np.ndarray]:
+    """H x W x 3 RGB frames: a disc moving right and a square moving down over a striped
+    background."""
     yy, xx = np.mgrid[:H, :W]
+    frames = []
     for i in range(FRAMES):
         img = np.full((H, W, 3), 40, np.uint8)
         img[(xx // 8) % 2 == 0] = (60, 60, 70)
         img[(yy - 60) ** 2 + (xx - 40 - 4 * i) ** 2 < 20**2] = (200, 80, 60)
         img[(abs(yy - 25 - 3 * i) < 12) & (abs(xx - 120) < 12)] = (50, 180, 90)
+        frames.append(img)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+    """The synthetic video as a folder of JPEG frames."""
+    root = tmp_path_factory.mktemp("video")
+    for i, img in enumerate(synthetic_frames()):
         Image.fromarray(img).save(root / f"{i:05d}.jpg", quality=95)
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def video_file(tmp_path_factory):
+    """The synthetic video as an MP4 file (sam2 reads it with decord)."""
+    pytest.importorskip("decord", reason="sam2 reads video files with decord")
+    cv2 = pytest.importorskip("cv2")
+    path = str(tmp_path_factory.mktemp("video_file") / "video.mp4")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 24, (W, H))
+    for img in synthetic_frames():
+        writer.write(img[..., ::-1].copy())  # OpenCV writes BGR
+    writer.release()
+    return path
 
 
 def video_predictor():
@@ -356,11 +378,13 @@ def test_compiled_step_does_not_recompile_as_the_memory_bank_fills(video_dir, mo
         assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_frames_reach_the_device_in_the_encoder_dtype(video_dir, offload, monkeypatch):
+@pytest.mark.parametrize("source, offload", [("video_dir", False), ("video_dir", True),
+                                             ("video_file", False)])
+def test_frames_reach_the_device_in_the_encoder_dtype(source, offload, request, monkeypatch):
     """bf16 frames equal the reference's fp32 frames rounded, with the caller's
-    offload_video_to_cpu kept in the state; the JPEG folder is not read by the reference's
-    whole-video fp32 loader (it is read frame by frame)."""
+    offload_video_to_cpu kept in the state; neither a JPEG folder nor a video file is read by
+    the reference's whole-video fp32 loader (both are read frame by frame)."""
+    video = request.getfixturevalue(source)
     predictor = video_predictor()
     fastsam_core.optimize(predictor, FastConfig(dtype=torch.bfloat16))
     whole_video_loads = []
@@ -371,10 +395,11 @@ def test_frames_reach_the_device_in_the_encoder_dtype(video_dir, offload, monkey
 
     with torch.inference_mode():
         monkeypatch.setattr(sam2_video_predictor, "load_video_frames", counting_load)
-        state = predictor.init_state(video_dir, offload_video_to_cpu=offload)
+        state = predictor.init_state(video, offload_video_to_cpu=offload)
         assert not whole_video_loads
-        full = video_predictor().init_state(video_dir, offload_video_to_cpu=offload)["images"]
+        full = video_predictor().init_state(video, offload_video_to_cpu=offload)["images"]
         assert len(whole_video_loads) == 1  # the reference's, through the same name
+    assert state["num_frames"] == FRAMES and (state["video_height"], state["video_width"]) == (H, W)
     assert state["offload_video_to_cpu"] is offload
     assert state["images"].device == (torch.device("cpu") if offload else state["device"])
     assert torch.equal(state["images"], full.to(torch.bfloat16))

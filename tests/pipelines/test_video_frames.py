@@ -3,13 +3,15 @@ rounded, and loaded without an fp32 copy of the video in memory."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from sam2.utils.misc import load_video_frames
 
-from fastsam_core.pipelines.video_frames import frames_in, load_jpeg_frames
+from fastsam_core.pipelines.video_frames import frames_in, load_jpeg_frames, load_video_file_frames
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +23,20 @@ def jpeg_video(tmp_path_factory):
         image = gen.integers(0, 256, (48, 64, 3), dtype=np.uint8)
         Image.fromarray(image).save(root / f"{i}.jpg", quality=90)  # unpadded names sort too
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def video_file(tmp_path_factory):
+    """The same kind of video as an MP4 file (48 x 64, 128 frames), written with OpenCV."""
+    pytest.importorskip("decord", reason="sam2 reads video files with decord")
+    cv2 = pytest.importorskip("cv2")
+    path = str(tmp_path_factory.mktemp("mp4") / "video.mp4")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 24, (64, 48))
+    gen = np.random.default_rng(1)
+    for _ in range(128):
+        writer.write(gen.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    return path
 
 
 def _status_bytes(field: str) -> int:
@@ -62,6 +78,38 @@ def test_jpeg_frames_never_hold_the_fp32_video(jpeg_video):
     growth = _status_bytes("VmHWM") - before
     assert frames.numel() * 2 == bf16_bytes
     assert growth < bf16_bytes + fp32_bytes // 2, (growth / 2**20, "MiB")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_video_file_frames_equal_the_reference_frames_rounded(video_file, dtype):
+    frames, height, width = load_video_file_frames(video_file, 96, dtype, torch.device("cpu"))
+    reference, ref_height, ref_width = load_video_frames(video_file, 96, True)
+    assert (height, width) == (ref_height, ref_width) == (48, 64)
+    assert frames.dtype == dtype and frames.shape == reference.shape == (128, 3, 96, 96)
+    assert torch.equal(frames, reference.to(dtype))
+
+
+def test_video_file_frames_never_hold_the_fp32_video(video_file):
+    """128 frames at 512 px in bf16 (192 MiB), never with their fp32 copy (768 MiB, which
+    sam2's loader makes after stacking the uint8 frames): under the bf16 frames, the uint8
+    video (96 MiB; decord may buffer every decoded frame ahead of its reader) and a quarter
+    of the fp32 copy for decord's own buffers (about 100 MiB here)."""
+    size = 512
+    uint8_bytes = 128 * 3 * size * size
+    bf16_bytes, fp32_bytes = 2 * uint8_bytes, 4 * uint8_bytes
+    _reset_peak_rss()
+    before = _status_bytes("VmRSS")
+    frames, _, _ = load_video_file_frames(video_file, size, torch.bfloat16,
+                                          torch.device("cpu"))
+    growth = _status_bytes("VmHWM") - before
+    assert frames.numel() * 2 == bf16_bytes
+    assert growth < bf16_bytes + uint8_bytes + fp32_bytes // 4, (growth / 2**20, "MiB")
+
+
+def test_video_file_without_decord_names_the_argument(monkeypatch):
+    monkeypatch.setitem(sys.modules, "decord", None)  # import decord: ImportError
+    with pytest.raises(ModuleNotFoundError, match=r"video_path='clip.mp4'.*needs decord"):
+        load_video_file_frames("clip.mp4", 64, torch.bfloat16, torch.device("cpu"))
 
 
 def test_missing_frames_are_named(tmp_path):
