@@ -6,10 +6,10 @@ mean and std). A bf16 / fp16 encoder rounds its input to its dtype anyway, so th
 predictor keeps the frames in that dtype: `frames_loaded_in(dtype, device)` makes
 `init_state` load a JPEG folder frame by frame (a few frames decoded at once, in threads),
 each frame computed in fp32 exactly as the reference computes it and then rounded, so
-neither the host nor the device ever holds the fp32 video. A video file (an MP4 path) is
-decoded frame by frame with decord, sam2's own video reader, in the same way. Anything else
-(other normalizations) goes through the reference loader on the host and reaches the device
-a few frames at a time (`frames_in`).
+neither the host nor the device ever holds the fp32 video. A video file (an MP4 path, or
+bytes as sam2 allows) is decoded frame by frame with decord, sam2's own video reader, in the
+same way. Anything else (other normalizations) goes through the reference loader on the
+host and reaches the device a few frames at a time (`frames_in`).
 """
 
 from __future__ import annotations
@@ -125,9 +125,9 @@ def load_video_file_frames(video_path, image_size: int, dtype: torch.dtype,
         import decord  # sam2's video reader, which sam2 also imports only for video files
     except ImportError as err:
         raise ModuleNotFoundError(
-            f"video_path={video_path if isinstance(video_path, str) else '<bytes>'!r} is a "
-            "video file: reading it needs decord (pip install decord), as sam2's loader "
-            "does; a folder of JPEG frames needs nothing more") from err
+            f"video_path={video_path!r:.80} is a video file: reading it needs decord "
+            "(pip install decord, or the fastsam-core[video] extra), as sam2's loader does; "
+            "a folder of JPEG frames needs nothing more") from err
     decord.bridge.set_bridge("torch")  # as sam2 sets it: frames come as uint8 tensors
     height, width, _ = decord.VideoReader(video_path).next().shape
     reader = decord.VideoReader(video_path, width=image_size, height=image_size)
