@@ -19,8 +19,10 @@ propagation), with `img_s` the frames per second of the propagation.
 - CPU with FASTSAM_BENCH_LONG_VIDEO=init (or full): `test_init_state_memory` alone at that
   size, `init_state` only (the frames loaded, frame 0 encoded), a few minutes per case:
   `peak_rss_mib` over it, against `rss_at_start_mib`, and `frames_mib`. Again one case per
-  process (`-k "init_state_memory and jpeg and reference"`, and so on). `source` is the
-  video's form: the JPEG folder, or the same frames as an MP4 file (read with decord).
+  process (`-k "init_state_memory and jpeg-reference"`, `-k "... and jpeg-async-fast"`, and
+  so on). `source` is the video's form: the JPEG folder (`jpeg-async`: with
+  `async_loading_frames=True`, measured until the loader's thread has loaded every frame),
+  or the same frames as an MP4 file (read with decord).
 
     pytest bench/test_bench_video_memory.py --benchmark-only
 """
@@ -189,13 +191,13 @@ def test_long_video_memory(benchmark, long_video, impl):
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
-@pytest.mark.parametrize("source", ["jpeg", "mp4"])
+@pytest.mark.parametrize("source", ["jpeg", "jpeg-async", "mp4"])
 def test_init_state_memory(benchmark, request, source, impl):
     """Host memory of `init_state` alone, where the frames are loaded (CPU, full size)."""
     if CUDA or not FULL:
         pytest.skip("host memory of init_state: CPU with FASTSAM_BENCH_LONG_VIDEO=init / full")
-    path = request.getfixturevalue("long_video")[0] if source == "jpeg" \
-        else request.getfixturevalue("long_video_file")
+    path = request.getfixturevalue("long_video_file") if source == "mp4" \
+        else request.getfixturevalue("long_video")[0]
     group = f"sam2 init_state {MODEL}-{IMAGE_SIZE} {FRAMES} frames ({source})"
     benchmark.group = group
     predictor, autocast = predictor_for(impl)
@@ -204,9 +206,13 @@ def test_init_state_memory(benchmark, request, source, impl):
     def run():
         host.start()
         with torch.inference_mode(), autocast():
-            state = predictor.init_state(path)
+            state = predictor.init_state(path, async_loading_frames=source == "jpeg-async")
+        images = state["images"]
+        if source == "jpeg-async":  # sam2's loader and the fast one: a thread, a frame list
+            images.thread.join()
+            images = images.images
         host.stop()
-        sizes["frames_mib"] = tensor_mib(state["images"])
+        sizes["frames_mib"] = tensor_mib(images)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     record(benchmark, group, impl, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastsam_core.models.sam2.memory_attention import FastMemoryAttention
-from fastsam_core.pipelines.video_frames import frames_loaded_in, is_video_file
+from fastsam_core.pipelines.video_frames import frames_loaded_in
 
 
 class FastSam2VideoPredictor(SAM2VideoPredictor):
@@ -53,19 +53,19 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
         dtype anyway. A JPEG folder or an MP4 file (decoded with decord, as the reference
         does) is read frame by frame, each computed in fp32 as the reference computes it and
         then rounded, so neither the host nor the device holds the fp32 video
-        (`pipelines.video_frames`). JPEG frames loaded asynchronously
-        (`async_loading_frames`) stay fp32. A state made here keeps its rounded frames after
-        `fastsam_core.restore()`: make a new one for the reference model."""
+        (`pipelines.video_frames`). With `async_loading_frames` a JPEG folder's frames are
+        loaded in a background thread as the reference loads them, into that dtype
+        (`AsyncJpegFrames`; sam2 ignores the flag for a video file). A state made here keeps
+        its rounded frames after `fastsam_core.restore()`: make a new one for the reference
+        model."""
         dtype = getattr(self.image_encoder, "dtype", None)  # None: the reference encoder
-        # sam2 loads a video file whole whatever async_loading_frames says; so do we
-        if dtype not in (torch.bfloat16, torch.float16) or (
-                async_loading_frames and not is_video_file(video_path)):
+        if dtype not in (torch.bfloat16, torch.float16):
             return super().init_state(video_path, offload_video_to_cpu, offload_state_to_cpu,
                                       async_loading_frames)
         device = torch.device("cpu") if offload_video_to_cpu else self.device
         with frames_loaded_in(dtype, device):
             return super().init_state(video_path, offload_video_to_cpu, offload_state_to_cpu,
-                                      False)
+                                      async_loading_frames)
 
     @torch.inference_mode()
     def propagate_in_video(self, inference_state: dict, start_frame_idx: int | None = None,

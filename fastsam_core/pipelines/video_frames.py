@@ -6,10 +6,13 @@ mean and std). A bf16 / fp16 encoder rounds its input to its dtype anyway, so th
 predictor keeps the frames in that dtype: `frames_loaded_in(dtype, device)` makes
 `init_state` load a JPEG folder frame by frame (a few frames decoded at once, in threads),
 each frame computed in fp32 exactly as the reference computes it and then rounded, so
-neither the host nor the device ever holds the fp32 video. A video file (an MP4 path, or
-bytes as sam2 allows) is decoded frame by frame with decord, sam2's own video reader, in the
-same way. Anything else (other normalizations) goes through the reference loader on the
-host and reaches the device a few frames at a time (`frames_in`).
+neither the host nor the device ever holds the fp32 video. With `async_loading_frames`,
+the folder's frames are loaded as sam2's `AsyncVideoFrameLoader` loads them (frame 0 at
+once, the rest in a background thread, any frame on demand), computed as it computes them
+and then rounded (`AsyncJpegFrames`). A video file (an MP4 path, or bytes as sam2 allows) is
+decoded frame by frame with decord, sam2's own video reader, in the same way. Anything else
+(other normalizations) goes through the reference loader on the host and reaches the device
+a few frames at a time (`frames_in`).
 """
 
 from __future__ import annotations
@@ -60,15 +63,18 @@ def jpeg_frame_paths(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
-def normalized_frame(path: str, image_size: int) -> tuple[np.ndarray, int, int]:
+def normalized_frame(path: str, image_size: int, precision: type = np.float32
+                     ) -> tuple[np.ndarray, int, int]:
     """One frame as sam2's loader computes it: read and resized by sam2's reader (float64 in
-    [0, 1]), rounded to fp32, minus the mean, over the std, in fp32 (numpy's and torch's
-    fp32 arithmetic round alike): (3 x S x S fp32, video height, video width)."""
+    [0, 1]), minus the mean, over the std (both fp32 constants, as sam2 makes them), in
+    `precision` (numpy's and torch's IEEE arithmetic round alike), then rounded to fp32:
+    (3 x S x S fp32, video height, video width). sam2's whole-video loader computes in fp32;
+    its asynchronous loader in float64, and the predictor rounds each frame to fp32."""
     frame, height, width = _load_img_as_tensor(path, image_size)  # 3 x S x S float64 view
-    chw = frame.numpy().astype(np.float32, order="C")  # the fp32 frame, channels apart
-    chw -= np.asarray(IMG_MEAN, dtype=np.float32)[:, None, None]
-    chw /= np.asarray(IMG_STD, dtype=np.float32)[:, None, None]
-    return chw, height, width
+    chw = frame.numpy().astype(precision, order="C")  # channels apart
+    chw -= np.asarray(IMG_MEAN, dtype=np.float32).astype(precision)[:, None, None]
+    chw /= np.asarray(IMG_STD, dtype=np.float32).astype(precision)[:, None, None]
+    return chw.astype(np.float32, copy=False), height, width
 
 
 def load_jpeg_frames(folder: str, image_size: int, dtype: torch.dtype, device: torch.device,
@@ -102,6 +108,50 @@ def load_jpeg_frames(folder: str, image_size: int, dtype: torch.dtype, device: t
         while pending:
             height, width = store_first()
     return frames, height, width
+
+
+class AsyncJpegFrames:
+    """A JPEG folder's frames, loaded as sam2's `AsyncVideoFrameLoader` loads them (the
+    object `init_state(..., async_loading_frames=True)` stores as `state["images"]`), in
+    `dtype` on `device`: frame 0 at once (it fills `video_height` and `video_width`), the
+    others in one background thread, and any frame not reached yet loaded when asked for.
+    Each frame is computed as that loader computes it (float64), rounded to fp32 as the
+    predictor rounds it before the image encoder, then to `dtype`: what the fast encoder
+    sees is unchanged, and the loaded video takes 2 bytes per value where sam2's loader
+    keeps float64 frames (8). A failure in the thread is raised by the next frame asked for,
+    as sam2's loader raises it."""
+
+    def __init__(self, folder: str, image_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.paths = jpeg_frame_paths(folder)
+        self.image_size, self.dtype, self.device = image_size, dtype, device
+        self.images: list[torch.Tensor | None] = [None] * len(self.paths)  # 3 x S x S each
+        self.exception: BaseException | None = None
+        self.video_height = self.video_width = None
+        self[0]
+        self.thread = threading.Thread(target=self._load_all, daemon=True)
+        self.thread.start()
+
+    def _load_all(self) -> None:
+        try:
+            for index in tqdm(range(len(self.images)), desc="frame loading (JPEG)"):
+                self[index]
+        except Exception as err:  # handed to the next reader, as sam2 does
+            self.exception = err
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self.exception is not None:
+            raise RuntimeError("Failure in frame loading thread") from self.exception
+        image = self.images[index]
+        if image is None:
+            chw, self.video_height, self.video_width = normalized_frame(
+                self.paths[index], self.image_size, np.float64)
+            image = torch.from_numpy(chw).to(self.device, self.dtype)
+            self.images[index] = image
+        return image
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 def is_video_file(video_path) -> bool:
@@ -162,6 +212,9 @@ def frames_loaded_in(dtype: torch.dtype, device: torch.device) -> Iterator[None]
                     return load_video_file_frames(video_path, image_size, dtype, device)
                 if _load_img_as_tensor is not None and isinstance(video_path, str) \
                         and os.path.isdir(video_path):
+                    if async_loading_frames:
+                        frames = AsyncJpegFrames(video_path, image_size, dtype, device)
+                        return frames, frames.video_height, frames.video_width
                     return load_jpeg_frames(video_path, image_size, dtype, device)
             frames, height, width = reference_load(
                 video_path, image_size, offload_video_to_cpu=True, img_mean=img_mean,

@@ -381,14 +381,16 @@ def test_compiled_step_does_not_recompile_as_the_memory_bank_fills(video_dir, mo
 
 
 @pytest.mark.parametrize("source, offload, async_loading", [
-    ("video_dir", False, False), ("video_dir", True, False), ("video_file", False, False),
-    ("video_file", True, False), ("video_file", False, True)])
+    ("video_dir", False, False), ("video_dir", True, False), ("video_dir", False, True),
+    ("video_dir", True, True), ("video_file", False, False), ("video_file", True, False),
+    ("video_file", False, True)])
 def test_frames_reach_the_device_in_the_encoder_dtype(source, offload, async_loading, request,
                                                       monkeypatch):
-    """bf16 frames equal the reference's fp32 frames rounded, with the caller's
-    offload_video_to_cpu kept in the state; neither a JPEG folder nor a video file is read by
-    the reference's whole-video fp32 loader (both are read frame by frame; sam2 ignores
-    async_loading_frames for a video file)."""
+    """bf16 frames equal the frames the reference's image encoder gets rounded (its fp32
+    frames; with async_loading_frames, its asynchronous loader's frames as the predictor
+    rounds them to fp32), with the caller's offload_video_to_cpu kept in the state; neither a
+    JPEG folder nor a video file is read by the reference's loader (both are read frame by
+    frame; sam2 ignores async_loading_frames for a video file)."""
     video = request.getfixturevalue(source)
     predictor = video_predictor()
     fastsam_core.optimize(predictor, FastConfig(dtype=torch.bfloat16))
@@ -403,9 +405,12 @@ def test_frames_reach_the_device_in_the_encoder_dtype(source, offload, async_loa
         state = predictor.init_state(video, offload_video_to_cpu=offload,
                                      async_loading_frames=async_loading)
         assert not whole_video_loads
-        full = video_predictor().init_state(video, offload_video_to_cpu=offload)["images"]
+        full = video_predictor().init_state(video, offload_video_to_cpu=offload,
+                                            async_loading_frames=async_loading)["images"]
         assert len(whole_video_loads) == 1  # the reference's, through the same name
     assert state["num_frames"] == FRAMES and (state["video_height"], state["video_width"]) == (H, W)
     assert state["offload_video_to_cpu"] is offload
-    assert state["images"].device == (torch.device("cpu") if offload else state["device"])
-    assert torch.equal(state["images"], full.to(torch.bfloat16))
+    images = torch.stack([state["images"][i] for i in range(FRAMES)])
+    assert images.device == (torch.device("cpu") if offload else state["device"])
+    encoder_input = torch.stack([full[i].float() for i in range(FRAMES)])  # as sam2 reads it
+    assert torch.equal(images, encoder_input.to(torch.bfloat16))

@@ -11,7 +11,12 @@ import torch
 from PIL import Image
 from sam2.utils.misc import load_video_frames
 
-from fastsam_core.pipelines.video_frames import frames_in, load_jpeg_frames, load_video_file_frames
+from fastsam_core.pipelines.video_frames import (
+    AsyncJpegFrames,
+    frames_in,
+    load_jpeg_frames,
+    load_video_file_frames,
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,41 @@ def test_jpeg_frames_never_hold_the_fp32_video(jpeg_video):
     growth = _status_bytes("VmHWM") - before
     assert frames.numel() * 2 == bf16_bytes
     assert growth < bf16_bytes + fp32_bytes // 2, (growth / 2**20, "MiB")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_async_jpeg_frames_equal_the_reference_async_frames_rounded(jpeg_video, dtype):
+    """Each frame equals what sam2's asynchronous loader gives the image encoder (its
+    float64 frame rounded to fp32 by the predictor) rounded, also a frame asked for before
+    the background thread reached it; the loaded video holds `dtype` frames where sam2's
+    holds float64 ones."""
+    cpu = torch.device("cpu")
+    frames = AsyncJpegFrames(jpeg_video, 96, dtype, cpu)
+    late = frames[63]  # likely not loaded by the thread yet: loaded on demand
+    reference, ref_height, ref_width = load_video_frames(
+        jpeg_video, 96, True, async_loading_frames=True, compute_device=cpu)
+    frames.thread.join()
+    reference.thread.join()
+    assert (frames.video_height, frames.video_width) == (ref_height, ref_width) == (48, 64)
+    assert len(frames) == len(reference) == 64 and frames[63] is late
+    assert all(image is not None for image in frames.images)
+    assert reference[0].dtype == torch.float64
+    for i in range(64):
+        assert frames[i].dtype == dtype and frames[i].shape == (3, 96, 96)
+        assert torch.equal(frames[i], reference[i].float().to(dtype)), i
+
+
+def test_async_jpeg_frames_raise_the_threads_failure(tmp_path):
+    """A frame the background thread cannot read fails the next frame asked for, as in
+    sam2's loader (RuntimeError, from the reader's error)."""
+    for i in range(3):
+        Image.new("RGB", (16, 12), (i, 2 * i, 3 * i)).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "3.jpg").write_bytes(b"not a jpeg")
+    frames = AsyncJpegFrames(str(tmp_path), 32, torch.bfloat16, torch.device("cpu"))
+    frames.thread.join()
+    with pytest.raises(RuntimeError, match="Failure in frame loading thread") as caught:
+        frames[1]
+    assert caught.value.__cause__ is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
