@@ -13,8 +13,9 @@
 # stages run one suite file per pytest process, most wanted first ("bench": the rel-pos
 # kernel, the image encoder with its int8 / 2:4 cases, the int8 kernels, video, SAM 2 image;
 # "bench-tail", after the accuracy report and the profile: prompts, AMG, end to end, the long
-# video, frame loading), so an overrunning suite loses only its own results; the parts are merged into one
-# file.
+# video, frame loading, and last the compiled video against sam2's own compiled predictor,
+# minutes of compilation), so an overrunning suite loses only its own results; the parts are
+# merged into one file.
 # At most 8 files come back under $OUT, none deeper than $OUT/a/b/file:
 #   $OUT/baselines/<platform>/0001_baseline.json  the bench results (pytest-benchmark file:
 #        commit it under bench/baselines/<device>/<platform>/ as the gate's baseline)
@@ -48,7 +49,7 @@ BENCH=${FASTSAM_RUNNER_BENCH:-"bench/test_bench_attention.py bench/test_bench_im
   bench/test_bench_sam2_image.py"}
 BENCH_TAIL=${FASTSAM_RUNNER_BENCH_TAIL:-"bench/test_bench_prompt.py bench/test_bench_amg.py
   bench/test_bench_end_to_end.py bench/test_bench_video_memory.py
-  bench/test_bench_video_frames.py"}
+  bench/test_bench_video_frames.py bench/test_bench_video_compiled.py"}
 # the kernel and op suites first (they compile the kernels the benchmarks use), the
 # benchmarks next (the issues' measurements), then the CUDA tests of the models and pipelines
 # (real-size float64 references, torch.compile of whole encoders)

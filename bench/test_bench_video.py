@@ -7,10 +7,12 @@ their memory banks differ from the others' (the fast path batches them through p
 and a key mask). `img_s` in extra_info is frames per second of video (every object
 tracked on each frame); on CUDA `peak_mem_mib` is the peak allocated device memory.
 
-- CUDA: sam2.1 hiera_b+ at 1024 px, 16 frames, 1 / 4 / 16 objects; the reference runs as its
-  users run it, under bf16 autocast; the fast path is `optimize(FastConfig(dtype=bfloat16))`.
-- CPU: hiera_t at 256 px, 4 frames, 1 and 4 objects, fp32 (the reference with its memories
-  cast back to fp32, as tests/pipelines/test_video.py does).
+- CUDA: sam2.1 hiera_b+ at 1024 px, 16 frames, 1 / 4 / 8 / 16 objects (staggered: 8); the
+  reference runs as its users run it, under bf16 autocast; the fast path is
+  `optimize(FastConfig(dtype=bfloat16))`, eager (compiled: test_bench_video_compiled.py,
+  against sam2's own compiled predictor).
+- CPU: hiera_t at 256 px, 4 frames, 1 and 4 objects (staggered: 4), fp32 (the reference with
+  its memories cast back to fp32, as tests/pipelines/test_video.py does).
 
     pytest bench/test_bench_video.py --benchmark-only
 """
@@ -18,6 +20,7 @@ tracked on each frame); on CUDA `peak_mem_mib` is the peak allocated device memo
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,16 +35,22 @@ from fastsam_core.benchmark import synchronize
 
 CUDA = DEVICE.type == "cuda"
 if CUDA:
-    MODEL, IMAGE_SIZE, FRAMES, OBJECTS, DTYPE = "hiera_b+", 1024, 16, (1, 4, 16), torch.bfloat16
+    MODEL, IMAGE_SIZE, FRAMES, DTYPE = "hiera_b+", 1024, 16, torch.bfloat16
+    OBJECTS, STAGGERED = (1, 4, 8, 16), (8,)
 else:
-    MODEL, IMAGE_SIZE, FRAMES, OBJECTS, DTYPE = "hiera_t", 256, 4, (1, 4), torch.float32
+    MODEL, IMAGE_SIZE, FRAMES, DTYPE = "hiera_t", 256, 4, torch.float32
+    OBJECTS, STAGGERED = (1, 4), (4,)
 SIDE = 256  # frames on disk; the loader resizes them to IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")
 def video_dir(tmp_path_factory):
-    """Discs drifting over a striped background, one per object slot."""
-    root = tmp_path_factory.mktemp("bench_video")
+    return write_video(tmp_path_factory.mktemp("bench_video"))
+
+
+def write_video(root: Path) -> tuple[str, np.ndarray]:
+    """FRAMES JPEG frames in `root`, discs drifting over a striped background, one per object
+    slot: (the folder, the discs' centres on frame 0, objects x 2)."""
     yy, xx = np.mgrid[:SIDE, :SIDE]
     rng = np.random.default_rng(0)
     centres = rng.uniform(40, SIDE - 40, size=(max(OBJECTS), 2))
@@ -70,8 +79,8 @@ def memory_in_fp32(module, args, kwargs):
 @pytest.mark.parametrize("objects", OBJECTS)
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_video_propagation(benchmark, video_dir, objects, impl, staggered):
-    if staggered and objects == 1:
-        pytest.skip("one object: nothing to stagger")
+    if staggered and objects not in STAGGERED:
+        pytest.skip(f"staggered prompts: {STAGGERED} objects only")
     path, centres = video_dir
     group = f"sam2 video {MODEL}-{IMAGE_SIZE} {objects} obj{' staggered' if staggered else ''}"
     benchmark.group = group

@@ -6,7 +6,7 @@ SAM2AutomaticMaskGenerator`; their `generate()` (small-region removal, output mo
 annotation records) runs unchanged on our results, so the constructor arguments and the output
 are the reference's. Differences, all exact in fp32:
 
-- all crops of an image go through the image encoder in one batch;
+- the crops of an image go through the image encoder in batches of up to 8 (`ENCODER_BATCH`);
 - point batches are large (`points_per_batch`, default 256) and decoded through the fast
   prompt path;
 - the predicted-IoU filter runs before any upsampling (it does not depend on the masks);
