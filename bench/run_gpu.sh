@@ -15,7 +15,9 @@
 # "bench-tail", after the accuracy report and the profile: prompts, AMG, end to end, the long
 # video, frame loading, and last the compiled video against sam2's own compiled predictor,
 # minutes of compilation), so an overrunning suite loses only its own results; the parts are
-# merged into one file.
+# merged into one file. The compiled video will hardly fit after the rest: give it a call of
+# its own, FASTSAM_RUNNER_BENCH_TAIL=bench/test_bench_video_compiled.py bash bench/run_gpu.sh
+# bench-tail.
 # At most 8 files come back under $OUT, none deeper than $OUT/a/b/file:
 #   $OUT/baselines/<platform>/0001_baseline.json  the bench results (pytest-benchmark file:
 #        commit it under bench/baselines/<device>/<platform>/ as the gate's baseline)

@@ -8,9 +8,9 @@ run it), against the fast path compiled (`FastConfig(dtype=bfloat16, compile=MOD
 "fast"; MODE from FASTSAM_BENCH_VIDEO_COMPILE, default "default"). The same video, prompts
 and timing as test_bench_video.py (one `propagate_in_video` after prompting every object
 with a point on frame 0), for 1, 8 and 16 objects. Each predictor is built and compiled once
-for the file; `extra_info["compile_s"]` is the first propagation of one object (the
-compilation included), measured on that predictor before its cases: cold only where
-Inductor's cache is (a fresh machine, or TORCHINDUCTOR_CACHE_DIR set to an empty folder).
+for the file; `extra_info["compile_s"]` is its first `init_state`, prompt and propagation of
+one object (the compilation included), before its cases: cold only where Inductor's cache
+is (a fresh machine, or TORCHINDUCTOR_CACHE_DIR set to an empty folder).
 
 - CUDA: sam2.1 hiera_b+ at 1024 px, 16 frames, bf16 (minutes of compilation: the runner
   starts it last).

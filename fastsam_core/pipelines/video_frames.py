@@ -8,11 +8,11 @@ predictor keeps the frames in that dtype: `frames_loaded_in(dtype, device)` make
 each frame computed in fp32 exactly as the reference computes it and then rounded, so
 neither the host nor the device ever holds the fp32 video. With `async_loading_frames`,
 the folder's frames are loaded as sam2's `AsyncVideoFrameLoader` loads them (frame 0 at
-once, the rest in a background thread, any frame on demand), computed as it computes them
-and then rounded (`AsyncJpegFrames`). A video file (an MP4 path, or bytes as sam2 allows) is
-decoded frame by frame with decord, sam2's own video reader, in the same way. Anything else
-(other normalizations) goes through the reference loader on the host and reaches the device
-a few frames at a time (`frames_in`).
+once, the rest in a background thread, any frame on demand), rounded the same way
+(`AsyncJpegFrames`). A video file (an MP4 path, or bytes as sam2 allows) is decoded frame by
+frame with decord, sam2's own video reader, in the same way. Anything else (other
+normalizations, which `init_state` never asks for) goes through the reference loader on the
+host, synchronously, and reaches the device a few frames at a time (`frames_in`).
 """
 
 from __future__ import annotations
@@ -63,18 +63,15 @@ def jpeg_frame_paths(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
-def normalized_frame(path: str, image_size: int, precision: type = np.float32
-                     ) -> tuple[np.ndarray, int, int]:
+def normalized_frame(path: str, image_size: int) -> tuple[np.ndarray, int, int]:
     """One frame as sam2's loader computes it: read and resized by sam2's reader (float64 in
-    [0, 1]), minus the mean, over the std (both fp32 constants, as sam2 makes them), in
-    `precision` (numpy's and torch's IEEE arithmetic round alike), then rounded to fp32:
-    (3 x S x S fp32, video height, video width). sam2's whole-video loader computes in fp32;
-    its asynchronous loader in float64, and the predictor rounds each frame to fp32."""
+    [0, 1]), rounded to fp32, minus the mean, over the std, in fp32 (numpy's and torch's
+    fp32 arithmetic round alike): (3 x S x S fp32, video height, video width)."""
     frame, height, width = _load_img_as_tensor(path, image_size)  # 3 x S x S float64 view
-    chw = frame.numpy().astype(precision, order="C")  # channels apart
-    chw -= np.asarray(IMG_MEAN, dtype=np.float32).astype(precision)[:, None, None]
-    chw /= np.asarray(IMG_STD, dtype=np.float32).astype(precision)[:, None, None]
-    return chw.astype(np.float32, copy=False), height, width
+    chw = frame.numpy().astype(np.float32, order="C")  # the fp32 frame, channels apart
+    chw -= np.asarray(IMG_MEAN, dtype=np.float32)[:, None, None]
+    chw /= np.asarray(IMG_STD, dtype=np.float32)[:, None, None]
+    return chw, height, width
 
 
 def load_jpeg_frames(folder: str, image_size: int, dtype: torch.dtype, device: torch.device,
@@ -114,18 +111,21 @@ class AsyncJpegFrames:
     """A JPEG folder's frames, loaded as sam2's `AsyncVideoFrameLoader` loads them (the
     object `init_state(..., async_loading_frames=True)` stores as `state["images"]`), in
     `dtype` on `device`: frame 0 at once (it fills `video_height` and `video_width`), the
-    others in one background thread, and any frame not reached yet loaded when asked for.
-    Each frame is computed as that loader computes it (float64), rounded to fp32 as the
-    predictor rounds it before the image encoder, then to `dtype`: what the fast encoder
-    sees is unchanged, and the loaded video takes 2 bytes per value where sam2's loader
-    keeps float64 frames (8). A failure in the thread is raised by the next frame asked for,
-    as sam2's loader raises it."""
+    others in one background thread, and any frame not reached yet loaded when asked for. A
+    failure in the thread is raised by the next frame asked for, as sam2's loader raises it.
+    Of that loader's attributes it has `images`, `img_paths`, `image_size`, `video_height`,
+    `video_width`, `exception` and `thread`.
+
+    sam2's loader keeps each frame in float64 (8 bytes per value, normalized in float64),
+    which the predictor rounds to fp32 for the image encoder; here each is normalized in fp32
+    (`normalized_frame`) and kept in `dtype` (2 bytes). The two round alike to bf16 and fp16
+    for every value a JPEG frame can hold (k / 255, tested), though not always to fp32."""
 
     def __init__(self, folder: str, image_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
-        self.paths = jpeg_frame_paths(folder)
+        self.img_paths = jpeg_frame_paths(folder)
         self.image_size, self.dtype, self.device = image_size, dtype, device
-        self.images: list[torch.Tensor | None] = [None] * len(self.paths)  # 3 x S x S each
+        self.images: list[torch.Tensor | None] = [None] * len(self.img_paths)  # 3 x S x S
         self.exception: BaseException | None = None
         self.video_height = self.video_width = None
         self[0]
@@ -145,7 +145,7 @@ class AsyncJpegFrames:
         image = self.images[index]
         if image is None:
             chw, self.video_height, self.video_width = normalized_frame(
-                self.paths[index], self.image_size, np.float64)
+                self.img_paths[index], self.image_size)
             image = torch.from_numpy(chw).to(self.device, self.dtype)
             self.images[index] = image
         return image

@@ -14,6 +14,7 @@ from sam2.utils.misc import load_video_frames
 
 import fastsam_core
 from fastsam_core import FastConfig
+from fastsam_core.pipelines.video_frames import AsyncJpegFrames
 from tests import tolerances as tol
 from tests.models.sam2.test_image_encoder import randomize_pos_embeds
 from tests.parity import assert_close_fp32, mask_iou_outside_margin
@@ -410,6 +411,8 @@ def test_frames_reach_the_device_in_the_encoder_dtype(source, offload, async_loa
         assert len(whole_video_loads) == 1  # the reference's, through the same name
     assert state["num_frames"] == FRAMES and (state["video_height"], state["video_width"]) == (H, W)
     assert state["offload_video_to_cpu"] is offload
+    lazy = async_loading and source == "video_dir"  # sam2 loads a video file whole
+    assert isinstance(state["images"], AsyncJpegFrames if lazy else torch.Tensor)
     images = torch.stack([state["images"][i] for i in range(FRAMES)])
     assert images.device == (torch.device("cpu") if offload else state["device"])
     encoder_input = torch.stack([full[i].float() for i in range(FRAMES)])  # as sam2 reads it

@@ -12,6 +12,8 @@ from PIL import Image
 from sam2.utils.misc import load_video_frames
 
 from fastsam_core.pipelines.video_frames import (
+    IMG_MEAN,
+    IMG_STD,
     AsyncJpegFrames,
     frames_in,
     load_jpeg_frames,
@@ -88,6 +90,21 @@ def test_jpeg_frames_never_hold_the_fp32_video(jpeg_video):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_normalization_rounds_as_the_float64_one(dtype):
+    """Every value a JPEG frame can hold (k / 255 in each channel), normalized as sam2's
+    asynchronous loader does it (float64, then rounded to fp32 by the predictor) and as
+    `normalized_frame` does it (fp32), rounds to the same `dtype` value, though the two
+    differ in fp32: why AsyncJpegFrames may normalize in fp32."""
+    k = (torch.arange(256, dtype=torch.float64) / 255.0).expand(3, 256)  # sam2's reader
+    mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None]  # as sam2 makes them
+    std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None]
+    via_float64 = ((k - mean) / std).float()  # float64 arithmetic (type promotion)
+    via_fp32 = (k.float() - mean) / std
+    assert not torch.equal(via_float64, via_fp32)
+    assert torch.equal(via_float64.to(dtype), via_fp32.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_async_jpeg_frames_equal_the_reference_async_frames_rounded(jpeg_video, dtype):
     """Each frame equals what sam2's asynchronous loader gives the image encoder (its
     float64 frame rounded to fp32 by the predictor) rounded, also a frame asked for before
@@ -157,6 +174,16 @@ def test_video_file_without_decord_names_the_argument(monkeypatch):
 def test_missing_frames_are_named(tmp_path):
     with pytest.raises(RuntimeError, match="no images found in"):
         load_jpeg_frames(str(tmp_path), 64, torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.mark.cuda
+def test_async_jpeg_frames_on_the_gpu(jpeg_video):
+    """Frames written to the GPU from the background thread equal the CPU ones."""
+    frames = AsyncJpegFrames(jpeg_video, 96, torch.bfloat16, torch.device("cuda"))
+    frames.thread.join()
+    on_cpu = load_jpeg_frames(jpeg_video, 96, torch.bfloat16, torch.device("cpu"))[0]
+    assert all(frames[i].device.type == "cuda" for i in range(len(frames)))
+    assert torch.equal(torch.stack([frames[i] for i in range(len(frames))]).cpu(), on_cpu)
 
 
 @pytest.mark.cuda
