@@ -34,7 +34,10 @@
 # (bench files of the two stages, in order; defaults below), FASTSAM_RUNNER_ACCURACY
 # (model, default vit_h), FASTSAM_RUNNER_PROFILE (profile arguments, default "--model vit_h
 # --stage image_encoder --batch 8"), FASTSAM_RUNNER_DEADLINE (seconds),
-# FASTSAM_RUNNER_MIN_STEP (seconds, default 20), FASTSAM_RUNNER_RESERVE (seconds, default 15).
+# FASTSAM_RUNNER_MIN_STEP (seconds, default 20), FASTSAM_RUNNER_RESERVE (seconds, default 15),
+# FASTSAM_RUNNER_TESTS_MAX (seconds, default 180: the most the "tests" stage may take, so that
+# compiling every kernel variant of 187 tests cannot starve the benchmarks; its CUDA-marked
+# tests, bf16 and the real shapes, run first).
 set -u
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/fastsam-gpu-out}
@@ -45,6 +48,7 @@ export FASTSAM_CACHE_DIR="$WORK/cache"  # a cold start: the tuning is measured i
 DEADLINE=${FASTSAM_RUNNER_DEADLINE:-540}
 RESERVE=${FASTSAM_RUNNER_RESERVE:-15}  # seconds kept for merging, packing and the summary
 MIN_STEP=${FASTSAM_RUNNER_MIN_STEP:-20}  # a step is not started with less than this left
+TESTS_MAX=${FASTSAM_RUNNER_TESTS_MAX:-180}
 BENCH=${FASTSAM_RUNNER_BENCH:-"bench/test_bench_attention.py bench/test_bench_image_encoder.py
   bench/test_bench_int8_mlp.py bench/test_bench_int8_matmul.py
   bench/test_bench_layer_norm_quant.py bench/test_bench_video.py
@@ -59,13 +63,16 @@ stages=${*:-tests bench cuda-tests accuracy profile bench-tail}
 status=0
 summary=()
 
-run() {  # run NAME COMMAND...: log to $WORK/logs/NAME.log, within the deadline
+run() {  # run NAME COMMAND...: log to $WORK/logs/NAME.log, within the deadline (and
+  # within UNTIL, a time in $SECONDS, when set)
   local name=$1
   shift
-  local left=$((DEADLINE - SECONDS - RESERVE))
+  local left=$((DEADLINE - SECONDS - RESERVE)) limit="the deadline"
+  if [ -n "${UNTIL:-}" ] && [ $((UNTIL - SECONDS)) -lt "$left" ]; then
+    left=$((UNTIL - SECONDS)) limit="its stage's time cap"
+  fi
   if [ "$left" -lt "$MIN_STEP" ]; then
-    summary+=("$(printf '%-22s skipped: %ss left of the %ss deadline' "$name" \
-      $((DEADLINE - SECONDS)) "$DEADLINE")")
+    summary+=("$(printf '%-22s skipped: %ss left before %s' "$name" "$left" "$limit")")
     status=1
     return 0
   fi
@@ -75,8 +82,8 @@ run() {  # run NAME COMMAND...: log to $WORK/logs/NAME.log, within the deadline
   local rc=$?
   local last
   last=$(tail -n 1 "$WORK/logs/$name.log" | cut -c1-70)
-  [ "$rc" -eq 124 ] && last="stopped at the deadline; $last"
-  [ "$rc" -eq 137 ] && last="killed (deadline or memory); $last"
+  [ "$rc" -eq 124 ] && last="stopped at $limit; $last"
+  [ "$rc" -eq 137 ] && last="killed ($limit or memory); $last"
   summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - start)) "$last")")
   [ "$rc" -eq 0 ] || status=1
   return 0
@@ -90,9 +97,14 @@ git rev-parse HEAD >> "$WORK/logs/env.log" 2>/dev/null
 for stage in $stages; do
   case $stage in
     tests)
-      # the kernel and op suites whole, CUDA-marked tests included: on a GPU they run the
-      # compiled kernels (fp32 "ieee", fp16, bf16) instead of the interpreter
-      run tests "$PY" -m pytest tests/kernels tests/ops -q -p no:cacheprovider -rs ;;
+      # the kernel and op suites whole, within TESTS_MAX: on a GPU they run the compiled
+      # kernels (fp32 "ieee", fp16, bf16) instead of the interpreter; the CUDA-marked ones
+      # (bf16, the real shapes, every tuning candidate) first
+      tests_until=$((SECONDS + TESTS_MAX))
+      UNTIL=$tests_until run tests_cuda "$PY" -m pytest -m cuda tests/kernels tests/ops -q \
+        -p no:cacheprovider -rs
+      UNTIL=$tests_until run tests "$PY" -m pytest -m "not cuda" tests/kernels tests/ops -q \
+        -p no:cacheprovider -rs ;;
     cuda-tests)
       run cuda_tests "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rs \
         --deselect tests/kernels --deselect tests/ops ;;

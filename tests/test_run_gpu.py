@@ -53,3 +53,26 @@ case "$*" in *--benchmark-json*) sleep 60 ;; *) exec {sys.executable} "$@" ;; es
     assert "bench_prompt" in done.stdout and "stopped at the deadline" in done.stdout
     assert "bench_amg              skipped" in done.stdout
     assert (out / "logs.tar.gz").is_file()
+
+
+def test_runner_caps_the_kernel_tests(tmp_path):
+    """The "tests" stage stops at FASTSAM_RUNNER_TESTS_MAX, its CUDA-marked part first, and
+    the benchmarks after it still run. A stand-in python sleeps instead of running the kernel
+    tests and passes the bench suite at once."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+case "$*" in *tests/kernels*) sleep 60 ;; *--benchmark-json*) exit 0 ;;
+  *) exec {sys.executable} "$@" ;; esac
+""")
+    fake.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake),
+               FASTSAM_RUNNER_TESTS_MAX="4", FASTSAM_RUNNER_MIN_STEP="2",
+               FASTSAM_RUNNER_RESERVE="0", FASTSAM_RUNNER_BENCH="bench/test_bench_prompt.py")
+    done = subprocess.run(["bash", "bench/run_gpu.sh", "tests", "bench"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = {line.split()[0]: line for line in done.stdout.splitlines()
+             if line.startswith(("tests", "bench_"))}
+    assert "stopped at its stage's time cap" in lines["tests_cuda"], done.stdout
+    assert "skipped" in lines["tests"] and "time cap" in lines["tests"], done.stdout
+    assert "rc=0" in lines["bench_prompt"], done.stdout
