@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fastsam_core.numerics import rel_l2
+from fastsam_core.progress import note
 
 # Relative L2 distance a candidate's output may have from the reference output (the same math
 # through SDPA, in the same dtype): a few units of the dtype's rounding after a softmax-weighted
@@ -97,6 +98,8 @@ class Tuner:
             RuntimeError: no candidate matched the reference.
         """
         start = time.perf_counter()
+        note(f"tuning {self.name} for {key} on {device}: {len(candidates)} candidates, "
+             "once per shape (cached in " + str(self.cache_file()) + ")")
         if tolerance is None:
             tolerance = MATCH_REL_L2[reference.dtype]
         timings: dict[str, float] = {}
@@ -107,11 +110,14 @@ class Tuner:
                 continue
             if rel_l2(out, reference) <= tolerance:  # NaN fails this comparison too
                 timings[name] = self.timer(run)
-        self.tuning_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.tuning_seconds += seconds
         self.last_measurements = timings
         if not timings:
             raise RuntimeError(f"{self.name}: no candidate matched the reference for {key}")
         best = min(timings, key=timings.get)
+        note(f"tuned {self.name} for {key}: {best} ({timings[best]:.3g} ms; "
+             f"{len(timings)} of {len(candidates)} candidates matched) in {seconds:.1f} s")
         self.choices[(device, key)] = best
         self._store(device, key, best, timings)
         return best

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 
 import torch
+
+from fastsam_core.progress import note
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes with CUDA graphs
 
@@ -13,8 +16,10 @@ CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes wit
 class LazyCompiled:
     """`fn` through `torch.compile(mode=...)`, compiled on the first call.
 
-    If that first call fails (no C++ compiler, an unsupported op, ...), `fn` runs eagerly from
-    then on and the failure is reported once, by warning and in `status`. Under modes that
+    The first call says on stderr that it compiles, and how long it took
+    (`fastsam_core.progress`; `first_call_s`). If that first call fails (no C++ compiler, an
+    unsupported op, ...), `fn` runs eagerly from then on and the failure is reported once, by
+    warning and in `status`. Under modes that
     use CUDA graphs, outputs are copied out of the graph's memory pool, which the next replay
     overwrites.
 
@@ -32,6 +37,7 @@ class LazyCompiled:
         self.status = "pending first call" if mode else "eager"
         self.compiled = torch.compile(fn, mode=mode, **options) if mode else None
         self.cudagraphs = mode in CUDAGRAPH_MODES
+        self.first_call_s: float | None = None  # seconds of the compiling call, once made
 
     def __call__(self, *args: object, eager: bool = False) -> object:
         """`fn(*args)`, compiled; `eager`: `fn` itself this time (for forward hooks, which a
@@ -40,6 +46,8 @@ class LazyCompiled:
             return self.fn(*args)
         if self.status != "pending first call":
             return self._own(self.compiled(*args))
+        note(f"compiling the {self.what} (torch.compile mode={self.mode!r}) on its first call")
+        start = time.perf_counter()
         try:
             out = self._own(self.compiled(*args))
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
@@ -48,7 +56,9 @@ class LazyCompiled:
             warnings.warn(f"fastsam_core: torch.compile of the {self.what} {self.status}",
                           stacklevel=3)
             return self.fn(*args)
+        self.first_call_s = time.perf_counter() - start
         self.status = "compiled"
+        note(f"compiled the {self.what}: first call {self.first_call_s:.1f} s")
         return out
 
     def _own(self, out: object) -> object:

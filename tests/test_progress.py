@@ -1,0 +1,49 @@
+"""Progress lines of the long first calls: kernel tuning and torch.compile say on stderr what
+they do and what came of it, once, and FASTSAM_QUIET=1 silences them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastsam_core.kernels.tuning import Tuner
+from fastsam_core.models.compiled import LazyCompiled
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_tuning_says_what_it_measures_and_chose(tmp_path, monkeypatch, capsys, quiet):
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+    if quiet:
+        monkeypatch.setenv("FASTSAM_QUIET", "1")
+    x = torch.arange(4.0)
+    candidates = {"slow": lambda: x.clone(), "fast": lambda: x.clone(),
+                  "wrong": lambda: torch.zeros(4)}
+    tuner = Tuner("progress_test", timer=lambda run: 2.0 if run is candidates["slow"] else 1.0)
+    assert tuner.tune("gpu0", "n4", candidates, x) == "fast"
+    err = capsys.readouterr().err
+    if quiet:
+        assert err == ""
+        return
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith("[fastsam] tuning progress_test for n4 on gpu0: 3 candidates")
+    assert str(tmp_path / "progress_test.json") in lines[0]
+    assert lines[1].startswith("[fastsam] tuned progress_test for n4: fast (1 ms; 2 of 3")
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_compilation_says_it_compiles_once(monkeypatch, capsys, quiet):
+    if quiet:
+        monkeypatch.setenv("FASTSAM_QUIET", "1")
+    torch._dynamo.reset()
+    compiled = LazyCompiled(lambda t: t * 2 + 1, "default", "test function", backend="eager")
+    for _ in range(2):
+        assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 3.0))
+    err = capsys.readouterr().err
+    assert compiled.status == "compiled" and compiled.first_call_s > 0
+    if quiet:
+        assert err == ""
+        return
+    assert err.splitlines() == [
+        "[fastsam] compiling the test function (torch.compile mode='default') on its first call",
+        f"[fastsam] compiled the test function: first call {compiled.first_call_s:.1f} s"]
