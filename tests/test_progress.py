@@ -37,10 +37,12 @@ def test_compilation_says_it_compiles_once(monkeypatch, capsys, quiet):
         monkeypatch.setenv("FASTSAM_QUIET", "1")
     torch._dynamo.reset()
     compiled = LazyCompiled(lambda t: t * 2 + 1, "default", "test function", backend="eager")
+    assert compiled.summary == "pending first call"
     for _ in range(2):
         assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 3.0))
     err = capsys.readouterr().err
     assert compiled.status == "compiled" and compiled.first_call_s > 0
+    assert compiled.summary == f"compiled (first call {compiled.first_call_s:.1f} s)"  # report()
     if quiet:
         assert err == ""
         return

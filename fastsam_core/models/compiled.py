@@ -61,6 +61,13 @@ class LazyCompiled:
         note(f"compiled the {self.what}: first call {self.first_call_s:.1f} s")
         return out
 
+    @property
+    def summary(self) -> str:
+        """`status`, with the compiling call's seconds once made (for `report()`)."""
+        if self.first_call_s is None:
+            return self.status
+        return f"{self.status} (first call {self.first_call_s:.1f} s)"
+
     def _own(self, out: object) -> object:
         if not self.cudagraphs:
             return out

@@ -311,7 +311,7 @@ class FastImageEncoderViT(ReferenceFallback):
         dtype = str(self.patch_embed.proj.weight.dtype).replace("torch.", "")
         stages = [StageReport(
             "image_encoder", "fast",
-            f"ViT, {len(self.blocks)} blocks, {dtype}, compile: {self._run_fast.status}"
+            f"ViT, {len(self.blocks)} blocks, {dtype}, compile: {self._run_fast.summary}"
             + self.fallback_summary(),
         )]
         for kind, blocks in (("windowed", [b for b in self.blocks if b.window_size > 0]),

@@ -280,7 +280,7 @@ class FastMaskDecoder(ReferenceFallback):
     def describe(self) -> list[StageReport]:
         dtype = str(self.dtype).replace("torch.", "")
         detail = (f"SDPA two-way transformer, {dtype}, no per-prompt image copy, "
-                  f"compile: {self._decode_dense.status}")
+                  f"compile: {self._decode_dense.summary}")
         return [StageReport("mask_decoder", "fast",
                             detail + self.hooks_on_fused_note() + self.fallback_summary())]
 

@@ -271,6 +271,6 @@ class FastSam2ImageEncoder(ReferenceFallback):
         return [StageReport(
             "image_encoder", "fast",
             f"Hiera ({len(self.trunk.blocks)} blocks) + FPN neck, {dtype}, cached position "
-            f"embeddings, compile: {self._run_fast.status}"
+            f"embeddings, compile: {self._run_fast.summary}"
             + hooks_note(self, "neck.position_encoding", eager=True) + self.fallback_summary())]
 

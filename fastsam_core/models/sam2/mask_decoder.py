@@ -158,5 +158,5 @@ class FastSam2MaskDecoder(FastMaskDecoder):
         return [StageReport(
             "sam_mask_decoder", "fast",
             f"SDPA two-way transformer, {dtype} (high-res projections {skip}), object "
-            f"scores, compile: {self._decode_dense.status}" + self.hooks_on_fused_note()
+            f"scores, compile: {self._decode_dense.summary}" + self.hooks_on_fused_note()
             + self.fallback_summary())]

@@ -277,7 +277,7 @@ class FastMemoryAttention(ReferenceFallback):
         return [StageReport(
             "memory_attention", "fast",
             f"{self.num_layers} layers, SDPA, cached rotary tables, {dtype}, compile: "
-            f"{self._run_fast.status}" + self.fallback_summary())]
+            f"{self._run_fast.summary}" + self.fallback_summary())]
 
 
 def _rope_theta(attn: RoPEAttention) -> float:

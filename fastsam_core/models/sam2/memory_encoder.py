@@ -128,7 +128,7 @@ class FastMemoryEncoder(ReferenceFallback):
         return [StageReport("memory_encoder", "fast",
                             f"mask downsampler + {len(self.fuser.layers)} ConvNeXt blocks, "
                             f"{dtype}, cached position encoding, compile: "
-                            f"{self._run_fast.status}"
+                            f"{self._run_fast.summary}"
                             + hooks_note(self, "mask_downsampler", "fuser", eager=True)
                             + hooks_note(self, "position_encoding")
                             + self.fallback_summary())]
