@@ -13,8 +13,7 @@ from fastsam_core.models.compiled import LazyCompiled
 @pytest.mark.parametrize("quiet", [False, True])
 def test_tuning_says_what_it_measures_and_chose(tmp_path, monkeypatch, capsys, quiet):
     monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
-    if quiet:
-        monkeypatch.setenv("FASTSAM_QUIET", "1")
+    monkeypatch.setenv("FASTSAM_QUIET", "1" if quiet else "")
     x = torch.arange(4.0)
     candidates = {"slow": lambda: x.clone(), "fast": lambda: x.clone(),
                   "wrong": lambda: torch.zeros(4)}
@@ -33,8 +32,7 @@ def test_tuning_says_what_it_measures_and_chose(tmp_path, monkeypatch, capsys, q
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_compilation_says_it_compiles_once(monkeypatch, capsys, quiet):
-    if quiet:
-        monkeypatch.setenv("FASTSAM_QUIET", "1")
+    monkeypatch.setenv("FASTSAM_QUIET", "1" if quiet else "")
     torch._dynamo.reset()
     compiled = LazyCompiled(lambda t: t * 2 + 1, "default", "test function", backend="eager")
     assert compiled.summary == "pending first call"

@@ -99,7 +99,7 @@ class Tuner:
         """
         start = time.perf_counter()
         note(f"tuning {self.name} for {key} on {device}: {len(candidates)} candidates, "
-             "once per shape (cached in " + str(self.cache_file()) + ")")
+             f"once per shape (cached in {self.cache_file()})")
         if tolerance is None:
             tolerance = MATCH_REL_L2[reference.dtype]
         timings: dict[str, float] = {}

@@ -19,9 +19,8 @@ class LazyCompiled:
     The first call says on stderr that it compiles, and how long it took
     (`fastsam_core.progress`; `first_call_s`). If that first call fails (no C++ compiler, an
     unsupported op, ...), `fn` runs eagerly from then on and the failure is reported once, by
-    warning and in `status`. Under modes that
-    use CUDA graphs, outputs are copied out of the graph's memory pool, which the next replay
-    overwrites.
+    warning and in `status`. Under modes that use CUDA graphs, outputs are copied out of the
+    graph's memory pool, which the next replay overwrites.
 
     Args:
         fn: the function to compile.
