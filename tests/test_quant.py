@@ -20,6 +20,7 @@ from fastsam_core.models.quant import (
     Sparse24Linear,
     fusable_mlp,
 )
+from fastsam_core.numerics import rel_l2
 from fastsam_core.ops.quant import (
     int8_linear,
     is_2_4_sparse,
@@ -78,10 +79,44 @@ def test_modules_match_the_linear_they_replace():
     x = torch.randn(5, 7, 64)
     assert sqnr_db(linear(x), Int8Linear(linear)(x)) > tol.INT8_LINEAR_MIN_SQNR_DB
     sparse = Sparse24Linear(linear)
-    assert is_2_4_sparse(sparse.weight)
-    assert torch.allclose(sparse(x), x @ sparse.weight.t() + linear.bias)
+    assert torch.equal(sparse.weight, prune_2_4(linear.weight))
+    assert rel_l2(sparse(x), x @ sparse.weight.t() + linear.bias) < tol.FP32_OP_REL_L2
     assert set(Int8Linear(linear).state_dict()) == {"weight_int8", "weight_scale", "bias"}
     assert set(sparse.state_dict()) == {"weight", "bias"}
+
+
+@torch.inference_mode()
+def test_int8_weights_are_scaled_per_output_channel():
+    linear = nn.Linear(64, 32)
+    with torch.no_grad():  # rows three decades apart: one scale for all would zero the small
+        linear.weight.mul_(torch.logspace(-3, 0, 32)[:, None])
+    layer = Int8Linear(linear)
+    scale = linear.weight.abs().amax(dim=1) / 127
+    assert torch.allclose(layer.weight_scale, scale, rtol=tol.FP32_OP_REL_L2, atol=0)
+    err = (layer.dequantized_weight() - linear.weight).abs()
+    assert (err <= scale[:, None] / 2 * (1 + tol.FP32_OP_REL_L2)).all()  # half a row's step
+    x = torch.randn(8, 64)
+    assert sqnr_db(linear(x) - linear.bias, layer(x) - linear.bias) \
+        > tol.INT8_LINEAR_MIN_SQNR_DB
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("mode", ["int8", "2:4"])
+def test_checkpoint_loads_into_a_quantized_model(mode):
+    config = FastConfig(quantize=mode)
+    x = image_batch()
+    expected = small_sam(seed=3)
+    fastsam_core.optimize(expected, config)
+    sam = small_sam(seed=0)
+    fastsam_core.optimize(sam, config)
+    sam.load_state_dict(small_sam(seed=3).state_dict())  # the reference's float weights
+    assert torch.equal(sam.image_encoder(x), expected.image_encoder(x))
+    saved = small_sam(seed=0)
+    fastsam_core.optimize(saved, config)
+    saved.load_state_dict(sam.state_dict())  # an optimized model's own state_dict
+    assert torch.equal(saved.image_encoder(x), expected.image_encoder(x))
+    fastsam_core.restore(sam)  # the checkpoint reached the originals too
+    assert torch.equal(sam.image_encoder(x), small_sam(seed=3).image_encoder(x))
 
 
 @torch.inference_mode()
@@ -144,8 +179,15 @@ def test_int_mm_and_semi_structured_on_cuda():
     x = torch.randn(64, 256, device="cuda", dtype=torch.half)
     assert sqnr_db(linear(x), Int8Linear(linear)(x)) > tol.INT8_LINEAR_MIN_SQNR_DB
     sparse = Sparse24Linear(linear)
-    dense = x @ sparse.weight.t() + linear.bias
-    assert sqnr_db(dense, sparse(x)) > 40  # same pruned weight, sparse tensor cores
+    tokens = x.view(4, 16, 256)  # B x N x C, as the encoders' linears take them
+    dense = tokens @ sparse.weight.t() + linear.bias
+    out = sparse(tokens)
+    assert out.shape == dense.shape and out.stride(-1) == 1  # row-major, as nn.Linear
+    assert sqnr_db(dense, out) > tol.SPARSE_MATMUL_MIN_SQNR_DB
+    other = nn.Linear(256, 512).cuda().half()
+    sparse.load_state_dict(other.state_dict())  # same storage, new values: not the old cache
+    dense = tokens @ prune_2_4(other.weight).t() + other.bias
+    assert sqnr_db(dense, sparse(tokens)) > tol.SPARSE_MATMUL_MIN_SQNR_DB
 
 
 def mlps_of(encoder) -> list[Int8MLP]:

@@ -6,10 +6,10 @@ Hiera), the blocks' linears for:
 - `Int8Linear` ("int8"): weights int8 per output channel, activations int8 per token at run
   time (see fastsam_core.ops.quant). Its state_dict holds `weight_int8` (int8) and
   `weight_scale` (fp32) instead of `weight`: it loads into a model optimized with the same
-  config, not into the reference.
+  config, not into the reference. A reference checkpoint loads into it quantized.
 - `Sparse24Linear` ("2:4"): the weight magnitude-pruned to 2:4 in the compute dtype, run on
   the sparse tensor cores on CUDA. Its state_dict keeps the reference's keys (the pruned
-  weight loads into the reference).
+  weight loads into the reference); a reference checkpoint loads into it pruned.
 
 `layers` is "all" (attention qkv and projection, MLP, Hiera's stage-change projection) or
 "mlp" (the MLP only).
@@ -83,11 +83,24 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
+        self.source_dtype = linear.weight.dtype  # what a loaded float weight is rounded to
         weight_q, scale = quantize_per_row(linear.weight.detach())
         self.register_buffer("weight_int8", weight_q)
         self.register_buffer("weight_scale", scale[:, 0])
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                   requires_grad=False)
+        self._register_load_state_dict_pre_hook(self._quantize_float_weight)
+
+    def _quantize_float_weight(self, state_dict: dict, prefix: str, *args: object) -> None:
+        """A float checkpoint (the reference's `weight` key) loads quantized, as `optimize()`
+        quantizes: rounded to the source dtype, then to int8 per output channel."""
+        weight = state_dict.pop(prefix + "weight", None)
+        if weight is None or prefix + "weight_int8" in state_dict:
+            return
+        weight_q, scale = quantize_per_row(weight.to(self.weight_int8.device,
+                                                     self.source_dtype))
+        state_dict[prefix + "weight_int8"] = weight_q
+        state_dict[prefix + "weight_scale"] = scale[:, 0]
 
     def forward(self, x: torch.Tensor | Int8Tokens) -> torch.Tensor:
         """x: ... x in (float, or `Int8Tokens` already quantized) -> ... x out, x's dtype."""
@@ -122,7 +135,8 @@ class Int8Linear(nn.Module):
 
 
 class Sparse24Linear(nn.Module):
-    """`nn.Linear` with a 2:4 magnitude-pruned weight (semi-structured sparse on CUDA)."""
+    """`nn.Linear` with a 2:4 magnitude-pruned weight (semi-structured sparse on CUDA). A
+    checkpoint loaded into it is pruned the same way (a pruned one stays as it is)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -131,18 +145,39 @@ class Sparse24Linear(nn.Module):
         self.weight = nn.Parameter(prune_2_4(linear.weight.detach()), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                   requires_grad=False)
-        self._sparse: tuple | None = None  # (device, dtype, semi-structured weight), lazily
+        self._sparse: tuple | None = None  # (weight's identity, semi-structured weight)
+        self.register_load_state_dict_post_hook(self._prune_loaded_weight)
+
+    @staticmethod
+    def _prune_loaded_weight(module: Sparse24Linear, incompatible_keys: object) -> None:
+        with torch.no_grad():
+            module.weight.copy_(prune_2_4(module.weight))
+        module._sparse = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
-            key = (weight.device, weight.dtype, weight.data_ptr())
+            # in-place writes (load_state_dict copies into the same storage) bump _version
+            key = (weight.device, weight.dtype, weight.data_ptr(), weight._version)
             if self._sparse is None or self._sparse[0] != key:
-                from torch.sparse import to_sparse_semi_structured
-
-                self._sparse = (key, to_sparse_semi_structured(weight))
+                self._sparse = (key, semi_structured(weight))
             weight = self._sparse[1]
-        return torch.nn.functional.linear(x, weight, self.bias)
+        y = F.linear(x, weight, self.bias)
+        # row-major, as nn.Linear returns it: attention's views and SDPA's fused kernels
+        # want a unit last stride
+        return y if y.stride(-1) == 1 else y.contiguous()
+
+
+def semi_structured(weight: torch.Tensor) -> torch.Tensor:
+    """A 2:4 CUDA weight as torch's semi-structured sparse tensor. With cuSPARSELt (the
+    default backend) the product is written transposed unless the transpose is fused into
+    the matmul, which makes `F.linear`'s output row-major at no cost."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, to_sparse_semi_structured
+
+    sparse = to_sparse_semi_structured(weight)
+    if isinstance(sparse, SparseSemiStructuredTensorCUSPARSELT):
+        sparse.fuse_transpose_cusparselt = True
+    return sparse
 
 
 class PendingLayerNorm:
@@ -421,8 +456,8 @@ def quantize_linears(encoder: nn.Module, mode: str, layers: str) -> StageReport:
     how = {"int8": "int8 weights per channel, int8 activations per token (on CUDA int_mm or "
                    "the fused Triton kernel, chosen per shape by measurement; dequantized "
                    "fp32 products elsewhere)",
-           "2:4": "2:4 magnitude-pruned weights (sparse tensor cores on CUDA, dense "
-                  "elsewhere)"}[mode]
+           "2:4": "2:4 magnitude-pruned weights (sparse tensor cores on CUDA in bf16 / "
+                  "fp16, dense products with the zeros elsewhere)"}[mode]
     if fused:
         how += (f"; {fused} MLPs can run as fused kernels (LayerNorm + quantization, GELU in "
                 "fc1's epilogue), on CUDA where measured faster per shape")
