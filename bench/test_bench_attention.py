@@ -31,6 +31,7 @@ from bench.common import DEVICE, record, repeats
 from fastsam_core.benchmark import synchronize
 from fastsam_core.kernels import rel_pos_attention as kernel
 from fastsam_core.kernels.rel_pos_attention import flops
+from fastsam_core.ops import attention as attention_ops
 from fastsam_core.ops.attention import rel_pos_attention, rel_pos_terms, tuned_config
 
 
@@ -108,7 +109,10 @@ def test_attention(benchmark, shape, impl):
                     rel_pos_attention(q, k, v, pos_h, pos_w, shape.grid, scale, backend)
         synchronize(DEVICE)
 
+    fallbacks = dict(attention_ops.KERNEL_FALLBACKS)
     run()  # first use: the kernel's launch configuration is measured and cached here
+    if impl.startswith("fast") and attention_ops.KERNEL_FALLBACKS != fallbacks:
+        pytest.fail(f"{impl} ran SDPA, not the kernel: {list(attention_ops.KERNEL_FALLBACKS)}")
     benchmark.pedantic(run, rounds=shape.rounds, warmup_rounds=1, iterations=1)
     n = shape.grid[0] * shape.grid[1]
     record(benchmark, benchmark.group, impl, flops=flops(shape.batch * shape.heads, n, shape.dim),

@@ -28,6 +28,7 @@ from fastsam_core.progress import note
 MATCH_REL_L2 = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 SHIPPED_DIR = Path(__file__).with_name("tuned")
+_nesting = [0]  # Tuner.tune calls in progress (candidates may tune what they launch)
 
 
 def cache_dir() -> Path:
@@ -58,6 +59,8 @@ class Tuner:
         self.timer = timer
         self.choices: dict[tuple[str, str], str] = {}
         self.last_measurements: dict[str, float] = {}
+        # wall seconds in tune(); a tune() inside another's candidates (an int8 backend
+        # tuning its Triton tile) counts only in the outermost, so tuners' totals add up
         self.tuning_seconds = 0.0
 
     def cache_file(self) -> Path:
@@ -103,15 +106,20 @@ class Tuner:
         if tolerance is None:
             tolerance = MATCH_REL_L2[reference.dtype]
         timings: dict[str, float] = {}
-        for name, run in candidates.items():
-            try:
-                out = run()
-            except Exception:  # noqa: BLE001 - e.g. out of shared memory: not a candidate
-                continue
-            if rel_l2(out, reference) <= tolerance:  # NaN fails this comparison too
-                timings[name] = self.timer(run)
+        _nesting[0] += 1
+        try:
+            for name, run in candidates.items():
+                try:
+                    out = run()
+                except Exception:  # noqa: BLE001 - e.g. out of shared memory: not a candidate
+                    continue
+                if rel_l2(out, reference) <= tolerance:  # NaN fails this comparison too
+                    timings[name] = self.timer(run)
+        finally:
+            _nesting[0] -= 1
         seconds = time.perf_counter() - start
-        self.tuning_seconds += seconds
+        if _nesting[0] == 0:
+            self.tuning_seconds += seconds
         self.last_measurements = timings
         if not timings:
             raise RuntimeError(f"{self.name}: no candidate matched the reference for {key}")

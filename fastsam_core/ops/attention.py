@@ -45,6 +45,7 @@ DISABLE_ENV = "FASTSAM_DISABLE_TRITON"
 TUNER = Tuner("rel_pos_attention")
 KERNEL_VERSION = 2  # part of every tuning key: bump when the kernel's code changes
 KERNEL_FALLBACKS: dict[str, int] = {}  # reason -> calls (this process) that wanted the kernel
+UNMATCHED: dict[tuple[str, str], str] = {}  # (GPU, tuning key) -> why no launch matched
 
 
 def rel_pos_index(size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -195,12 +196,21 @@ if kernel is not None:
     ]
 
 
+# fp32 tiles of this many query x key elements or more do not fit sm_90's 227 KiB of shared
+# memory (128 x 128: 295-320 KB, scripts/runs/compile_check-sm90-*.txt): not candidates.
+FP32_MAX_TILE = 128 * 128
+
+
 @functools.cache  # looked up on every call of the op on CUDA
-def distinct_launches(grid: tuple[int, int]) -> dict[str, kernel.LaunchConfig]:
-    """CANDIDATES by name, less those that launch the same kernel as an earlier one on an
-    h x w key grid (a forced "gather" where the tile gathers anyway). Not to be mutated."""
+def distinct_launches(grid: tuple[int, int], dtype: torch.dtype = torch.bfloat16
+                      ) -> dict[str, kernel.LaunchConfig]:
+    """CANDIDATES by name for `dtype`, less those that launch the same kernel as an earlier
+    one on an h x w key grid (a forced "gather" where the tile gathers anyway). Not to be
+    mutated."""
     seen, configs = set(), {}
     for c in CANDIDATES:
+        if dtype == torch.float32 and c.block_m * c.block_n >= FP32_MAX_TILE:
+            continue
         launch = (c.block_m, c.block_n, c.num_warps, c.num_stages, kernel.bias_mode(c, grid))
         if launch not in seen:
             seen.add(launch)
@@ -223,9 +233,12 @@ def tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
     """The measured-fastest LaunchConfig for this shape, or None for SDPA (it won, or no
     launch configuration matched the reference)."""
     key = tuning_key(q, key_grid_w, rel_h is not None, sdpa_allowed)
-    configs = distinct_launches((q.shape[2] // key_grid_w, key_grid_w))
+    configs = distinct_launches((q.shape[2] // key_grid_w, key_grid_w), q.dtype)
     names = [*configs, "sdpa"] if sdpa_allowed else list(configs)
     device = torch.cuda.get_device_name(q.device)
+    if (device, key) in UNMATCHED:
+        note_fallback(UNMATCHED[device, key])
+        return None
     choice = TUNER.cached(device, key, names)
     if choice is None:
         candidates = {
@@ -239,6 +252,7 @@ def tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
         try:
             choice = TUNER.tune(device, key, candidates, reference)
         except RuntimeError as err:  # no configuration matched: the correct path instead
+            UNMATCHED[device, key] = str(err)  # and not measured again on every call
             note_fallback(str(err))
             return None
     return configs.get(choice)  # None for "sdpa"

@@ -19,6 +19,7 @@ cores); elsewhere it stays a dense tensor with the zeros (same numbers, no speed
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from functools import partial
@@ -170,7 +171,7 @@ def int8_backend(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tenso
         return "int_mm"
     n, k = x_q.shape
     m = weight_q.shape[0]
-    key = f"v{INT8_KERNEL_VERSION}:n{token_bucket(n)}:k{k}:m{m}:{dtype}"
+    key = f"v{INT8_KERNEL_VERSION}:n{token_bucket(n)}:k{k}:m{m}:{dtype}:{triton_tag()}"
     device = device_key(x_q)
     names = ["int_mm", "triton"]
     choice = tuner.cached(device, key, names)
@@ -200,7 +201,8 @@ def int8_tile(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
         device = device_key(x_q)
     n, k = x_q.shape
     m = weight_q.shape[0]
-    key = f"v{INT8_KERNEL_VERSION}:tile:n{token_bucket(n)}:k{k}:m{m}:{dtype}:{activation}"
+    key = (f"v{INT8_KERNEL_VERSION}:tile:n{token_bucket(n)}:k{k}:m{m}:{dtype}:{activation}:"
+           f"{triton_tag()}")
     tiles = {c.as_key(): c for c in kernel.TILE_CANDIDATES}
     choice = tuner.cached(device, key, list(tiles))
     if choice is None:
@@ -243,7 +245,7 @@ def fused_path(x: torch.Tensor, op: str, run: Callable[[str], torch.Tensor],
     if kernel_disabled():
         return "separate"
     n = x.numel() // x.shape[-1]
-    key = f"v{FUSION_VERSION}:{op}:n{token_bucket(n)}:k{x.shape[-1]}:{x.dtype}"
+    key = f"v{FUSION_VERSION}:{op}:n{token_bucket(n)}:k{x.shape[-1]}:{x.dtype}:{triton_tag()}"
     device = device_key(x)
     names = list(FUSED_PATHS)
     choice = tuner.cached(device, key, names)
@@ -257,6 +259,16 @@ def fused_path(x: torch.Tensor, op: str, run: Callable[[str], torch.Tensor],
 def token_bucket(n: int) -> int:
     """n rounded up to a power of two: the token counts one measured choice stands for."""
     return 1 << max(0, n - 1).bit_length()
+
+
+@functools.cache
+def triton_tag() -> str:
+    """Part of every measured choice's key: a Triton upgrade may compile a tile differently."""
+    try:
+        import triton
+    except ImportError:
+        return "triton-none"
+    return f"triton{triton.__version__}"
 
 
 def device_key(x: torch.Tensor) -> str:

@@ -4,6 +4,7 @@ on the GPU compiled (tests marked `cuda`)."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -143,6 +144,8 @@ def test_bias_mode_and_head_dim_split_rules():
     assert len(distinct) == len({(c.block_m, c.block_n, c.num_warps, c.num_stages)
                                  for c in ops.CANDIDATES}) < len(ops.CANDIDATES)
     assert len(ops.distinct_launches(vit_global)) == len(ops.CANDIDATES)
+    fp32 = ops.distinct_launches(vit_global, torch.float32)  # 128 x 128 exceeds shared memory
+    assert "m128_n128_w8_s2" not in fp32 and len(fp32) == len(ops.CANDIDATES) - 1
     splits = {d: kernel.head_dim_split(d) for d in (8, 16, 24, 32, 48, 64, 72, 80, 96, 128)}
     assert splits == {8: (16, 0), 16: (16, 0), 24: (32, 0), 32: (32, 0), 48: (32, 16),
                       64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32), 128: (128, 0)}
@@ -166,7 +169,7 @@ def test_strided_inputs_as_the_encoder_passes_them():
 # The interpreter runs each program in Python: one image keeps these to a few seconds.
 @torch.inference_mode()
 @pytest.mark.parametrize("name", ["win5-padded", "no-rel-pos"])
-def test_whole_encoder_with_triton_attention(name):
+def test_whole_encoder_with_triton_attention(name, kernel_launches):
     sam = small_sam(name).to(DEVICE)  # on a GPU machine: the compiled kernel, fp32 ("ieee")
     x = image_batch(batch=1).to(DEVICE)
     expected = sam.image_encoder(x)
@@ -175,16 +178,18 @@ def test_whole_encoder_with_triton_attention(name):
     rep = fastsam_core.report(sam)
     assert rep.path_of("image_encoder.attention[global]") == "triton"
     assert_close_fp32(sam.image_encoder(x), expected, tol.FP32_STAGE_REL_L2)
+    assert len(kernel_launches) == len(sam.image_encoder.blocks)  # every block, none on SDPA
 
 
 @torch.inference_mode()
-def test_encoder_fp16_with_triton_attention():
+def test_encoder_fp16_with_triton_attention(kernel_launches):
     sam = small_sam("win5-padded").to(DEVICE)
     x = image_batch(batch=1).to(DEVICE)
     naive = in_dtype(sam.image_encoder, torch.float16)(x.half())
     exact = in_dtype(sam.image_encoder, torch.float64)(x.double())
     fastsam_core.optimize(sam, FastConfig(attention="triton", dtype=torch.float16))
     assert_lowp_parity(sam.image_encoder(x), naive, exact)
+    assert len(kernel_launches) == len(sam.image_encoder.blocks)
 
 
 def test_compile_fullgraph_traces_the_custom_op():
@@ -277,6 +282,58 @@ class TestTuner:
         tuner = Tuner("none", timer=lambda fn: 1.0)
         with pytest.raises(RuntimeError, match="no candidate matched"):
             tuner.tune("gpu", "s", {"zero": lambda: torch.zeros_like(q)}, q)
+
+    def test_tuning_nested_in_a_candidate_counts_once(self, tmp_path, monkeypatch):
+        import fastsam_core.kernels.tuning as tuning
+
+        monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+        x = torch.ones(4)
+        clock = [0.0]  # seconds; each timing takes one
+        monkeypatch.setattr(tuning, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+        def timer(fn):
+            clock[0] += 1.0
+            return 1.0
+
+        inner = Tuner("inner", timer=timer)
+
+        def nested():  # a backend that tunes its own tile on first use, as int8's does
+            inner.tune("gpu", "tile", {"a": lambda: x}, x)
+            return x
+
+        outer = Tuner("outer", timer=timer)
+        outer.tune("gpu", "backend", {"nested": nested, "plain": lambda: x}, x)
+        assert clock[0] == 3.0  # the inner timing, then the outer's two
+        assert inner.tuning_seconds == 0.0  # inside the outer's measurement
+        assert outer.tuning_seconds == 3.0
+        inner.tune("gpu", "tile2", {"a": lambda: x}, x)  # on its own: its own time
+        assert inner.tuning_seconds == 1.0
+
+    def test_no_matching_launch_is_remembered(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+        monkeypatch.setattr(ops.torch.cuda, "get_device_name", lambda device=None: "gpu0")
+        monkeypatch.setattr(ops, "UNMATCHED", {})
+        monkeypatch.setattr(ops, "KERNEL_FALLBACKS", {})
+        monkeypatch.setattr(ops.TUNER, "timer", lambda fn: 1.0)
+        launched = []
+
+        def miscompiled(q, *args, **kwargs):
+            launched.append(args[-1])
+            return torch.zeros_like(q)
+
+        monkeypatch.setattr(kernel, "rel_pos_attention_fwd", miscompiled)
+        q, k, v, rh, rw = problem(1, 2, (4, 4), 16, torch.float32)
+        with pytest.warns(UserWarning, match="no candidate matched"):
+            assert ops.tuned_config(q, k, v, rh, rw, 4, 0.25, False) is None
+        assert len(launched) == len(ops.distinct_launches((4, 4), torch.float32))
+        assert ops.tuned_config(q, k, v, rh, rw, 4, 0.25, False) is None  # SDPA, not re-tuned
+        assert len(launched) == len(ops.distinct_launches((4, 4), torch.float32))
+        assert list(ops.KERNEL_FALLBACKS.values()) == [2]
+
+    def test_tests_tune_into_a_cache_of_their_own(self):
+        import fastsam_core.kernels.tuning as tuning
+
+        assert tuning.cache_dir().name.startswith("tuning-cache")  # tests/conftest.py
 
     def test_shipped_table_is_valid_json(self):
         import fastsam_core.kernels.tuning as tuning

@@ -47,22 +47,24 @@ def test_rel_pos_index_gathers_what_get_rel_pos_returns(size):
 @pytest.mark.parametrize("backend", ["triton", "sdpa", "math"])
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("batch, heads, dim", [(1, 2, 16), (3, 3, 32), (2, 1, 80)])
-def test_fp32(backend, grid, batch, heads, dim):
+def test_fp32(backend, grid, batch, heads, dim, kernel_launches):
     q, k, v, th, tw = inputs(batch, heads, grid, dim)
     scale = dim**-0.5
     out = fast(q, k, v, th, tw, grid, scale, backend)
     assert_close_fp32(out, reference(q, k, v, th, tw, grid, scale), tol.FP32_OP_REL_L2)
+    assert kernel_launches == ([tuple(q.shape)] if backend == "triton" else [])
 
 
 @pytest.mark.parametrize("backend", ["triton", "sdpa", "math"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grid", [(6, 5), (14, 14)])
-def test_low_precision(backend, dtype, grid):
+def test_low_precision(backend, dtype, grid, kernel_launches):
     q, k, v, th, tw = inputs(2, 2, grid, 32)
     scale = 32**-0.5
     low = [t.to(dtype) for t in (q, k, v, th, tw)]
     out = fast(*low, grid, scale, backend)
     assert out.dtype == dtype
+    assert kernel_launches == ([tuple(q.shape)] if backend == "triton" else [])
     naive = reference(*low, grid, scale)
     exact = reference(*(t.double() for t in (q, k, v, th, tw)), grid, scale)
     assert_lowp_parity(out, naive, exact)
