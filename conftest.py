@@ -11,11 +11,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-else:
-    # fp32 means fp32 in the parity tests: cuDNN's convolutions default to TF32 (matmuls
-    # do not), rounding their inputs to 10 mantissa bits: 2^-11 relative each, coarser
-    # than the fp32 stage tolerance of 1e-4 (tests/tolerances.py)
-    torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,6 +13,7 @@ through `SamPredictor`, a SAM 2 through `SAM2ImagePredictor`):
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -137,11 +138,24 @@ def layer_sqnr(sam, reference_encoder, scenes) -> dict[str, float]:
     return {path: statistics.fmean(v) for path, v in results.items()}
 
 
+@contextlib.contextmanager
+def cudnn_without_tf32():
+    """cuDNN convolutions in full fp32 (on CUDA they default to TF32, 10 mantissa bits),
+    so that the fp32 reference is one; the configurations run with the caller's setting."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 def run_accuracy(sam, scenes, configs: dict[str, FastConfig] = CONFIGS,
                  log: Callable[[str], None] = lambda m: None) -> list[AccuracyRow]:
     """Each configuration against the fp32 reference (the model is restored after each)."""
     prompts = prompts_of(scenes)
-    expected = logits_of(sam, scenes, prompts)
+    with cudnn_without_tf32():
+        expected = logits_of(sam, scenes, prompts)
     reference_encoder = sam.image_encoder  # kept untouched while optimized
     rows = []
     for name, config in configs.items():
