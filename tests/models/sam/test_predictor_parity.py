@@ -12,7 +12,7 @@ import fastsam_core
 from fastsam_core import FastConfig
 from tests import tolerances as tol
 from tests.conftest import small_sam
-from tests.parity import assert_close_fp32, mask_iou_outside_margin
+from tests.parity import assert_close_fp32, fallbacks, mask_iou_outside_margin
 
 PROMPTS = {
     "one point": dict(point_coords=np.array([[70.0, 95.0]]), point_labels=np.array([1])),
@@ -49,6 +49,7 @@ def test_predictor_masks_match(dtype, multimask):
     expected = predict_all(predictor, image, multimask)
     fastsam_core.optimize(sam, FastConfig(dtype=dtype))
     got = predict_all(predictor, image, multimask)
+    assert not fallbacks(sam), fallbacks(sam)
     for name in PROMPTS:
         logits, scores, low_res = (torch.from_numpy(a) for a in got[name])
         ref_logits, ref_scores, ref_low_res = (torch.from_numpy(a) for a in expected[name])
