@@ -30,6 +30,19 @@ def repeats(impl: str) -> int:
     return max(1, int(os.environ.get("FASTSAM_BENCH_FAST_REPEAT", "1") or 1))
 
 
+def fail_on_fallbacks(model, impl: str) -> None:
+    """Fail the case if a fast module of `model` ran its reference (training mode, autograd,
+    a shape it does not take): its time would be the reference's under the fast name."""
+    import pytest
+
+    from fastsam_core.models.fallback import ReferenceFallback
+
+    ran = {name: m.fallbacks for name, m in model.named_modules()
+           if isinstance(m, ReferenceFallback) and m.fallbacks}
+    if ran:
+        pytest.fail(f"{impl} ran reference fallbacks: {ran}")
+
+
 def record(benchmark, group: str, impl: str, items: int | None = None,
            flops: float | None = None, **info: object) -> None:
     """Fill `benchmark.extra_info` (see the module docstring)."""

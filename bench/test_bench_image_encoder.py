@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import fastsam_core
-from bench.common import DEVICE, record, repeats
+from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import encoder_flops, synchronize
 from fastsam_core.models.convert import adopt_module
@@ -106,6 +106,8 @@ def test_image_encoder(benchmark, case_model, impl, monkeypatch):
         run()
         info["cold_start_s"] = time.perf_counter() - start
         info["cold_start_tuning_s"] = sum(t.tuning_seconds for t in TUNERS) - tuned_before
+        if impl != "reference":
+            fail_on_fallbacks(sam, impl)
         benchmark.pedantic(run, rounds=case.rounds, warmup_rounds=1, iterations=1)
         if impl in ("fast", *QUANTIZED):
             with torch.inference_mode():

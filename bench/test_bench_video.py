@@ -29,7 +29,7 @@ from PIL import Image
 from sam2.build_sam import build_sam2_video_predictor
 
 import fastsam_core
-from bench.common import DEVICE, record, repeats
+from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import synchronize
 
@@ -118,6 +118,8 @@ def test_video_propagation(benchmark, video_dir, objects, impl, staggered):
     # at design.md's ~14 frames/s for one object is ~18 s a round: keep the runner's budget
     benchmark.pedantic(run, setup=setup, rounds=2 if CUDA else 1, warmup_rounds=1 if CUDA else 0,
                        iterations=1)
+    if impl == "fast":
+        fail_on_fallbacks(predictor, impl)
     extra = {"peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20} if CUDA else {}
     record(benchmark, group, impl, items=FRAMES, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
            frames=FRAMES, objects=objects, staggered=staggered,
