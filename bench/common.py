@@ -35,10 +35,9 @@ def fail_on_fallbacks(model, impl: str) -> None:
     a shape it does not take): its time would be the reference's under the fast name."""
     import pytest
 
-    from fastsam_core.models.fallback import ReferenceFallback
+    from fastsam_core.models.fallback import fallbacks_of
 
-    ran = {name: m.fallbacks for name, m in model.named_modules()
-           if isinstance(m, ReferenceFallback) and m.fallbacks}
+    ran = fallbacks_of(model)
     if ran:
         pytest.fail(f"{impl} ran reference fallbacks: {ran}")
 

@@ -7,7 +7,6 @@ import copy
 import torch
 
 from fastsam_core.benchmark import rel_l2
-from fastsam_core.models.fallback import ReferenceFallback
 from tests import tolerances as tol
 
 
@@ -54,10 +53,3 @@ def mask_iou_outside_margin(logits: torch.Tensor, ref_logits: torch.Tensor) -> f
         union = (a | b).sum().item()
         ious.append(1.0 if union == 0 else (a & b).sum().item() / union)
     return min(ious)
-
-
-def fallbacks(model: torch.nn.Module) -> dict[str, dict[str, int]]:
-    """The reference fallbacks (reason: calls) of each fast module of `model` that ran one, by
-    module path: a fallback keeps the results (and any call pattern), not the fast path."""
-    return {name: m.fallbacks for name, m in model.named_modules()
-            if isinstance(m, ReferenceFallback) and m.fallbacks}

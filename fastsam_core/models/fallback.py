@@ -70,6 +70,13 @@ class ReferenceFallback(nn.Module):
             f"{why}: {n}x" for why, n in self.fallbacks.items())
 
 
+def fallbacks_of(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The reference fallbacks (reason: calls) of each fast module of `model` that ran one,
+    by module path: a fallback keeps the results, not the fast path."""
+    return {name: m.fallbacks for name, m in model.named_modules()
+            if isinstance(m, ReferenceFallback) and m.fallbacks}
+
+
 def has_forward_hooks(*modules: nn.Module) -> bool:
     """Whether a forward hook or pre-hook sits on any of `modules` or their submodules (global
     module hooks aside). Where a fast forward would use a module's weights directly, or a

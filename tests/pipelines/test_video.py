@@ -14,10 +14,11 @@ from sam2.utils.misc import load_video_frames
 
 import fastsam_core
 from fastsam_core import FastConfig
+from fastsam_core.models.fallback import fallbacks_of
 from fastsam_core.pipelines.video_frames import AsyncJpegFrames
 from tests import tolerances as tol
 from tests.models.sam2.test_image_encoder import randomize_pos_embeds
-from tests.parity import assert_close_fp32, fallbacks, mask_iou_outside_margin
+from tests.parity import assert_close_fp32, mask_iou_outside_margin
 
 FRAMES, H, W = 16, 120, 160
 
@@ -175,7 +176,7 @@ def test_video_predictor_fp32_parity_and_object_batches(video_dir, reference_run
     # the first pass: frame 0 tracks object 3 alone (1 and 2 are prompted there), frame 2
     # objects 1 and 2 (3 is prompted there), every other frame all three, masked.
     assert first == [(1, False), (3, True), (2, False)] + [(3, True)] * (FRAMES - 3), first
-    assert not fallbacks(predictor), fallbacks(predictor)
+    assert not fallbacks_of(predictor), fallbacks_of(predictor)
     compare(got, reference_run, torch.float32)
     fastsam_core.restore(predictor)
     assert type(predictor).__name__ == "SAM2VideoPredictor"
@@ -189,7 +190,7 @@ def test_video_predictor_bf16(video_dir, short_reference_run, autocast):
     fastsam_core.optimize(predictor, FastConfig(dtype=torch.bfloat16))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         got = track(predictor, video_dir, full=False)
-    assert not fallbacks(predictor), fallbacks(predictor)
+    assert not fallbacks_of(predictor), fallbacks_of(predictor)
     compare(got, short_reference_run, torch.bfloat16)
 
 
@@ -317,7 +318,7 @@ def test_two_videos_in_one_batch_equal_each_alone(video_dir, short_video_dir,
     per_step = [(3, True)] if masked else [(2, False), (1, False)]
     assert calls == per_step * 4 + [(2, False)], calls
     assert encoded == [2] * 4 + [1], encoded
-    assert not fallbacks(predictor), fallbacks(predictor)
+    assert not fallbacks_of(predictor), fallbacks_of(predictor)
     for mine, theirs in zip(got, expected, strict=True):
         assert [m[:2] for m in mine] == [e[:2] for e in theirs]
         for (t, _, a), (_, _, b) in zip(mine, theirs, strict=True):

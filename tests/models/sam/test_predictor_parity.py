@@ -10,9 +10,10 @@ from segment_anything import SamPredictor
 
 import fastsam_core
 from fastsam_core import FastConfig
+from fastsam_core.models.fallback import fallbacks_of
 from tests import tolerances as tol
 from tests.conftest import small_sam
-from tests.parity import assert_close_fp32, fallbacks, mask_iou_outside_margin
+from tests.parity import assert_close_fp32, mask_iou_outside_margin
 
 PROMPTS = {
     "one point": dict(point_coords=np.array([[70.0, 95.0]]), point_labels=np.array([1])),
@@ -49,7 +50,7 @@ def test_predictor_masks_match(dtype, multimask):
     expected = predict_all(predictor, image, multimask)
     fastsam_core.optimize(sam, FastConfig(dtype=dtype))
     got = predict_all(predictor, image, multimask)
-    assert not fallbacks(sam), fallbacks(sam)
+    assert not fallbacks_of(sam), fallbacks_of(sam)
     for name in PROMPTS:
         logits, scores, low_res = (torch.from_numpy(a) for a in got[name])
         ref_logits, ref_scores, ref_low_res = (torch.from_numpy(a) for a in expected[name])
