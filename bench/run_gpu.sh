@@ -36,8 +36,8 @@
 # --stage image_encoder --batch 8"), FASTSAM_RUNNER_DEADLINE (seconds),
 # FASTSAM_RUNNER_MIN_STEP (seconds, default 20), FASTSAM_RUNNER_RESERVE (seconds, default 15),
 # FASTSAM_RUNNER_TESTS_MAX (seconds, default 180: the most the "tests" stage may take, so that
-# compiling every kernel variant of 187 tests cannot starve the benchmarks; its CUDA-marked
-# tests, bf16 and the real shapes, run first).
+# compiling every kernel variant of the kernel and op tests cannot starve the benchmarks; its
+# CUDA-marked tests, bf16 and the real shapes, run first).
 set -u
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/fastsam-gpu-out}

@@ -18,7 +18,7 @@ import pytest
 from segment_anything import SamAutomaticMaskGenerator
 
 import fastsam_core
-from bench.common import DEVICE, record, repeats
+from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from fastsam_core.benchmark import synchronize
 from fastsam_core.models.sam.reference import build_sam
 from fastsam_core.pipelines import FastAutomaticMaskGenerator
@@ -56,6 +56,8 @@ def test_amg(benchmark, model, impl):
 
     try:
         benchmark.pedantic(run, rounds=3 if CUDA else 1, warmup_rounds=1, iterations=1)
+        if impl == "fast":
+            fail_on_fallbacks(model, impl)
     finally:
         if impl == "fast":
             fastsam_core.restore(model)

@@ -14,7 +14,7 @@ import pytest
 from segment_anything import SamPredictor
 
 import fastsam_core
-from bench.common import DEVICE, record, repeats
+from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from fastsam_core.benchmark import synchronize
 from fastsam_core.models.sam.reference import build_sam
 
@@ -48,6 +48,8 @@ def test_predictor(benchmark, model, impl):
 
     try:
         benchmark.pedantic(run, rounds=5 if CUDA else 2, warmup_rounds=1, iterations=1)
+        if impl == "fast":
+            fail_on_fallbacks(model, impl)
         dtype = str(model.mask_decoder.iou_token.weight.dtype).replace("torch.", "")
     finally:
         if impl == "fast":

@@ -20,7 +20,7 @@ import torch
 from segment_anything import SamPredictor
 
 import fastsam_core
-from bench.common import DEVICE, record, repeats
+from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from fastsam_core.benchmark import synchronize
 from fastsam_core.models.sam.reference import build_sam
 from fastsam_core.pipelines import predict_batch
@@ -63,6 +63,8 @@ def test_decoder_latency(benchmark, decoder_model, prompts, impl):
 
     try:
         benchmark.pedantic(run, rounds=20 if CUDA else 3, warmup_rounds=2, iterations=1)
+        if impl == "fast":
+            fail_on_fallbacks(sam, impl)
     finally:
         if impl == "fast":
             fastsam_core.restore(sam)
@@ -123,6 +125,8 @@ def test_predict_batch(benchmark, batch_model, impl):
     try:
         benchmark.pedantic(fast if impl == "fast" else reference, rounds=5 if CUDA else 1,
                            warmup_rounds=1, iterations=1)
+        if impl == "fast":
+            fail_on_fallbacks(sam, impl)
     finally:
         if impl == "fast":
             fastsam_core.restore(sam)

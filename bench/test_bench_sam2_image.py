@@ -19,7 +19,7 @@ from sam2.build_sam import build_sam2
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 import fastsam_core
-from bench.common import DEVICE, record, repeats
+from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import meta_flops, synchronize
 from fastsam_core.models.convert import adopt_module
@@ -70,6 +70,8 @@ def test_sam2_image_encoder(benchmark, encoder_case, impl):
 
     try:
         benchmark.pedantic(run, rounds=5 if CUDA else 1, warmup_rounds=1, iterations=1)
+        if impl == "fast":
+            fail_on_fallbacks(model, impl)
     finally:
         if impl == "fast":
             fastsam_core.restore(model)
@@ -100,4 +102,6 @@ def test_sam2_predict(benchmark, impl):
         synchronize(DEVICE)
 
     benchmark.pedantic(run, rounds=5 if CUDA else 1, warmup_rounds=1, iterations=1)
+    if impl == "fast":
+        fail_on_fallbacks(model, impl)
     record(benchmark, group, impl, items=1, model=f"sam2.1 {size}", image_size=image_size)

@@ -34,7 +34,7 @@ from sam2.build_sam import build_sam2_video_predictor
 from sam2.sam2_video_predictor import SAM2VideoPredictorVOS
 
 import fastsam_core
-from bench.common import DEVICE, record, repeats
+from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from bench.test_bench_video import FRAMES, IMAGE_SIZE, MODEL, memory_in_fp32, write_video
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import synchronize
@@ -118,6 +118,8 @@ def test_compiled_video_propagation(benchmark, video_dir, case, objects):
     # propagation after the one that compiled it (seen here with TORCH_LOGS=recompiles)
     benchmark.pedantic(lambda run: run(impl), setup=setup, rounds=2 if CUDA else 1,
                        warmup_rounds=1, iterations=1)
+    if impl == "fast":
+        fail_on_fallbacks(predictor, impl)
     extra = {"peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20} if CUDA else {}
     record(benchmark, group, impl, items=FRAMES, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
            frames=FRAMES, objects=objects, dtype=str(DTYPE).replace("torch.", ""),

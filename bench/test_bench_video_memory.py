@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 import fastsam_core
-from bench.common import DEVICE, record
+from bench.common import DEVICE, fail_on_fallbacks, record
 from bench.test_bench_video import build, memory_in_fp32
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import synchronize
@@ -181,6 +181,8 @@ def test_long_video_memory(benchmark, long_video, impl):
             host.stop()
 
     benchmark.pedantic(run, setup=setup, rounds=1, iterations=1)
+    if impl != "reference":
+        fail_on_fallbacks(predictor, impl)
     if CUDA:
         sizes["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if host:
@@ -215,6 +217,8 @@ def test_init_state_memory(benchmark, request, source, impl):
         sizes["frames_mib"] = tensor_mib(images)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
+    if impl != "reference":
+        fail_on_fallbacks(predictor, impl)
     record(benchmark, group, impl, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
            frames=FRAMES, source=source, dtype=str(DTYPE).replace("torch.", ""),
            peak_rss_mib=host.peak_mib, rss_at_start_mib=host.start_mib, **sizes)

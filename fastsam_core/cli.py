@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"],
                        help="random-weight SAM, or the shipped tiny trained SAM")
-    bench.add_argument("--image-size", type=int, default=None, help="pixels (16 px patches)")
+    bench.add_argument("--image-size", type=int, default=None,
+                       help="pixels (16 px patches; tiny runs at its own size)")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = commands.add_parser("summarize", help="table of a pytest-benchmark JSON file")
     summary.add_argument("result", help="a --benchmark-json or --benchmark-save file")
-    summary.set_defaults(run=lambda args, parser: print(_summarize(args.result)) or 0)
+    summary.set_defaults(run=_summarize)
 
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -317,12 +318,16 @@ def _accuracy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _summarize(path: str) -> str:
+def _summarize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pathlib import Path
 
     from fastsam_core.gate import summarize
 
-    return summarize(Path(path))
+    try:
+        print(summarize(Path(args.result)))
+    except ValueError as err:
+        parser.error(str(err))
+    return 0
 
 
 def _gate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -360,7 +365,11 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.image_size is not None and args.image_size < 16:
         parser.error("--image-size must be at least 16")
     image_size = args.image_size
-    if image_size is None and getattr(args, "model", None) != "tiny":  # tiny has its own size
+    if getattr(args, "model", None) == "tiny":
+        if image_size is not None:
+            parser.error("--image-size: the tiny trained SAM runs only at the size it was "
+                         "trained at; leave --image-size out with --model tiny")
+    elif image_size is None:
         image_size = 1024 if device.type == "cuda" else CPU_DEFAULT_IMAGE_SIZE
         if device.type != "cuda":
             print(f"[fastsam] CPU default: {image_size} px so the run takes about a minute; "

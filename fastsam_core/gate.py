@@ -27,7 +27,7 @@ from fastsam_core.benchmark import default_device, device_name
 
 
 def device_slug(device: torch.device | str | None = None) -> str:
-    """A folder name for this device: 'nvidia-h200', 'cpu-x86_64', ..."""
+    """A folder name for this device: 'nvidia-h200', 'cpu-x86-64', ..."""
     device = torch.device(device) if device is not None else default_device()
     name = device_name(device)
     if device.type == "cpu":
@@ -122,6 +122,10 @@ def summarize(result_file: Path) -> str:
     """A table of a pytest-benchmark result file: per group, each case's median ms, img/s,
     TFLOP/s and speedup (from `extra_info`, see bench/common.py)."""
     data = json.loads(Path(result_file).read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ValueError(f"result_file={str(result_file)!r}: not a pytest-benchmark result "
+                         "(no 'benchmarks' list; `fastsam bench --json` and `fastsam accuracy "
+                         "--out` files are printed by their own commands)")
     lines = [f"{'group':<34} {'impl':<18} {'ms':>9} {'img/s':>8} {'TFLOP/s':>8} {'speedup':>8}"]
     for b in sorted(data["benchmarks"], key=lambda b: (b["group"] or "", b["name"])):
         info = b.get("extra_info", {})

@@ -48,6 +48,7 @@ def test_bench_cpu_default_size_is_announced(capsys, monkeypatch):
         (["bench", "--batch", "0"], "--batch must be at least 1"),
         (["bench", "--model", "vit_x"], "invalid choice"),
         (["bench", "--image-size", "8"], "--image-size must be at least 16"),
+        (["bench", "--model", "tiny", "--image-size", "256"], "--image-size: the tiny"),
     ],
 )
 def test_bench_rejects_bad_arguments(args, message, capsys):

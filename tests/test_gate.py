@@ -99,3 +99,25 @@ def test_merge_results_keeps_every_readable_part(tmp_path):
     assert speedups(out) == {"suite0[fast]": 2.0, "suite1[fast]": 2.0}
     assert merge_results([killed], tmp_path / "none.json") == 0
     assert not (tmp_path / "none.json").exists()
+
+
+def test_summarize_tables_a_benchmark_file_and_rejects_other_results(tmp_path, capsys):
+    from fastsam_core.cli import main
+
+    result = tmp_path / "bench.json"
+    result.write_text(json.dumps({"benchmarks": [
+        {"group": "g", "name": "f[fast]", "stats": {"median": 0.002},
+         "extra_info": {"impl": "fast", "device": "cpu test", "img_s": 500.0, "speedup": 1.5}},
+        {"group": "g", "name": "f[reference]", "stats": {"median": 0.003},
+         "extra_info": {"impl": "reference"}}]}))
+    assert main(["summarize", str(result)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "cpu test, 2 cases"
+    assert table[2].split() == ["g", "fast", "2.000", "500.00", "-", "1.50"]
+    assert table[3].split() == ["g", "reference", "3.000", "-", "-", "-"]
+
+    other = REPO / "bench/results/cpu-x86_64-2threads_vit_b-1024-bs1-fp32_fastsam-bench.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["summarize", str(other)])
+    assert exc.value.code == 2
+    assert "result_file=" in capsys.readouterr().err

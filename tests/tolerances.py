@@ -43,6 +43,11 @@ AMG_MAX_BORDERLINE = 2  # more than this many one-sided masks is a defect, not a
 # `fastsam check`, fp32: the largest difference of a predicted IoU score (magnitude <= 1).
 CHECK_FP32_SCORE_ABS = 1e-4  # FP32_STAGE_REL_L2 of a score of magnitude 1 (measured ~1e-7)
 
+# Exact arithmetic carried out in fp32 (integer codes times their scales) against float64:
+# a few roundings of fp32 (machine epsilon 1.2e-7), relative; absolute for outputs near zero.
+FP32_ROUNDING_REL = 1e-6
+FP32_ROUNDING_ABS = 1e-5  # FP32_ROUNDING_REL of the tests' outputs of magnitude ~10
+
 # Lossy linears (int8): signal-to-quantization-noise ratio against the float result, dB.
 INT8_LINEAR_MIN_SQNR_DB = 30.0  # 8-bit symmetric codes give ~40 dB on Gaussian-like data
 INT8_ENCODER_MIN_SQNR_DB = 20.0  # the whole encoder: per-layer noise accumulates over blocks
