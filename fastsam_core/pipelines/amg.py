@@ -56,11 +56,17 @@ class _FastGeneration:
 
     max_chunk_bytes: int
 
-    def _check_fast_args(self, points_per_batch: int, max_chunk_bytes: int) -> None:
-        if max_chunk_bytes < 1:
-            raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
-        if points_per_batch < 1:
-            raise ValueError(f"points_per_batch must be positive, got {points_per_batch}")
+    def _check_fast_args(self, model: object, family: type, points_per_batch: object,
+                         max_chunk_bytes: object) -> None:
+        if not isinstance(model, family):
+            raise TypeError(f"{type(self).__name__}: model must be a {family.__module__}."
+                            f"{family.__name__}, got {type(model).__name__}")
+        for name, value in (("points_per_batch", points_per_batch),
+                            ("max_chunk_bytes", max_chunk_bytes)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
 
     @torch.no_grad()
     def _generate_masks(self, image: np.ndarray) -> MaskData:
@@ -194,9 +200,9 @@ class FastAutomaticMaskGenerator(_FastGeneration, SamAutomaticMaskGenerator):
 
     def __init__(self, model: Sam, points_per_batch: int = 256,
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, **kwargs: Any) -> None:
-        self._check_fast_args(points_per_batch, max_chunk_bytes)
-        super().__init__(model, points_per_batch=points_per_batch, **kwargs)
-        self.max_chunk_bytes = max_chunk_bytes
+        self._check_fast_args(model, Sam, points_per_batch, max_chunk_bytes)
+        super().__init__(model, points_per_batch=int(points_per_batch), **kwargs)
+        self.max_chunk_bytes = int(max_chunk_bytes)
 
     def _threshold(self) -> float:
         return self.predictor.model.mask_threshold
@@ -241,9 +247,9 @@ class FastSam2AutomaticMaskGenerator(_FastGeneration, SAM2AutomaticMaskGenerator
 
     def __init__(self, model: SAM2Base, points_per_batch: int = 256,
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, **kwargs: Any) -> None:
-        self._check_fast_args(points_per_batch, max_chunk_bytes)
-        super().__init__(model, points_per_batch=points_per_batch, **kwargs)
-        self.max_chunk_bytes = max_chunk_bytes
+        self._check_fast_args(model, SAM2Base, points_per_batch, max_chunk_bytes)
+        super().__init__(model, points_per_batch=int(points_per_batch), **kwargs)
+        self.max_chunk_bytes = int(max_chunk_bytes)
 
     def _threshold(self) -> float:
         return self.mask_threshold

@@ -60,6 +60,8 @@ def predict_batch(
         raise ValueError(f"images has {len(images)} entries but prompts has {len(prompts)}")
     for i, image in enumerate(images):
         _check_image(i, image)
+    if not images:
+        return []
     if isinstance(sam, SAM2Base):
         mask_size = sam.sam_prompt_encoder.mask_input_size
         parsed = [_parse_prompts(i, p, mask_size) for i, p in enumerate(prompts)]
@@ -104,7 +106,8 @@ def predict_batch(
 def encode_images(
     sam: Sam, images: Sequence[np.ndarray], transform: ResizeLongestSide
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """One image-encoder call for `images`, transformed as `SamPredictor.set_image` does.
+    """One image-encoder call for `images` (RGB), transformed as `SamPredictor.set_image`
+    does (channels reversed for a model whose `image_format` is BGR).
 
     Returns:
         n_img x C x h x w embeddings, and each image's size after resizing (the model input
@@ -112,6 +115,8 @@ def encode_images(
     """
     inputs, input_sizes = [], []
     for image in images:
+        if sam.image_format != "RGB":
+            image = image[..., ::-1]
         resized = torch.as_tensor(transform.apply_image(image), device=sam.device)
         input_sizes.append(tuple(resized.shape[:2]))
         inputs.append(sam.preprocess(resized.permute(2, 0, 1).float()))  # 3 x S x S

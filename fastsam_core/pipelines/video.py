@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 from sam2.utils.misc import fill_holes_in_mask_scores
@@ -103,15 +104,7 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
             `non_overlap_masks_for_mem_enc` (it couples a video's objects) the videos run one
             after the other through the reference's propagation.
         """
-        states = list(inference_states)
-        if len({id(s) for s in states}) != len(states):
-            raise ValueError("propagate_in_videos: inference_states holds the same state "
-                             "twice")
-        starts = list(start_frame_idx) if isinstance(start_frame_idx, Sequence) \
-            else [start_frame_idx] * len(states)
-        if len(starts) != len(states):
-            raise ValueError(f"propagate_in_videos: start_frame_idx has {len(starts)} entries "
-                             f"for {len(states)} inference_states")
+        states, starts = _check_videos_args(inference_states, start_frame_idx)
         if self.non_overlap_masks_for_mem_enc:
             for v, (state, start) in enumerate(zip(states, starts, strict=True)):
                 for frame_idx, obj_ids, masks in super().propagate_in_video(
@@ -119,8 +112,11 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
                     yield v, frame_idx, obj_ids, masks
             return
         orders = []
-        for state, start in zip(states, starts, strict=True):
-            self.propagate_in_video_preflight(state)
+        for v, (state, start) in enumerate(zip(states, starts, strict=True)):
+            try:
+                self.propagate_in_video_preflight(state)
+            except RuntimeError as err:  # sam2's "no input points or masks", and the like
+                raise RuntimeError(f"propagate_in_videos: inference_states[{v}]: {err}") from err
             orders.append(list(_processing_order(state, start, max_frame_num_to_track,
                                                  reverse)))
         desc = "propagate in video" + ("s" if len(states) > 1 else "")
@@ -290,6 +286,35 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
         return (tuple(sorted(obj_output_dict["cond_frame_outputs"])),
                 tuple(t for t in range(frame_idx - reach, frame_idx + reach + 1)
                       if t in tracked))
+
+
+def _check_videos_args(inference_states: object, start_frame_idx: object
+                       ) -> tuple[list[dict], list[int | None]]:
+    """`propagate_in_videos`' states and one start per state, or a clear error."""
+    if isinstance(inference_states, dict) or not isinstance(inference_states, Sequence):
+        raise TypeError("propagate_in_videos: inference_states must be a list of states from "
+                        f"init_state (one video: propagate_in_video), got "
+                        f"{type(inference_states).__name__}")
+    states = list(inference_states)
+    for v, state in enumerate(states):
+        if not isinstance(state, dict):
+            raise TypeError(f"propagate_in_videos: inference_states[{v}] must be a state from "
+                            f"init_state, got {type(state).__name__}")
+    if len({id(s) for s in states}) != len(states):
+        raise ValueError("propagate_in_videos: inference_states holds the same state twice")
+    if isinstance(start_frame_idx, Sequence) and not isinstance(start_frame_idx, (str, bytes)):
+        starts = list(start_frame_idx)
+    else:
+        starts = [start_frame_idx] * len(states)
+    if len(starts) != len(states):
+        raise ValueError(f"propagate_in_videos: start_frame_idx has {len(starts)} entries "
+                         f"for {len(states)} inference_states")
+    for v, start in enumerate(starts):
+        if start is not None and (isinstance(start, bool)
+                                  or not isinstance(start, (int, np.integer))):
+            raise TypeError("propagate_in_videos: start_frame_idx must be an int, None or a "
+                            f"list of them, got {type(start).__name__} for video {v}")
+    return states, [None if t is None else int(t) for t in starts]
 
 
 def _processing_order(inference_state: dict, start_frame_idx: int | None,

@@ -183,13 +183,26 @@ def test_nothing_survives():
     assert got == []
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_chunk_bytes=0), "max_chunk_bytes"),
-    (dict(points_per_batch=0), "points_per_batch"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(max_chunk_bytes=0), ValueError, "max_chunk_bytes must be positive"),
+    (dict(points_per_batch=0), ValueError, "points_per_batch must be positive"),
+    (dict(max_chunk_bytes=1e9), TypeError, "max_chunk_bytes must be an int, got float"),
+    (dict(points_per_batch=None), TypeError, "points_per_batch must be an int, got NoneType"),
+    (dict(points_per_batch="64"), TypeError, "points_per_batch must be an int, got str"),
 ])
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
         FastAutomaticMaskGenerator(small_sam(), **kwargs)
+
+
+def test_generators_name_the_model_family_they_take():
+    from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    with pytest.raises(TypeError, match="model must be a segment_anything.* got SAM2Base"):
+        FastAutomaticMaskGenerator(small_sam2())
+    with pytest.raises(TypeError, match="model must be a sam2.* got Sam$"):
+        FastSam2AutomaticMaskGenerator(small_sam())
 
 
 def sam2_reference_generator(model, **settings):

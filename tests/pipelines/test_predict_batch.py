@@ -107,15 +107,50 @@ def test_one_encoder_call_and_one_decoder_call(monkeypatch):
     assert calls == {"encoder": 1, "decoder": 1}
 
 
-def test_all_images_without_prompts_and_predictor_input():
+@pytest.mark.parametrize("multimask", [True, False])
+def test_all_images_without_prompts_and_predictor_input(multimask):
     sam = small_sam()
     images = [smooth_image(100, 120, 0), smooth_image(90, 60, 1)]
     results = predict_batch(SamPredictor(sam), images, [{}, {"boxes": np.zeros((0, 4))}],
-                            multimask_output=False)
+                            multimask_output=multimask)
+    m = 3 if multimask else 1
     for image, result in zip(images, results, strict=True):
-        assert result["masks"].shape == (0, 1, *image.shape[:2])
-        assert result["iou_predictions"].shape == (0, 1)
-        assert result["low_res_logits"].shape == (0, 1, 64, 64)
+        assert result["masks"].shape == (0, m, *image.shape[:2])
+        assert result["iou_predictions"].shape == (0, m)
+        assert result["low_res_logits"].shape == (0, m, 64, 64)
+    assert predict_batch(sam, [], []) == []
+
+
+@pytest.mark.parametrize("setting", ["plain", "optimized"])
+def test_padding_points_ignore_their_coordinates(setting):
+    """Label -1 marks padding: the reference zeroes its positional encoding, so even NaN
+    coordinates (a common filler) leave the masks as they are."""
+    sam = small_sam()
+    image = smooth_image(180, 240, 0)
+    prompt = dict(point_coords=np.array([[[90.0, 60.0], [np.nan, np.nan]]]),
+                  point_labels=np.array([[1, -1]]))
+    (ref_logits, ref_iou, ref_low), = reference(sam, [image], [prompt], True)
+    assert torch.isfinite(ref_low).all()
+    if setting == "optimized":
+        fastsam_core.optimize(sam)
+    got, = predict_batch(sam, [image], [prompt])
+    assert_close_fp32(got["low_res_logits"], ref_low, tol.FP32_STAGE_REL_L2)
+    assert_close_fp32(got["iou_predictions"], ref_iou, tol.FP32_STAGE_REL_L2)
+
+
+@pytest.mark.parametrize("setting", ["plain", "optimized"])
+def test_bgr_model_gets_its_channel_order(setting):
+    """Images are RGB; a model with image_format "BGR" is fed them reversed, as
+    SamPredictor.set_image does."""
+    sam = small_sam()
+    sam.image_format = "BGR"
+    image = smooth_image(180, 240, 0)
+    prompt = dict(boxes=np.array([[20.0, 30.0, 150.0, 170.0]]))
+    (ref_logits, ref_iou, ref_low), = reference(sam, [image], [prompt], True)
+    if setting == "optimized":
+        fastsam_core.optimize(sam)
+    got, = predict_batch(sam, [image], [prompt])
+    assert_close_fp32(got["low_res_logits"], ref_low, tol.FP32_STAGE_REL_L2)
 
 
 def test_under_inference_mode():

@@ -333,9 +333,21 @@ def test_propagate_in_videos_checks_its_arguments(video_dir):
         state = predictor.init_state(video_dir)
         with pytest.raises(ValueError, match="same state twice"):
             next(predictor.propagate_in_videos([state, state]))
+        other = predictor.init_state(video_dir)
         with pytest.raises(ValueError, match="start_frame_idx has 1 entries for 2"):
-            next(predictor.propagate_in_videos([state, predictor.init_state(video_dir)],
-                                               start_frame_idx=[0]))
+            next(predictor.propagate_in_videos([state, other], start_frame_idx=[0]))
+        with pytest.raises(TypeError, match="inference_states must be a list .* got dict"):
+            next(predictor.propagate_in_videos(state))
+        with pytest.raises(TypeError, match=r"inference_states\[1\] must be a state"):
+            next(predictor.propagate_in_videos([state, "video.mp4"]))
+        for bad in ("0", np.array([0, 0]), 1.0):
+            with pytest.raises(TypeError, match="start_frame_idx must be an int, None or a"):
+                next(predictor.propagate_in_videos([state, other], start_frame_idx=bad))
+        predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1,
+                                        points=np.array([[30.0, 30.0]], np.float32),
+                                        labels=np.array([1], np.int32))
+        with pytest.raises(RuntimeError, match=r"inference_states\[1\]: No input points"):
+            next(predictor.propagate_in_videos([state, other]))
 
 
 def test_compiled_step_does_not_recompile_as_the_memory_bank_fills(video_dir, monkeypatch,

@@ -293,7 +293,9 @@ class FastImageEncoderViT(ReferenceFallback):
                 f"Sam.preprocess, got dtype {x.dtype}"
             )
         if tuple(x.shape[2:]) != (self.img_size, self.img_size):
-            if self.pos_embed is not None:
+            stride = self.patch_embed.proj.stride
+            grid = (x.shape[2] // stride[0], x.shape[3] // stride[1])
+            if self.pos_embed is not None and grid != tuple(self.pos_embed.shape[1:3]):
                 raise ValueError(
                     f"image_encoder: x must be {self.img_size} x {self.img_size} pixels "
                     f"(pad with Sam.preprocess), got {tuple(x.shape[2:])}"

@@ -136,9 +136,13 @@ class FastMaskDecoder(ReferenceFallback):
         kept = [i for i, s in enumerate(sparse) if s.shape[0]]  # images with prompts
         if not kept:
             n, (h, w) = self.n_output_tokens(), image_embeddings.shape[-2:]
-            empty = image_embeddings.new_empty
-            return self.finish(empty(0, 1 + self.num_mask_tokens, 4 * h, 4 * w),
-                               empty(0, 1 + self.num_mask_tokens),
+
+            def empty(*shape: int) -> torch.Tensor:  # in the compute dtype, as decode's
+                return image_embeddings.new_empty(shape, dtype=self.dtype)
+
+            # num_mask_tokens counts the single-mask token (the reference's 1 + multimask)
+            return self.finish(empty(0, self.num_mask_tokens, 4 * h, 4 * w),
+                               empty(0, self.num_mask_tokens),
                                empty(0, n, self.transformer_dim),
                                multimask_output, image_embeddings.dtype)
         if len(kept) < len(sparse):

@@ -104,15 +104,16 @@ class FastPromptEncoder(ReferenceFallback):
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """Point tokens: B x P x 2 coords, B x P labels -> B x (P + pad) x C.
 
-        Label -1: padding (the "not a point" embedding only); 0: background; 1: foreground;
-        2 and 3 (sam2): top-left and bottom-right box corners; other labels keep the bare
-        positional encoding, as in the reference.
+        Label -1: padding (the "not a point" embedding only, its coords ignored); 0:
+        background; 1: foreground; 2 and 3 (sam2): top-left and bottom-right box corners;
+        other labels keep the bare positional encoding, as in the reference.
         """
         if pad:
             coords = F.pad(coords, (0, 0, 0, 1))  # the padding point at (0, 0)
             labels = F.pad(labels, (0, 1), value=-1)
         labels = labels[..., None]
-        pe = self.pixel_pe(coords) * (labels != -1)
+        # where, not a product: the reference zeroes padding points, whatever their coords
+        pe = torch.where(labels != -1, self.pixel_pe(coords), 0.0)
         out = (pe
                + (labels == -1) * self.not_a_point_embed.weight
                + (labels == 0) * self.point_embeddings[0].weight

@@ -107,7 +107,11 @@ class FastSam2MaskDecoder(FastMaskDecoder):
             groups = PromptGroups(
                 torch.zeros(k, dtype=torch.long, device=image_embeddings.device), n_images=1)
         high_res = None
-        if self.use_high_res_features and high_res_features is not None:
+        if self.use_high_res_features:
+            if high_res_features is None or len(high_res_features) != 2:
+                got = None if high_res_features is None else f"{len(high_res_features)} levels"
+                raise ValueError("high_res_features: this decoder uses high-resolution "
+                                 f"features, [s0, s1] (2 levels), got {got}")
             high_res = [f.to(self.dtype) for f in high_res_features]
         tokens = self.prompt_tokens(sparse_prompt_embeddings.to(self.dtype))
         masks, iou, out_tokens = self._decode_dense(image_embeddings, image_pe, tokens, dense,

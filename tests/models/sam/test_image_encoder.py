@@ -197,3 +197,20 @@ def test_other_input_size_without_abs_pos_falls_back_to_reference():
     fast.set_reference(None)
     with pytest.raises(RuntimeError, match="not kept"):
         fast(x)
+
+
+@torch.inference_mode()
+def test_size_with_the_same_token_grid_falls_back_to_reference():
+    """With absolute positions the reference takes any size its patch convolution floors to
+    the position grid (256 px: 16 x 16 tokens from 256..271 px): so does the fast encoder, by
+    its fallback."""
+    ref = small_sam().image_encoder
+    assert ref.pos_embed is not None
+    fast = fast_encoder(ref)
+    fast.set_reference(ref)
+    x = image_batch(size=264)
+    with pytest.warns(UserWarning, match="differs from img_size"):
+        out = fast(x)
+    assert torch.equal(out, ref(x))
+    with pytest.raises(ValueError, match="256 x 256 pixels"):
+        fast(image_batch(size=272))  # 17 x 17 tokens: the reference cannot add its positions

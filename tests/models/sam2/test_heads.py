@@ -43,6 +43,31 @@ def test_prompt_encoder_fp32(model, kind):
             assert_close_fp32(got, expected, tol.FP32_OP_REL_L2)
 
 
+@torch.inference_mode()
+def test_padding_points_ignore_their_coordinates(model):
+    """sam2 zeroes the positional encoding of label -1: NaN coordinates there change nothing."""
+    ref = model.sam_prompt_encoder
+    fast = FastPromptEncoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    coords, labels, _, _ = prompts()
+    labels[:, -1] = -1
+    coords[:, -1] = float("nan")
+    expected, _ = ref((coords, labels), None, None)
+    got, _ = fast((coords, labels), None, None)
+    assert torch.isfinite(expected).all()
+    assert_close_fp32(got, expected, tol.FP32_OP_REL_L2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("high_res", [None, "one level"])
+def test_mask_decoder_needs_its_high_res_features(model, high_res):
+    fast = FastSam2MaskDecoder.from_reference(model.sam_mask_decoder, FastConfig(),
+                                              torch.float32).eval()
+    image, pe, sparse, dense, features = decoder_inputs(model, 2, True)
+    features = None if high_res is None else features[:1]
+    with pytest.raises(ValueError, match="high_res_features"):
+        fast(image, pe, sparse, dense, True, True, features)
+
+
 def decoder_inputs(model, k, repeat_image, seed=1):
     gen = torch.Generator().manual_seed(seed)
     b = 1 if repeat_image else k
@@ -149,6 +174,9 @@ def test_predict_batch_matches_the_image_predictor_per_image(dtype, overrides):
     fastsam_core.optimize(model, FastConfig(dtype=dtype))
     got = predict_batch(model, images, prompts)
     assert got[1]["masks"].shape == (0, 3, 120, 150)
+    nothing, = predict_batch(model, images[1:2], [{}])  # no image with prompts at all
+    assert nothing["masks"].shape == (0, 3, 120, 150)
+    assert nothing["iou_predictions"].shape == (0, 3)
     for result, ref, image in zip(got, expected, images, strict=True):
         if ref is None:
             continue
