@@ -186,31 +186,22 @@ def test_bad_input_raises_value_error(bad, error):
 
 
 @torch.inference_mode()
-def test_other_input_size_without_abs_pos_falls_back_to_reference():
-    ref = small_sam("no-abs-pos").image_encoder
+@pytest.mark.parametrize("name, size", [("no-abs-pos", 192), ("win4", 264)])
+def test_other_input_size_falls_back_to_reference(name, size):
+    """Without absolute positions the reference takes any size; with them, any size its patch
+    convolution floors to the position grid (256 px: 16 x 16 tokens from 256..271 px). The
+    fast encoder runs the reference for them."""
+    ref = small_sam(name).image_encoder
+    assert (ref.pos_embed is None) == (name == "no-abs-pos")
     fast = fast_encoder(ref)
     fast.set_reference(ref)
-    x = image_batch(size=192)
+    x = image_batch(size=size)
     with pytest.warns(UserWarning, match="differs from img_size"):
         out = fast(x)
     assert torch.equal(out, ref(x))
+    if ref.pos_embed is not None:
+        with pytest.raises(ValueError, match="256 x 256 pixels"):
+            fast(image_batch(size=272))  # 17 x 17 tokens: the reference cannot add positions
     fast.set_reference(None)
     with pytest.raises(RuntimeError, match="not kept"):
         fast(x)
-
-
-@torch.inference_mode()
-def test_size_with_the_same_token_grid_falls_back_to_reference():
-    """With absolute positions the reference takes any size its patch convolution floors to
-    the position grid (256 px: 16 x 16 tokens from 256..271 px): so does the fast encoder, by
-    its fallback."""
-    ref = small_sam().image_encoder
-    assert ref.pos_embed is not None
-    fast = fast_encoder(ref)
-    fast.set_reference(ref)
-    x = image_batch(size=264)
-    with pytest.warns(UserWarning, match="differs from img_size"):
-        out = fast(x)
-    assert torch.equal(out, ref(x))
-    with pytest.raises(ValueError, match="256 x 256 pixels"):
-        fast(image_batch(size=272))  # 17 x 17 tokens: the reference cannot add its positions
