@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--model", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"],
                        help="random-weight SAM, or the shipped tiny trained SAM")
     bench.add_argument("--image-size", type=int, default=None,
-                       help="pixels (16 px patches; tiny runs at its own size)")
+                       help="pixels (16 px patches; not with --model tiny: an error)")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")

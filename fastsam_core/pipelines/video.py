@@ -25,10 +25,10 @@ fp16 image encoder, `init_state` keeps the video frames in that dtype.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 from sam2.utils.misc import fill_holes_in_mask_scores
@@ -105,6 +105,10 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
             after the other through the reference's propagation.
         """
         states, starts = _check_videos_args(inference_states, start_frame_idx)
+        for v, state in enumerate(states):
+            if len(states) > 1 and self._get_obj_num(state) == 0:  # one: sam2's own error
+                raise RuntimeError(f"propagate_in_videos: inference_states[{v}] has no input "
+                                   "points or masks for any object; please add inputs first")
         if self.non_overlap_masks_for_mem_enc:
             for v, (state, start) in enumerate(zip(states, starts, strict=True)):
                 for frame_idx, obj_ids, masks in super().propagate_in_video(
@@ -112,11 +116,8 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
                     yield v, frame_idx, obj_ids, masks
             return
         orders = []
-        for v, (state, start) in enumerate(zip(states, starts, strict=True)):
-            try:
-                self.propagate_in_video_preflight(state)
-            except RuntimeError as err:  # sam2's "no input points or masks", and the like
-                raise RuntimeError(f"propagate_in_videos: inference_states[{v}]: {err}") from err
+        for state, start in zip(states, starts, strict=True):
+            self.propagate_in_video_preflight(state)
             orders.append(list(_processing_order(state, start, max_frame_num_to_track,
                                                  reverse)))
         desc = "propagate in video" + ("s" if len(states) > 1 else "")
@@ -310,11 +311,16 @@ def _check_videos_args(inference_states: object, start_frame_idx: object
         raise ValueError(f"propagate_in_videos: start_frame_idx has {len(starts)} entries "
                          f"for {len(states)} inference_states")
     for v, start in enumerate(starts):
-        if start is not None and (isinstance(start, bool)
-                                  or not isinstance(start, (int, np.integer))):
+        if start is None:
+            continue
+        try:
+            starts[v] = operator.index(start)  # an int, numpy or 0-d tensor integer
+        except TypeError:
+            starts[v] = None
+        if starts[v] is None or isinstance(start, bool):
             raise TypeError("propagate_in_videos: start_frame_idx must be an int, None or a "
-                            f"list of them, got {type(start).__name__} for video {v}")
-    return states, [None if t is None else int(t) for t in starts]
+                            f"list of them, got {type(start).__name__} for video {v}") from None
+    return states, starts
 
 
 def _processing_order(inference_state: dict, start_frame_idx: int | None,

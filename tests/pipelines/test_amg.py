@@ -112,6 +112,18 @@ def test_same_masks_as_the_reference(extra, capsys):
               f"borderline (kept by one side only): {borderline_cases}")
 
 
+def test_bgr_model_same_masks_as_the_reference():
+    """The reference generator feeds a model whose image_format is BGR the image reversed
+    (SamPredictor.set_image); so does the fast one."""
+    sam = small_sam(seed=3)
+    sam.image_format = "BGR"
+    image = smooth_image(160, 200, 5)
+    ref = SamAutomaticMaskGenerator(sam, **SETTINGS).generate(image)
+    got = FastAutomaticMaskGenerator(sam, **SETTINGS).generate(image)
+    assert len(ref) >= 5, "settings keep masks"
+    compare(ref, got, SETTINGS)
+
+
 @pytest.mark.parametrize("kind", ["sam", "sam2"])
 def test_box_nms_removes_the_masks_the_reference_removes(kind, capsys):
     """Box NMS where it decides something: the reference keeps several masks, fewer than with

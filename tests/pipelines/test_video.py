@@ -346,8 +346,10 @@ def test_propagate_in_videos_checks_its_arguments(video_dir):
         predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1,
                                         points=np.array([[30.0, 30.0]], np.float32),
                                         labels=np.array([1], np.int32))
-        with pytest.raises(RuntimeError, match=r"inference_states\[1\]: No input points"):
+        with pytest.raises(RuntimeError, match=r"inference_states\[1\] has no input points"):
             next(predictor.propagate_in_videos([state, other]))
+        frame, _, _ = next(predictor.propagate_in_video(state, torch.tensor(1)))  # as range()
+        assert frame == 1
 
 
 def test_compiled_step_does_not_recompile_as_the_memory_bank_fills(video_dir, monkeypatch,

@@ -88,6 +88,11 @@ class FastSam2MaskDecoder(FastMaskDecoder):
             masks K x M x 4h x 4w, IoU K x M, SAM output tokens K x (3 or 1) x C, object score
             logits K x 1, all in image_embeddings' dtype.
         """
+        if self.use_high_res_features and (high_res_features is None
+                                           or len(high_res_features) != 2):
+            got = None if high_res_features is None else f"{len(high_res_features)} levels"
+            raise ValueError("high_res_features: this decoder uses high-resolution features, "
+                             f"[s0, s1] (2 levels), got {got}")
         args = (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                 multimask_output, repeat_image, high_res_features)
         why = self.inference_only_reason(image_embeddings, sparse_prompt_embeddings,
@@ -108,10 +113,6 @@ class FastSam2MaskDecoder(FastMaskDecoder):
                 torch.zeros(k, dtype=torch.long, device=image_embeddings.device), n_images=1)
         high_res = None
         if self.use_high_res_features:
-            if high_res_features is None or len(high_res_features) != 2:
-                got = None if high_res_features is None else f"{len(high_res_features)} levels"
-                raise ValueError("high_res_features: this decoder uses high-resolution "
-                                 f"features, [s0, s1] (2 levels), got {got}")
             high_res = [f.to(self.dtype) for f in high_res_features]
         tokens = self.prompt_tokens(sparse_prompt_embeddings.to(self.dtype))
         masks, iou, out_tokens = self._decode_dense(image_embeddings, image_pe, tokens, dense,

@@ -59,9 +59,11 @@ def test_padding_points_ignore_their_coordinates(model):
 
 @torch.inference_mode()
 @pytest.mark.parametrize("high_res", [None, "one level"])
-def test_mask_decoder_needs_its_high_res_features(model, high_res):
+@pytest.mark.parametrize("mode", ["eval", "train"])  # train: the reference fallback's call
+def test_mask_decoder_needs_its_high_res_features(model, high_res, mode):
     fast = FastSam2MaskDecoder.from_reference(model.sam_mask_decoder, FastConfig(),
-                                              torch.float32).eval()
+                                              torch.float32).train(mode == "train")
+    fast.set_reference(model.sam_mask_decoder)
     image, pe, sparse, dense, features = decoder_inputs(model, 2, True)
     features = None if high_res is None else features[:1]
     with pytest.raises(ValueError, match="high_res_features"):
