@@ -184,16 +184,22 @@ def restore(model: Optimizable) -> Optimizable:
     original is moved to the device its fast replacement is on now. With "drop", the originals'
     parameters are rebuilt from the fast weights (rounded to the fast dtype), with a warning.
 
+    A mask generator whose model was restored on its own (`restore(generator.predictor.model)`)
+    still has the fast class; `restore(generator)` then gives it its own class back.
+
     Raises:
         ValueError: `model` is not optimized.
     """
     sam = _sam_of(model)
     state: _State | None = sam.__dict__.get(_STATE)
-    if state is None:
+    swapped_generator = _SWAPPED in getattr(model, "__dict__", {}) and model is not sam
+    if state is None and not swapped_generator:
         raise ValueError("model is not optimized (fastsam_core.optimize was not applied to it)")
-    if _SWAPPED in getattr(model, "__dict__", {}) and model is not sam:
+    if swapped_generator:
         model.__class__ = model.__dict__.pop(_SWAPPED)
         del model.max_chunk_bytes
+    if state is None:
+        return model
     if _SWAPPED in sam.__dict__:
         sam.__class__ = sam.__dict__.pop(_SWAPPED)
     for r in reversed(state.replacements):

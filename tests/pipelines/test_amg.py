@@ -158,6 +158,18 @@ def test_optimize_a_reference_generator_in_place():
     fastsam_core.restore(generator)
     assert type(generator) is SamAutomaticMaskGenerator and not fastsam_core.is_optimized(sam)
     assert not hasattr(generator, "max_chunk_bytes")
+    with pytest.raises(ValueError, match="not optimized"):
+        fastsam_core.restore(generator)
+
+
+def test_restore_a_generator_after_its_model():
+    sam = small_sam(seed=3)
+    generator = fastsam_core.optimize(SamAutomaticMaskGenerator(sam, **SETTINGS))
+    fastsam_core.restore(sam)
+    assert isinstance(generator, FastAutomaticMaskGenerator)  # the model alone was restored
+    fastsam_core.restore(generator)
+    assert type(generator) is SamAutomaticMaskGenerator and not fastsam_core.is_optimized(sam)
+    assert not hasattr(generator, "max_chunk_bytes")
 
 
 def test_results_do_not_depend_on_point_batch_or_chunk_size():
