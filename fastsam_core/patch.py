@@ -85,6 +85,7 @@ class _Replacement:
     fast: nn.Module
     shared: bool  # the fast module shares the original's parameters (same dtype)
     load_hook: object = None  # keeps the original in step with load_state_dict
+    fast_dtype: torch.dtype = torch.float32  # module_dtype(fast) when made: a later cast shows
 
 
 @dataclass
@@ -181,8 +182,9 @@ def restore(model: Optimizable) -> Optimizable:
 
     With FastConfig.originals "keep" or "offload", or when the dtype did not change, the
     parameters are the original ones, so outputs are bit-identical to before `optimize()`. An
-    original is moved to the device its fast replacement is on now. With "drop", the originals'
-    parameters are rebuilt from the fast weights (rounded to the fast dtype), with a warning.
+    original is moved to the device its fast replacement is on now, and cast to its dtype if the
+    model was cast after `optimize()` (`.half()`, ...). With "drop", the originals' parameters
+    are rebuilt from the fast weights (rounded to the fast dtype), with a warning.
 
     A mask generator whose model was restored on its own (`restore(generator.predictor.model)`)
     still has the fast class; `restore(generator)` then gives it its own class back.
@@ -214,6 +216,8 @@ def restore(model: Optimizable) -> Optimizable:
             )
         elif module_device(r.original) != device:
             r.original.to(device)
+        if module_dtype(r.fast) != r.fast_dtype:  # the model was cast (.half(), .to(dtype))
+            r.original.to(module_dtype(r.fast))
         if r.load_hook is not None:
             r.load_hook.remove()
         r.fast.set_reference(None)
@@ -338,7 +342,8 @@ def _replace(state: _State, owner: nn.Module, name: str, fast: nn.Module) -> Non
         )
     fast.train(original.training)
     setattr(owner, name, fast)
-    state.replacements.append(_Replacement(owner, name, original, fast, shared, load_hook))
+    state.replacements.append(_Replacement(owner, name, original, fast, shared, load_hook,
+                                           module_dtype(fast)))
 
 
 def _shares_tensors(a: nn.Module, b: nn.Module) -> bool:

@@ -190,6 +190,22 @@ def test_state_dict_of_optimized_model_loads_into_reference(tmp_path):
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in expected.items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimized_model_pickles_and_its_copy_restores(tmp_path, dtype):
+    """torch.save(model) of an optimized model: the copy runs the same, and restores."""
+    sam = small_sam()
+    x = image_batch()
+    expected = encode(sam, x)
+    fastsam_core.optimize(sam, FastConfig(dtype=dtype))
+    fast_out = encode(sam, x)
+    torch.save(sam, tmp_path / "optimized.pt")
+    copy = torch.load(tmp_path / "optimized.pt", weights_only=False)
+    assert torch.equal(encode(copy, x), fast_out)
+    fastsam_core.restore(copy)
+    assert not fastsam_core.is_optimized(copy)
+    assert torch.equal(encode(copy, x), expected)
+
+
 def test_checkpoint_round_trip_load_optimize_restore(tmp_path):
     """A random model's checkpoint, as users load theirs: load, optimize, predict, restore."""
     torch.save(small_sam(seed=3).state_dict(), tmp_path / "sam.pt")
@@ -300,7 +316,8 @@ def test_grad_mode_and_train_mode_fall_back_to_reference(sam):
     x = image_batch()
     fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
     fast = sam.image_encoder
-    with pytest.warns(UserWarning, match="autograd is recording"):
+    with pytest.warns(UserWarning, match="autograd is recording.* keeps its own torch.float32 "
+                      "weights: gradients reach those, not model.parameters()"):
         out = fast(x)  # parameters require grad, grad mode on: the reference runs
     out.sum().backward()
     original = fast._reference
@@ -331,6 +348,17 @@ def test_moving_the_model_after_optimize_moves_restore_too():
     assert all(p.device.type == "cpu" for p in original.parameters())  # not moved by .to()
     fastsam_core.restore(sam)
     assert all(p.device.type == "meta" for p in original.parameters())  # moved on restore
+
+
+def test_casting_the_model_after_optimize_casts_restore_too():
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    sam.half()
+    fastsam_core.restore(sam)
+    assert {t.dtype for t in (*sam.parameters(), *sam.buffers()) if t.is_floating_point()} \
+        == {torch.float16}
+    x = image_batch(batch=1).half()
+    assert torch.equal(encode(sam, x), encode(small_sam().half(), x))
 
 
 def test_dtype_default_follows_device_and_model_dtype():

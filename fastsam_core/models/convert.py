@@ -46,6 +46,15 @@ def adopt_parameter(param: nn.Parameter, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
 
 
+def tensor_identity(*tensors: torch.Tensor) -> tuple:
+    """A cache key that changes when any of `tensors` is replaced, moved, cast or written in
+    place (optimizer steps and `load_state_dict` bump `_version`; writes through `.data` do
+    not). Inference tensors track no version: writes to them (possible only under
+    `torch.inference_mode()`) are not seen; the caches keyed so also clear on load_state_dict."""
+    return tuple((t.device, t.dtype, t.data_ptr(), None if t.is_inference() else t._version)
+                 for t in tensors)
+
+
 def module_device(module: nn.Module) -> torch.device:
     """Device of a module's first parameter or buffer (CPU for an empty module)."""
     for t in module.parameters():

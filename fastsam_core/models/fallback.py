@@ -32,7 +32,8 @@ class ReferenceFallback(nn.Module):
         """Why the fast path must not run now (training mode, autograd recording), or None.
 
         The fast weights may be a converted copy: gradients through them would not reach the
-        model's parameters, so those calls go to the reference.
+        model's parameters, so those calls go to the reference (whose own weights then get the
+        gradients, as its warning says).
         """
         if self.training:
             return "the model is in training mode"
@@ -53,8 +54,8 @@ class ReferenceFallback(nn.Module):
                 "fastsam_core.restore(model) first"
             )
         if why not in self.fallbacks:
-            warnings.warn(f"fastsam_core: {why}: running the reference {self.stage}",
-                          stacklevel=3)
+            warnings.warn(f"fastsam_core: {why}: running the reference {self.stage}"
+                          f"{self._separate_weights_note(ref)}", stacklevel=3)
         self.fallbacks[why] = self.fallbacks.get(why, 0) + 1
         if ref.training != self.training:
             ref.train(self.training)
@@ -62,6 +63,17 @@ class ReferenceFallback(nn.Module):
         if device is not None and module_device(ref) != device:
             ref.to(device)  # the model was moved after optimize(): move the original too
         return ref(*args)
+
+    def _separate_weights_note(self, ref: nn.Module) -> str:
+        """What a user training or editing the model must know when the reference holds its
+        own weights (the fast ones are a converted copy), else ""."""
+        own = {id(p) for p in self.parameters()}
+        if all(id(p) in own for p in ref.parameters()):
+            return ""
+        return (f", which keeps its own {module_dtype(ref)} weights: gradients reach those, "
+                "not model.parameters() (an optimizer on those changes nothing), and in-place "
+                "edits of the model's weights do not reach it; restore(model) before training "
+                "or editing weights")
 
     def fallback_summary(self) -> str:
         if not self.fallbacks:

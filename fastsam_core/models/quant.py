@@ -41,6 +41,7 @@ from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import window_partition
 from torch import nn
 
+from fastsam_core.models.convert import tensor_identity
 from fastsam_core.models.fallback import has_forward_hooks
 from fastsam_core.ops.quant import (
     FUSED_PATHS,
@@ -157,8 +158,7 @@ class Sparse24Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
-            # in-place writes (load_state_dict copies into the same storage) bump _version
-            key = (weight.device, weight.dtype, weight.data_ptr(), weight._version)
+            key = tensor_identity(weight)
             if self._sparse is None or self._sparse[0] != key:
                 self._sparse = (key, semi_structured(weight))
             weight = self._sparse[1]

@@ -22,7 +22,7 @@ from segment_anything.modeling.prompt_encoder import PromptEncoder
 from torch import nn
 
 from fastsam_core.config import FastConfig
-from fastsam_core.models.convert import adopt_module
+from fastsam_core.models.convert import adopt_module, tensor_identity
 from fastsam_core.models.fallback import (
     ReferenceFallback,
     has_forward_hooks,
@@ -55,8 +55,8 @@ class FastPromptEncoder(ReferenceFallback):
         self.fused_downscaling = _is_reference_downscaling(self.mask_downscaling)
         # sam2 labels box corners 2 and 3 (its predictor passes boxes as points)
         self.corner_labels = isinstance(ref, Sam2PromptEncoder)
-        self._dense_pe: torch.Tensor | None = None
-        self.register_load_state_dict_post_hook(lambda module, _: module.forget_dense_pe())
+        self._dense_pe: tuple[tuple, torch.Tensor] | None = None  # (gauss identity, PE)
+        self.register_load_state_dict_post_hook(FastPromptEncoder._forget_dense_pe)
 
     @classmethod
     def from_reference(
@@ -67,22 +67,25 @@ class FastPromptEncoder(ReferenceFallback):
                                     "sam2's PromptEncoder")
         return cls(ref, dtype)
 
-    def forget_dense_pe(self) -> None:
-        self._dense_pe = None
+    @staticmethod
+    def _forget_dense_pe(module: FastPromptEncoder, incompatible_keys: object) -> None:
+        module._dense_pe = None
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image-embedding grid: 1 x C x h x w, fp32, cached (the
-        reference's `pe_layer` called instead while hooks sit on it)."""
+        """Positional encoding of the image-embedding grid: 1 x C x h x w, fp32, cached until
+        the Gaussian matrix changes (the reference's `pe_layer` called instead while hooks sit
+        on it)."""
         if has_forward_hooks(self.pe_layer):
             return self.pe_layer(self.image_embedding_size).unsqueeze(0)
         gauss = self.pe_layer.positional_encoding_gaussian_matrix
-        if self._dense_pe is None or self._dense_pe.device != gauss.device:
+        key = tensor_identity(gauss)
+        if self._dense_pe is None or self._dense_pe[0] != key:
             h, w = self.image_embedding_size
             ys = (torch.arange(h, device=gauss.device, dtype=torch.float32) + 0.5) / h
             xs = (torch.arange(w, device=gauss.device, dtype=torch.float32) + 0.5) / w
             grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # h x w x 2
-            self._dense_pe = self.fourier(grid).permute(2, 0, 1).unsqueeze(0)
-        return self._dense_pe
+            self._dense_pe = (key, self.fourier(grid).permute(2, 0, 1).unsqueeze(0))
+        return self._dense_pe[1]
 
     def fourier(self, coords01: torch.Tensor) -> torch.Tensor:
         """Random Fourier features of coordinates in [0, 1]: ... x 2 -> ... x C (fp32)."""

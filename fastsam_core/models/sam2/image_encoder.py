@@ -31,7 +31,7 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
-from fastsam_core.models.convert import adopt_module, adopt_parameter
+from fastsam_core.models.convert import adopt_module, adopt_parameter, tensor_identity
 from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, hooks_note
 from fastsam_core.models.quant import PendingLayerNorm
 from fastsam_core.report import StageReport, UnsupportedModule
@@ -104,12 +104,22 @@ class FastHiera(nn.Module):
         self.return_interm_layers = ref.return_interm_layers
         self.channel_list = list(ref.channel_list)
         self.window_spec = ref.window_spec
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
-        self.register_load_state_dict_post_hook(lambda module, _: module._pos_cache.clear())
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}  # by token grid
+        self._pos_tables: tuple = ()  # identity of the tables the cache was computed from
+        self.register_load_state_dict_post_hook(FastHiera._forget_pos_embeds)
+
+    @staticmethod
+    def _forget_pos_embeds(module: FastHiera, incompatible_keys: object) -> None:
+        module._pos_cache.clear()
 
     def pos_embed_for(self, hw: tuple[int, int]) -> torch.Tensor:
-        """The position embedding of an h x w token grid: 1 x h x w x C, cached."""
-        key = (*hw, self.pos_embed.device, self.pos_embed.dtype)
+        """The position embedding of an h x w token grid: 1 x h x w x C, cached until either
+        table changes (see `tensor_identity`)."""
+        tables = tensor_identity(self.pos_embed, self.pos_embed_window)
+        if tables != self._pos_tables:
+            self._pos_cache.clear()
+            self._pos_tables = tables
+        key = tuple(hw)
         if key not in self._pos_cache:
             with torch.no_grad():
                 window = self.pos_embed_window

@@ -94,6 +94,18 @@ def test_dense_pe_is_recomputed_after_loading_weights():
     assert_close_fp32(after, other.prompt_encoder.get_dense_pe(), tol.FP32_OP_REL_L2)
 
 
+def test_dense_pe_follows_an_in_place_edit_of_the_gaussian_matrix():
+    sam = small_sam()  # built outside inference_mode: its tensors track in-place writes
+    pe, _ = fast_parts(sam)
+    with torch.inference_mode():
+        before = pe.get_dense_pe()
+        pe.pe_layer.positional_encoding_gaussian_matrix.mul_(2)
+        after = pe.get_dense_pe()
+        expected = sam.prompt_encoder.get_dense_pe()
+    assert not torch.equal(before, after)
+    assert_close_fp32(after, expected, tol.FP32_OP_REL_L2)
+
+
 @torch.inference_mode()
 @pytest.mark.parametrize("multimask", [True, False])
 @pytest.mark.parametrize("kind", ["points", "boxes", "points+boxes", "points+masks"])

@@ -107,6 +107,28 @@ def test_cached_position_embedding_is_the_references_and_follows_loaded_weights(
                       tol.FP32_OP_REL_L2)
 
 
+def test_cached_position_embedding_follows_a_training_step():
+    """train(), an optimizer step on the shared fp32 weights, eval(): the fast path must see
+    the stepped position tables, not the cached embedding of the old ones."""
+    ref = small_encoder()
+    encoder = fast(ref)
+    encoder.set_reference(ref)
+    x = images(batch=1)
+    with torch.inference_mode():
+        encoder(x)  # fills the cache
+    encoder.train()
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=1.0)
+    with pytest.warns(UserWarning, match="training mode") as warned:
+        encoder(x)["vision_features"].square().mean().backward()
+    assert "keeps its own" not in str(warned[0].message)  # shared weights: nothing to say
+    optimizer.step()
+    encoder.eval()
+    with torch.inference_mode():
+        got, expected = outputs(encoder(x)), outputs(ref(x))
+    for g, e in zip(got, expected, strict=True):
+        assert_close_fp32(g, e, tol.FP32_STAGE_REL_L2)
+
+
 @torch.inference_mode()
 def test_neck_alone():
     ref = small_encoder()
