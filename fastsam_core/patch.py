@@ -244,8 +244,16 @@ def report(model: Optimizable) -> Report:
                                   else r.name, s.path, s.detail) for s in r.fast.describe())
     order = list(_stages(sam))
     stages.sort(key=lambda s: order.index(s.stage.split(".")[0]))
-    dtype = str(state.dtype).replace("torch.", "")
+    dtype = _dtype_name(state.dtype)
+    now = {module_dtype(r.fast) for r in state.replacements
+           if module_dtype(r.fast) != r.fast_dtype}
+    if now:  # the model was cast after optimize() (.half(), .to(dtype))
+        dtype = f"{', '.join(sorted(map(_dtype_name, now)))} (optimized as {dtype}, cast since)"
     return Report(model=f"{type(sam).__name__}, {dtype}, {state.config}", stages=stages)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 @contextlib.contextmanager

@@ -354,6 +354,7 @@ def test_casting_the_model_after_optimize_casts_restore_too():
     sam = small_sam()
     fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
     sam.half()
+    assert "float16 (optimized as bfloat16, cast since)" in fastsam_core.report(sam).model
     fastsam_core.restore(sam)
     assert {t.dtype for t in (*sam.parameters(), *sam.buffers()) if t.is_floating_point()} \
         == {torch.float16}
