@@ -86,6 +86,8 @@ class FastMaskDecoder(ReferenceFallback):
                                          dense_prompt_embeddings)
         if why is None and image_embeddings.shape[0] != 1:
             why = f"image_embeddings batch {image_embeddings.shape[0]} (not 1)"
+        if why is None:
+            why = dense_batch_reason(dense_prompt_embeddings, sparse_prompt_embeddings.shape[0])
         if why is not None:
             return self.run_reference(why, image_embeddings, image_pe, sparse_prompt_embeddings,
                                       dense_prompt_embeddings, multimask_output)
@@ -294,3 +296,14 @@ def _leading_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     offsets = x.offsets()
     rows = offsets[:-1, None] + torch.arange(n, device=offsets.device)  # B x n
     return x.values()[rows]
+
+
+def dense_batch_reason(dense: torch.Tensor, k: int) -> str | None:
+    """Why the fast decoder cannot take these dense prompt embeddings for k prompts, or None.
+
+    The fast decoder pairs dense row i with prompt i, or shares one row; the reference also
+    broadcasts k = 1 prompt over several mask inputs (a result per mask input).
+    """
+    if dense.shape[0] in (1, k):
+        return None
+    return f"dense_prompt_embeddings batch {dense.shape[0]} for {k} prompts"

@@ -166,6 +166,7 @@ class FastPromptEncoder(ReferenceFallback):
             bs = masks.shape[0]
         else:
             bs = 1
+        check_prompt_shapes(points, boxes, bs, labels_broadcast=self.corner_labels)
         parts = []
         if points is not None:
             parts.append(self.embed_points(points[0], points[1], pad=boxes is None))
@@ -188,6 +189,32 @@ class FastPromptEncoder(ReferenceFallback):
                             "sync-free label selection, cached dense PE, fp32 Fourier features"
                             + hooks_note(self, "pe_layer", "mask_downscaling")
                             + self.fallback_summary())]
+
+
+def check_prompt_shapes(points: tuple[torch.Tensor, torch.Tensor] | None,
+                        boxes: torch.Tensor | None, bs: int, labels_broadcast: bool) -> None:
+    """Raise where the reference fails on prompts whose shapes do not fit together (its
+    concatenations and boolean indexing do; the fast path's broadcasts would not).
+
+    labels_broadcast: labels may broadcast to the coordinates' B x N (sam2 selects with
+    `torch.where`); segment_anything's boolean indexing needs the same shape.
+    """
+    if points is not None:
+        coords, labels = points
+        if coords.dim() != 3 or coords.shape[-1] != 2:
+            raise ValueError("points: coordinates must be B x N x 2 (x, y), got shape "
+                             f"{tuple(coords.shape)}")
+        expected = tuple(coords.shape[:-1])
+        fits = tuple(labels.shape) == expected
+        if not fits and labels_broadcast and labels.dim() == 2:
+            fits = all(n in (1, e) for n, e in zip(labels.shape, expected, strict=True))
+        if not fits:
+            raise ValueError(f"points: labels of shape {tuple(labels.shape)} for coordinates "
+                             f"of shape {tuple(coords.shape)} (expected {expected})")
+    if boxes is not None and boxes.numel() != 4 * bs:
+        raise ValueError(f"boxes: shape {tuple(boxes.shape)} holds {boxes.numel() / 4:g} boxes "
+                         f"for a batch of {bs} prompts (one box per prompt, B x 4; "
+                         "SamPredictor.predict takes a single box, predict_torch B x 4)")
 
 
 def _is_reference_downscaling(seq: nn.Module) -> bool:

@@ -20,7 +20,7 @@ from torch import nn
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import adopt_module, module_dtype
 from fastsam_core.models.fallback import without_autocast
-from fastsam_core.models.sam.mask_decoder import FastMaskDecoder
+from fastsam_core.models.sam.mask_decoder import FastMaskDecoder, dense_batch_reason
 from fastsam_core.models.sam.transformer import PromptGroups
 from fastsam_core.report import StageReport, UnsupportedModule
 
@@ -102,6 +102,8 @@ class FastSam2MaskDecoder(FastMaskDecoder):
             why = f"repeat_image with image_embeddings batch {image_embeddings.shape[0]}"
         if why is None and not repeat_image and image_embeddings.shape[0] != k:
             why = f"image_embeddings batch {image_embeddings.shape[0]} for {k} prompts"
+        if why is None:
+            why = dense_batch_reason(dense_prompt_embeddings, k)
         if why is not None:
             return self.run_reference(why, *args)
         dense = dense_prompt_embeddings

@@ -229,6 +229,69 @@ def test_decoder_falls_back_for_a_batch_of_images_and_autograd():
     assert masks.requires_grad  # the reference ran, with autograd
 
 
+MISFIT_PROMPTS = {  # prompts whose shapes do not fit together: the argument each error names
+    "coords x 3": (lambda c, lab, b: ((torch.cat([c, c[..., :1]], -1), lab), None), "points"),
+    "coords x 3 + boxes": (lambda c, lab, b: ((torch.cat([c, c[..., :1]], -1), lab), b),
+                           "points"),
+    "fewer labels": (lambda c, lab, b: ((c, lab[:, :-1]), None), "points"),
+    "one label per prompt": (lambda c, lab, b: ((c, lab[:, :1]), b), "points"),
+    "two boxes per prompt": (lambda c, lab, b: (None, b.reshape(1, -1, 4)), "boxes"),
+    "more boxes than points": (lambda c, lab, b: ((c[:2], lab[:2]), b), "boxes"),
+}
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("case", list(MISFIT_PROMPTS))
+def test_misfit_prompt_shapes_raise_as_the_reference_does(case):
+    """The reference fails on these; the fast encoder's broadcasts would silently drop or
+    share prompts, so it raises, naming the argument."""
+    sam = small_sam()
+    pe, _ = fast_parts(sam)
+    make, argument = MISFIT_PROMPTS[case]
+    coords, labels, boxes, _ = prompts()
+    points, boxes = make(coords, labels, boxes)
+    with pytest.raises((RuntimeError, IndexError)):
+        sam.prompt_encoder(points, boxes, None)
+    with pytest.raises(ValueError, match=f"^{argument}: "):
+        pe(points, boxes, None)
+
+
+@torch.inference_mode()
+def test_predictor_with_two_boxes_raises_as_the_reference_does():
+    """SamPredictor.predict takes one box: given two, the fast model must not answer for the
+    first one only."""
+    image = smooth_image(SIZE, SIZE)
+    boxes = np.array([[20.0, 15.0, 120.0, 100.0], [0.0, 0.0, 60.0, 60.0]])
+    reference = SamPredictor(small_sam())
+    reference.set_image(image)
+    with pytest.raises(RuntimeError):
+        reference.predict(box=boxes)
+    sam = small_sam()
+    fastsam_core.optimize(sam)
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    with pytest.raises(ValueError, match="^boxes: .* 2 boxes for a batch of 1 prompts"):
+        predictor.predict(box=boxes)
+
+
+@torch.inference_mode()
+def test_one_prompt_over_several_mask_inputs_runs_the_reference():
+    """The reference broadcasts one prompt over several mask inputs (a result per mask): the
+    fast decoder pairs them row by row, so it hands this case to the reference."""
+    sam = small_sam()
+    coords, labels, boxes, masks = prompts()
+    sparse, dense = sam.prompt_encoder(None, boxes[:1], masks[:3])
+    assert (sparse.shape[0], dense.shape[0]) == (1, 3)
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    expected = sam.mask_decoder(embedding(), image_pe, sparse, dense, True)
+    fastsam_core.optimize(sam)
+    with pytest.warns(UserWarning, match="dense_prompt_embeddings batch 3 for 1 prompts"):
+        got = sam.mask_decoder(embedding(), image_pe, sparse, dense, True)
+    assert got[0].shape == expected[0].shape == (3, 3, 64, 64)
+    for g, e in zip(got, expected, strict=True):
+        assert_close_fp32(g, e, tol.FP32_STAGE_REL_L2)
+
+
 @torch.inference_mode()
 def test_prompt_path_ignores_autocast():
     """The fast prompt encoder and decoder compute in their own dtype under autocast too."""

@@ -58,6 +58,40 @@ def test_padding_points_ignore_their_coordinates(model):
 
 
 @torch.inference_mode()
+def test_prompt_shapes_sam2_takes_and_refuses(model):
+    """sam2 selects by label with torch.where, so labels 1 x P broadcast over K prompts
+    there (unlike segment_anything); coordinates must still be K x P x 2."""
+    ref = model.sam_prompt_encoder
+    fast = FastPromptEncoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    coords, labels, _, _ = prompts()
+    shared = ((coords, labels[:1]), None, None)
+    assert_close_fp32(fast(*shared)[0], ref(*shared)[0], tol.FP32_OP_REL_L2)
+    three_columns = ((torch.cat([coords, coords[..., :1]], -1), labels), None, None)
+    with pytest.raises(RuntimeError):
+        ref(*three_columns)
+    with pytest.raises(ValueError, match="^points: coordinates must be B x N x 2"):
+        fast(*three_columns)
+
+
+@torch.inference_mode()
+def test_one_prompt_over_several_mask_inputs_runs_the_reference(model):
+    ref = model.sam_mask_decoder
+    fast = FastSam2MaskDecoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    fast.set_reference(ref)
+    image, pe, _, _, high_res = decoder_inputs(model, 1, True)
+    coords, labels, _, _ = prompts(k=1)
+    sparse, dense = model.sam_prompt_encoder((coords, labels.clamp(0, 1)), None,
+                                             prompts(k=2)[3])
+    assert (sparse.shape[0], dense.shape[0]) == (1, 2)
+    expected = ref(image, pe, sparse, dense, True, True, high_res)
+    with pytest.warns(UserWarning, match="dense_prompt_embeddings batch 2 for 1 prompts"):
+        got = fast(image, pe, sparse, dense, True, True, high_res)
+    assert got[0].shape == expected[0].shape == (2, 3, 64, 64)
+    for g, e in zip(got, expected, strict=True):
+        assert_close_fp32(g, e, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("high_res", [None, "one level"])
 @pytest.mark.parametrize("mode", ["eval", "train"])  # train: the reference fallback's call
 def test_mask_decoder_needs_its_high_res_features(model, high_res, mode):
