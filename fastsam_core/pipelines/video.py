@@ -115,15 +115,20 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
                         state, start, max_frame_num_to_track, reverse):
                     yield v, frame_idx, obj_ids, masks
             return
-        orders = []
+        orders, objects = [], []
         for state, start in zip(states, starts, strict=True):
             self.propagate_in_video_preflight(state)
             orders.append(list(_processing_order(state, start, max_frame_num_to_track,
                                                  reverse)))
+            # as the reference: the objects of the preflight, whatever is prompted meanwhile
+            objects.append(state["obj_ids"])
         desc = "propagate in video" + ("s" if len(states) > 1 else "")
         for step in tqdm(range(max(map(len, orders), default=0)), desc=desc):
             frames = [(v, order[step]) for v, order in enumerate(orders) if step < len(order)]
-            pred_masks = {v: self._prompted_outputs(states[v], t) for v, t in frames}
+            for v, _ in frames:
+                _check_objects_kept(states[v], objects[v], v)
+            pred_masks = {v: self._prompted_outputs(states[v], t, len(objects[v]))
+                          for v, t in frames}
             tracked = [_Entry(states[v], v, t, obj_idx) for v, t in frames
                        for obj_idx, mask in enumerate(pred_masks[v]) if mask is None]
             self._encode_frames(tracked)
@@ -137,7 +142,7 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
                     state["frames_tracked_per_obj"][obj_idx][t] = {"reverse": reverse}
                 _, video_res_masks = self._get_orig_video_res_output(
                     state, torch.cat(pred_masks[v], dim=0))
-                yield v, t, state["obj_ids"], video_res_masks
+                yield v, t, objects[v], video_res_masks
 
     def _encode_frames(self, entries: list[_Entry]) -> None:
         """Encode the frames that `entries` need and their states have not cached, several
@@ -157,11 +162,13 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
             own = {name: _rows(value, slice(k, k + 1)) for name, value in backbone_out.items()}
             e.state["cached_features"] = {e.frame_idx: (images[k : k + 1], own)}
 
-    def _prompted_outputs(self, state: dict, frame_idx: int) -> list[torch.Tensor | None]:
-        """Per object: its stored mask if it was prompted on `frame_idx` (to be tracked:
-        None), clearing the memory around the prompt if the model says so."""
+    def _prompted_outputs(self, state: dict, frame_idx: int, n_objects: int
+                          ) -> list[torch.Tensor | None]:
+        """Per object of the first `n_objects`: its stored mask if it was prompted on
+        `frame_idx` (to be tracked: None), clearing the memory around the prompt if the model
+        says so."""
         masks: list[torch.Tensor | None] = []
-        for obj_idx in range(self._get_obj_num(state)):
+        for obj_idx in range(n_objects):
             cond = state["output_dict_per_obj"][obj_idx]["cond_frame_outputs"]
             if frame_idx in cond:
                 masks.append(cond[frame_idx]["pred_masks"].to(state["device"],
@@ -321,6 +328,17 @@ def _check_videos_args(inference_states: object, start_frame_idx: object
             raise TypeError("propagate_in_videos: start_frame_idx must be an int, None or a "
                             f"list of them, got {type(start).__name__} for video {v}") from None
     return states, starts
+
+
+def _check_objects_kept(state: dict, obj_ids: list, video: int) -> None:
+    """Raise if an object of a propagation under way was removed (`remove_object` while its
+    generator was paused: the objects' indices have moved; the reference fails on a
+    KeyError). Objects added meanwhile wait for the next propagation, as in the reference."""
+    moved = [i for k, i in enumerate(obj_ids) if state["obj_id_to_idx"].get(i) != k]
+    if moved:
+        raise RuntimeError(f"propagate_in_video: objects of inference_states[{video}] were "
+                           f"removed (remove_object) while its propagation was under way: "
+                           f"ids {moved} lost or renumbered; start a new propagate_in_video")
 
 
 def _processing_order(inference_state: dict, start_frame_idx: int | None,

@@ -326,6 +326,52 @@ def test_two_videos_in_one_batch_equal_each_alone(video_dir, short_video_dir,
             assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
 
 
+def paused_session(predictor, video_dir):
+    """Object 7 tracked; after two frames, with the generator paused, object 8 is prompted:
+    the rest of that propagation tracks object 7 only (the reference fixes its objects at
+    the start), the next one both."""
+    state = predictor.init_state(video_dir)
+    predictor.add_new_points_or_box(state, frame_idx=1, obj_id=7,
+                                    points=np.array([[94, 48]], np.float32),
+                                    labels=np.array([1], np.int32))
+    generator = predictor.propagate_in_video(state)
+    out = [next(generator), next(generator)]
+    predictor.add_new_points_or_box(state, frame_idx=4, obj_id=8,
+                                    points=np.array([[30, 30]], np.float32),
+                                    labels=np.array([1], np.int32))
+    out += list(generator)
+    out += list(predictor.propagate_in_video(state))
+    return [(t, list(ids), m) for t, ids, m in out]
+
+
+def test_an_object_prompted_while_propagation_is_paused_waits_for_the_next(short_video_dir):
+    reference = video_predictor()
+    reference.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
+    predictor = video_predictor()
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    with torch.inference_mode():
+        expected = paused_session(reference, short_video_dir)
+        got = paused_session(predictor, short_video_dir)
+    assert [e[:2] for e in expected] == [(t, [7]) for t in range(1, 6)] + [
+        (t, [7, 8]) for t in range(1, 6)]
+    assert [g[:2] for g in got] == [e[:2] for e in expected]
+    for (_, _, a), (_, _, b) in zip(got, expected, strict=True):
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+    # an object removed while paused: the objects' indices have moved, the rest cannot run
+    state = predictor.init_state(short_video_dir)
+    for obj_id, x in ((7, 94), (8, 30)):
+        predictor.add_new_points_or_box(state, frame_idx=1, obj_id=obj_id,
+                                        points=np.array([[x, 48]], np.float32),
+                                        labels=np.array([1], np.int32))
+    with torch.inference_mode():
+        generator = predictor.propagate_in_video(state)
+        next(generator)
+        predictor.remove_object(state, 7)
+        with pytest.raises(RuntimeError, match=r"objects of inference_states\[0\] were "
+                           r"removed .* ids \[7, 8\] lost or renumbered"):
+            next(generator)
+
+
 def test_propagate_in_videos_checks_its_arguments(video_dir):
     predictor = video_predictor()
     fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
