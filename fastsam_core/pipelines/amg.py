@@ -52,7 +52,7 @@ ENCODER_BATCH = 8  # crops per image-encoder call
 
 class _FastGeneration:
     """The model-independent core; the model families supply `_encode`, `_decode`,
-    `_upsample` and `_threshold` (see the two generators below)."""
+    `_upsampling_of`, `_upsample` and `_threshold` (see the two generators below)."""
 
     max_chunk_bytes: int
 
@@ -76,25 +76,31 @@ class _FastGeneration:
         )
         crops = [image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in crop_boxes]
         data = MaskData()
-        features = []  # per crop: what _decode and _upsample need
+        upsampling = []  # per crop: what _upsample needs, kept once its features are freed
         for start in range(0, len(crops), ENCODER_BATCH):
-            features.extend(self._encode(crops[start:start + ENCODER_BATCH]))
-        for i, (crop, crop_box) in enumerate(zip(crops, crop_boxes, strict=True)):
-            crop_data = self._crop_candidates(features[i], crop.shape[:2], crop_box,
-                                              layer_idxs[i], orig_size)
-            crop_data["crop_index"] = torch.full_like(crop_data["iou_preds"], i,
-                                                      dtype=torch.long)
-            data.cat(crop_data)
+            # the features of one encoder batch at a time: the crops' masks only need them
+            # until their candidates are decoded
+            for i, feature in enumerate(self._encode(crops[start:start + ENCODER_BATCH]),
+                                        start):
+                upsampling.append(self._upsampling_of(feature))
+                crop_data = self._crop_candidates(feature, crops[i].shape[:2], crop_boxes[i],
+                                                  layer_idxs[i], orig_size)
+                crop_data["crop_index"] = torch.full_like(crop_data["iou_preds"], i,
+                                                          dtype=torch.long)
+                data.cat(crop_data)
 
         if len(crop_boxes) > 1:
             scores = 1 / box_area(data["crop_boxes"])
             keep = batched_nms(data["boxes"].float(), scores.to(data["boxes"].device),
                                torch.zeros_like(scores), iou_threshold=self.crop_nms_thresh)
             data.filter(keep)
-        data["rles"] = self._encode_rles(data, crop_boxes, features, crops, orig_size)
+        data["rles"] = self._encode_rles(data, crop_boxes, upsampling, crops, orig_size)
         del data["low_res"], data["crop_index"]
-        data.to_numpy()
+        self._to_numpy(data)
         return data
+
+    def _to_numpy(self, data: MaskData) -> None:
+        data.to_numpy()
 
     def _crop_candidates(self, feature, crop_size: tuple[int, int], crop_box: list[int],
                          layer_idx: int, orig_size: tuple[int, int]) -> MaskData:
@@ -112,7 +118,7 @@ class _FastGeneration:
             if self.pred_iou_thresh > 0.0:  # exact before upsampling: scores only
                 _keep(batch, batch["iou_preds"] > self.pred_iou_thresh)
             batch["stability_score"], batch["boxes"] = self._score_and_box(
-                batch["low_res"], feature, crop_size)
+                batch["low_res"], self._upsampling_of(feature), crop_size)
             keep = ~is_box_near_crop_edge(batch["boxes"], crop_box, [0, 0, orig_w, orig_h])
             if self.stability_score_thresh > 0.0:
                 keep &= batch["stability_score"] >= self.stability_score_thresh
@@ -130,7 +136,7 @@ class _FastGeneration:
         """Masks per chunk under max_chunk_bytes (at least one)."""
         return max(1, self.max_chunk_bytes // bytes_per_mask)
 
-    def _upsampled(self, low_res: torch.Tensor, feature, crop_size: tuple[int, int],
+    def _upsampled(self, low_res: torch.Tensor, upsampling, crop_size: tuple[int, int],
                    extra_bytes_per_mask: int = 0) -> Iterator[torch.Tensor]:
         """Full-resolution logits of `low_res` (M x h x w), a bounded chunk at a time: the
         upsampling's own buffers, the fp32 logits, a boolean mask, plus what the caller
@@ -139,20 +145,20 @@ class _FastGeneration:
         chunk = self._chunk(self._upsampling_bytes(crop_size) + 5 * h * w
                             + extra_bytes_per_mask)
         for start in range(0, low_res.shape[0], chunk):
-            yield self._upsample(low_res[start:start + chunk], feature, crop_size)
+            yield self._upsample(low_res[start:start + chunk], upsampling, crop_size)
 
-    def _score_and_box(self, low_res: torch.Tensor, feature, crop_size: tuple[int, int]
+    def _score_and_box(self, low_res: torch.Tensor, upsampling, crop_size: tuple[int, int]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stability scores (M) and XYXY boxes (M x 4, crop coordinates) of the masks."""
         threshold = self._threshold()
         scores, boxes = [low_res.new_empty(0)], [low_res.new_empty(0, 4, dtype=torch.long)]
-        for logits in self._upsampled(low_res, feature, crop_size):
+        for logits in self._upsampled(low_res, upsampling, crop_size):
             scores.append(calculate_stability_score(logits, threshold,
                                                     self.stability_score_offset))
             boxes.append(batched_mask_to_box(logits > threshold))
         return torch.cat(scores), torch.cat(boxes)
 
-    def _encode_rles(self, data: MaskData, crop_boxes: list[list[int]], features: list,
+    def _encode_rles(self, data: MaskData, crop_boxes: list[list[int]], upsampling: list,
                      crops: list[np.ndarray], orig_size: tuple[int, int]) -> list[dict]:
         """Uncompressed RLEs of the kept masks, in image coordinates: upsampled again per crop
         and chunk, encoded on the device, copied to the host once."""
@@ -169,7 +175,7 @@ class _FastGeneration:
             pad = (x0, w - x0 - crop_size[1], y0, h - y0 - crop_size[0])
             low_res = data["low_res"][torch.as_tensor(members, device=data["low_res"].device)]
             # per mask and image pixel: the padded mask, its column-major copy, the XOR
-            for logits in self._upsampled(low_res, features[crop], crop_size, 3 * h * w):
+            for logits in self._upsampled(low_res, upsampling[crop], crop_size, 3 * h * w):
                 masks = torch.nn.functional.pad(logits > threshold, pad)  # m x h x w
                 first, change = _rle_changes(masks)
                 change[:, 0] += done
@@ -191,17 +197,21 @@ class FastAutomaticMaskGenerator(_FastGeneration, SamAutomaticMaskGenerator):
 
     Args:
         model: a segment_anything `Sam`, optimized or not.
+        points_per_side: as the reference's.
         points_per_batch: grid points decoded per mask-decoder call (default 256; the results
             do not depend on it).
-        max_chunk_bytes: at most this many bytes of full-resolution fp32 logits plus boolean
-            masks exist at once (default 1 GiB; at least one mask is always processed).
-        **kwargs: every other argument of `SamAutomaticMaskGenerator`, same meaning.
+        *args, **kwargs: every other argument of `SamAutomaticMaskGenerator`, in its order,
+            same meaning.
+        max_chunk_bytes (keyword only): at most this many bytes of full-resolution fp32
+            logits plus boolean masks exist at once (default 1 GiB; at least one mask is
+            always processed).
     """
 
-    def __init__(self, model: Sam, points_per_batch: int = 256,
+    def __init__(self, model: Sam, points_per_side: int | None = 32,
+                 points_per_batch: int = 256, *args: Any,
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, **kwargs: Any) -> None:
         self._check_fast_args(model, Sam, points_per_batch, max_chunk_bytes)
-        super().__init__(model, points_per_batch=int(points_per_batch), **kwargs)
+        super().__init__(model, points_per_side, int(points_per_batch), *args, **kwargs)
         self.max_chunk_bytes = int(max_chunk_bytes)
 
     def _threshold(self) -> float:
@@ -210,6 +220,9 @@ class FastAutomaticMaskGenerator(_FastGeneration, SamAutomaticMaskGenerator):
     def _upsampling_bytes(self, crop_size: tuple[int, int]) -> int:
         size = self.predictor.model.image_encoder.img_size  # Sam.postprocess_masks goes
         return 4 * size * size  # through the padded input size in fp32 first
+
+    def _upsampling_of(self, feature: tuple) -> tuple[int, int]:
+        return feature[1]  # the crop's input size
 
     def _encode(self, crops: list[np.ndarray]) -> list[tuple]:
         embeddings, input_sizes = encode_images(self.predictor.model, crops,
@@ -229,9 +242,9 @@ class FastAutomaticMaskGenerator(_FastGeneration, SamAutomaticMaskGenerator):
         rows = torch.as_tensor(points.repeat(low_res.shape[1], axis=0), device=device)
         return low_res.flatten(0, 1), iou.flatten(0, 1), rows
 
-    def _upsample(self, low_res: torch.Tensor, feature, crop_size: tuple[int, int]):
-        _, input_size = feature  # m x h x w -> m x H x W, as Sam.postprocess_masks does
-        sam = self.predictor.model
+    def _upsample(self, low_res: torch.Tensor, input_size: tuple[int, int],
+                  crop_size: tuple[int, int]):
+        sam = self.predictor.model  # m x h x w -> m x H x W, as Sam.postprocess_masks does
         return sam.postprocess_masks(low_res[:, None], input_size, crop_size)[:, 0]
 
 
@@ -240,15 +253,17 @@ class FastSam2AutomaticMaskGenerator(_FastGeneration, SAM2AutomaticMaskGenerator
 
     Args:
         model: a sam2 `SAM2Base`, optimized or not.
-        points_per_batch, max_chunk_bytes: as for `FastAutomaticMaskGenerator`.
-        **kwargs: every other argument of `SAM2AutomaticMaskGenerator` (`use_m2m` and
-            `multimask_output` included), same meaning.
+        points_per_side, points_per_batch, max_chunk_bytes: as for
+            `FastAutomaticMaskGenerator`.
+        *args, **kwargs: every other argument of `SAM2AutomaticMaskGenerator` (`use_m2m` and
+            `multimask_output` included), in its order, same meaning.
     """
 
-    def __init__(self, model: SAM2Base, points_per_batch: int = 256,
+    def __init__(self, model: SAM2Base, points_per_side: int | None = 32,
+                 points_per_batch: int = 256, *args: Any,
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, **kwargs: Any) -> None:
         self._check_fast_args(model, SAM2Base, points_per_batch, max_chunk_bytes)
-        super().__init__(model, points_per_batch=int(points_per_batch), **kwargs)
+        super().__init__(model, points_per_side, int(points_per_batch), *args, **kwargs)
         self.max_chunk_bytes = int(max_chunk_bytes)
 
     def _threshold(self) -> float:
@@ -256,6 +271,16 @@ class FastSam2AutomaticMaskGenerator(_FastGeneration, SAM2AutomaticMaskGenerator
 
     def _upsampling_bytes(self, crop_size: tuple[int, int]) -> int:
         return 0  # SAM2Transforms.postprocess_masks interpolates straight to the crop size
+
+    def _upsampling_of(self, feature: tuple) -> None:
+        return None  # the crop size is all it needs
+
+    def _to_numpy(self, data: MaskData) -> None:
+        # sam2's MaskData.to_numpy casts every tensor to float: its records carry float boxes
+        for key, value in list(data.items()):
+            if isinstance(value, torch.Tensor):
+                data[key] = value.float()
+        data.to_numpy()
 
     def _encode(self, crops: list[np.ndarray]) -> list[tuple]:
         embed, high_res = encode_images_sam2(self.predictor.model, crops,
@@ -297,7 +322,7 @@ class FastSam2AutomaticMaskGenerator(_FastGeneration, SAM2AutomaticMaskGenerator
                                      multimask_output, repeat_image, high_res)
         return low_res, iou
 
-    def _upsample(self, low_res: torch.Tensor, feature, crop_size: tuple[int, int]):
+    def _upsample(self, low_res: torch.Tensor, upsampling: None, crop_size: tuple[int, int]):
         # m x h x w -> m x H x W through SAM2Transforms.postprocess_masks, as the predictor
         return self.predictor._transforms.postprocess_masks(low_res[:, None], crop_size)[:, 0]
 

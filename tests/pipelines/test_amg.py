@@ -250,6 +250,9 @@ def test_sam2_same_masks_as_the_reference(extra, capsys):
     got = FastSam2AutomaticMaskGenerator(model, **settings).generate(image)
     assert len(ref) >= 5, "settings should keep several masks"
     borderline_cases = compare(ref, got, settings)
+    # sam2's records carry float boxes (its MaskData casts every tensor): json writes 12.0
+    for name in ("bbox", "crop_box"):
+        assert {type(v) for a in ref + got for v in a[name]} == {float}, name
     with capsys.disabled():
         print(f"\n[sam2 amg parity {extra}] reference {len(ref)} masks, fast {len(got)}, "
               f"borderline (kept by one side only): {borderline_cases}")
@@ -271,6 +274,54 @@ def test_optimize_a_sam2_generator_in_place():
     fastsam_core.restore(generator)
     assert type(generator).__name__ == "SAM2AutomaticMaskGenerator"
     assert not fastsam_core.is_optimized(model)
+
+
+@pytest.mark.parametrize("kind", ["sam", "sam2"])
+def test_positional_arguments_are_the_references(kind):
+    """(model, points_per_side, points_per_batch, pred_iou_thresh, ...) in the reference's
+    order: 4 is points_per_side (16 points), not points_per_batch."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    model = small_sam() if kind == "sam" else small_sam2()
+    reference, fast = {"sam": (SamAutomaticMaskGenerator, FastAutomaticMaskGenerator),
+                       "sam2": (SAM2AutomaticMaskGenerator, FastSam2AutomaticMaskGenerator)}[kind]
+    args = (4, 16, 0.5, 0.6, 0.7)  # ... stability_score_thresh, stability_score_offset
+    expected, got = reference(model, *args), fast(model, *args)
+    assert got.point_grids[0].shape == expected.point_grids[0].shape == (16, 2)
+    for name in ("points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+                 "stability_score_offset"):
+        assert getattr(got, name) == getattr(expected, name), name
+
+
+def test_crop_features_are_freed_after_their_encoder_batch(monkeypatch):
+    """Features of at most one encoder batch of crops exist at once (the README's memory
+    bound), not those of every crop of the image until its masks are encoded."""
+    import weakref
+
+    import fastsam_core.pipelines.amg as fast_module
+
+    monkeypatch.setattr(fast_module, "ENCODER_BATCH", 2)
+    generator = FastAutomaticMaskGenerator(small_sam(seed=3), **{**SETTINGS,
+                                                                 "crop_n_layers": 2})
+    alive, seen = [], []
+    encode, candidates = generator._encode, generator._crop_candidates
+
+    def tracked_encode(crops):
+        features = encode(crops)
+        alive.extend(weakref.ref(f[0]) for f in features)
+        return features
+
+    def counted_candidates(*args, **kwargs):
+        seen.append(sum(r() is not None for r in alive))
+        return candidates(*args, **kwargs)
+
+    generator._encode, generator._crop_candidates = tracked_encode, counted_candidates
+    generator.generate(smooth_image(160, 200, 5))
+    assert len(seen) == 21  # 1 + 4 + 16 crops
+    assert max(seen) <= 2, seen
 
 
 def test_masks_of_every_crop_layer(monkeypatch):
