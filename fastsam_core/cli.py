@@ -147,16 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     summary.set_defaults(run=_summarize)
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    extra = []
+    if argv[:1] == ["gate"] and "--" in argv:  # gate hands what follows "--" to pytest
+        argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    args = parser.parse_args(argv)
     args.extra = extra
     return args.run(args, parser)
 
 
 def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pathlib import Path
+
     from fastsam_core.profiling import profile_stage
 
     device, config, image_size = _setup(args, parser)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: not a folder")
     result = profile_stage(args.stage, args.model, image_size, args.batch, device, config,
                            args.out, args.active, log=lambda m: print(f"[fastsam] {m}",
                                                                       flush=True))
@@ -170,10 +176,10 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from PIL import Image
     from segment_anything import sam_model_registry
 
-    from fastsam_core.benchmark import default_device
     from fastsam_core.check import format_rows, run_check
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = _device(parser, args.device)
+    _checkpoint_file(parser, args.checkpoint)
     try:
         dtypes = [FastConfig(dtype=d).dtype for d in args.dtype or []] or [
             FastConfig().resolve_dtype(device, torch.float32)]
@@ -191,9 +197,11 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.model in SAM2_CONFIGS:
         from sam2.build_sam import build_sam2
 
-        sam = build_sam2(SAM2_CONFIGS[args.model], args.checkpoint, device=str(device))
+        sam = _load(parser, args, lambda: build_sam2(SAM2_CONFIGS[args.model], args.checkpoint,
+                                                     device=str(device)))
     else:
-        sam = sam_model_registry[args.model](checkpoint=args.checkpoint).to(device).eval()
+        sam = _load(parser, args, lambda: sam_model_registry[args.model](
+            checkpoint=args.checkpoint)).to(device).eval()
     rows = run_check(sam, images, dtypes, grid=args.grid,
                      log=lambda m: print(f"[fastsam] {m}", flush=True))
     print(f"\n{len(images)} image(s), {args.grid * args.grid} point prompts (3 masks) and 3 "
@@ -211,27 +219,46 @@ def _amg(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from segment_anything import sam_model_registry
     from tqdm import tqdm
 
-    from fastsam_core.benchmark import default_device
     from fastsam_core.patch import optimize
     from fastsam_core.pipelines import FastAutomaticMaskGenerator
 
     if args.model != "tiny" and args.checkpoint is None:
         parser.error(f"--model {args.model} needs --checkpoint (no weights can be downloaded)")
-    device = torch.device(args.device) if args.device else default_device()
+    if args.model == "tiny" and args.checkpoint is not None:
+        parser.error("--checkpoint: --model tiny runs the shipped tiny SAM, not a checkpoint; "
+                     "name the checkpoint's model (--model vit_b, vit_l or vit_h)")
+    for name, least in (("points_per_side", 1), ("points_per_batch", 1), ("crop_n_layers", 0),
+                        ("min_mask_region_area", 0)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}")
+    device = _device(parser, args.device)
     try:
         config = FastConfig(dtype=args.dtype)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
+    if args.checkpoint is not None:
+        _checkpoint_file(parser, args.checkpoint)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: not a folder")
     images = []
     for path in args.images:
         try:
             images.append((Path(path), np.array(Image.open(path).convert("RGB"))))
         except OSError as err:
             parser.error(f"cannot read image {path}: {err}")
+    stems = _output_stems([path for path, _ in images])
+    inputs = {path.resolve() for path, _ in images}
+    for stem in stems:
+        for written in (out / f"{stem}.json", out / f"{stem}.png"):
+            if written.resolve() in inputs:
+                parser.error(f"--out {out}: the overlay {written.name} would overwrite an "
+                             "input image; choose another folder")
     if args.model == "tiny":
         sam = _tiny_sam(parser)
     else:
-        sam = sam_model_registry[args.model](checkpoint=args.checkpoint)
+        sam = _load(parser, args, lambda: sam_model_registry[args.model](
+            checkpoint=args.checkpoint))
     sam = optimize(sam.to(device).eval(), config)
     generator = FastAutomaticMaskGenerator(
         sam, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
@@ -240,17 +267,56 @@ def _amg(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_mask_region_area,
         output_mode="coco_rle",
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path, image in tqdm(images, desc="fastsam amg", unit="image"):
+    for (path, image), stem in tqdm(list(zip(images, stems, strict=True)), desc="fastsam amg",
+                                    unit="image"):
         annotations = generator.generate(image)  # COCO RLE counts as text (JSON-ready)
-        (out / f"{path.stem}.json").write_text(json_module.dumps(
+        (out / f"{stem}.json").write_text(json_module.dumps(
             {"image": str(path), "height": image.shape[0], "width": image.shape[1],
              "annotations": annotations}))
-        Image.fromarray(overlay(image, annotations)).save(out / f"{path.stem}.png")
-        tqdm.write(f"{path.name}: {len(annotations)} masks")
+        Image.fromarray(overlay(image, annotations)).save(out / f"{stem}.png")
+        renamed = "" if stem == path.stem else f" (written as {stem}.json / .png)"
+        tqdm.write(f"{path}: {len(annotations)} masks{renamed}")
     print(f"wrote {len(images)} JSON and PNG file pairs to {out}")
     return 0
+
+
+def _output_stems(paths: list) -> list[str]:
+    """One output name per input image: its stem, with _2, _3, ... where stems repeat
+    (a/scene.png and b/scene.png must not write over each other)."""
+    stems: list[str] = []
+    for path in paths:
+        stem, k = path.stem, 1
+        while stem in stems:
+            k += 1
+            stem = f"{path.stem}_{k}"
+        stems.append(stem)
+    return stems
+
+
+def _checkpoint_file(parser: argparse.ArgumentParser, path: str) -> None:
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        why = "is a folder" if Path(path).is_dir() else "no such file"
+        parser.error(f"--checkpoint {path}: {why}")
+
+
+def _load(parser: argparse.ArgumentParser, args: argparse.Namespace, build):
+    """The model `build()` makes from --checkpoint; a checkpoint it cannot load is a parser
+    error naming it (not a traceback)."""
+    import pickle
+
+    try:
+        return build()
+    except (OSError, RuntimeError, KeyError, ValueError, EOFError,
+            pickle.UnpicklingError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])
+        if isinstance(err, KeyError):
+            reason = f"no {err} entry"
+        parser.error(f"--checkpoint {args.checkpoint}: cannot load it as --model {args.model} "
+                     f"({type(err).__name__}: {reason[:300]})")
 
 
 def _tiny_sam(parser: argparse.ArgumentParser, kind: str = "sam"):
@@ -288,6 +354,7 @@ def _accuracy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.scenes < 1:
         parser.error("--scenes must be at least 1")
     device = _device(parser, args.device)
+    _writable_file(parser, "--out", args.out)
     if args.model in ("sam", "sam2"):
         model = _tiny_sam(parser, args.model)
         what = f"tiny trained {'SAM' if args.model == 'sam' else 'SAM 2'}"
@@ -325,8 +392,9 @@ def _summarize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     try:
         print(summarize(Path(args.result)))
-    except ValueError as err:
-        parser.error(str(err))
+    except (OSError, ValueError) as err:
+        parser.error(f"{args.result}: {err.strerror}" if isinstance(err, OSError) and
+                     err.strerror else str(err))
     return 0
 
 
@@ -337,6 +405,19 @@ def _gate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     return run_gate(args.paths, Path(args.baselines), args.save, args.abs_tolerance,
                     args.ratio_tolerance / 100, args.extra)
+
+
+def _writable_file(parser: argparse.ArgumentParser, option: str, path: str | None) -> None:
+    """Fail before the run, not after it, where `path` cannot be written."""
+    from pathlib import Path
+
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        parser.error(f"{option} {path}: is a folder, not a file")
+    if not target.parent.is_dir():
+        parser.error(f"{option} {path}: the folder {target.parent} does not exist")
 
 
 def _device(parser: argparse.ArgumentParser, value: str | None) -> torch.device:
@@ -382,6 +463,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     device, config, image_size = _setup(args, parser)
     dtype = config.resolve_dtype(device, torch.float32)
+    _writable_file(parser, "--json", args.json)
 
     result = bench_image_encoder(
         variant=args.model, image_size=image_size, batch=args.batch, dtype=dtype,

@@ -121,11 +121,18 @@ def merge_results(parts: list[Path], out: Path) -> int:
 def summarize(result_file: Path) -> str:
     """A table of a pytest-benchmark result file: per group, each case's median ms, img/s,
     TFLOP/s and speedup (from `extra_info`, see bench/common.py)."""
-    data = json.loads(Path(result_file).read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+    try:
+        data = json.loads(Path(result_file).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"result_file={str(result_file)!r}: not JSON ({err})") from None
+    benchmarks = data.get("benchmarks") if isinstance(data, dict) else None
+    if not isinstance(benchmarks, list) or not all(
+            isinstance(b, dict) and {"group", "name", "stats"} <= b.keys()
+            and isinstance(b["stats"], dict) and "median" in b["stats"] for b in benchmarks):
         raise ValueError(f"result_file={str(result_file)!r}: not a pytest-benchmark result "
-                         "(no 'benchmarks' list; `fastsam bench --json` and `fastsam accuracy "
-                         "--out` files are printed by their own commands)")
+                         "(no 'benchmarks' list of entries with group, name and stats; "
+                         "`fastsam bench --json` and `fastsam accuracy --out` files are "
+                         "printed by their own commands)")
     lines = [f"{'group':<34} {'impl':<18} {'ms':>9} {'img/s':>8} {'TFLOP/s':>8} {'speedup':>8}"]
     for b in sorted(data["benchmarks"], key=lambda b: (b["group"] or "", b["name"])):
         info = b.get("extra_info", {})

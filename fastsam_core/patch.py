@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import types
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -266,7 +265,8 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
     with vos_optimized=True sam2's compiled predictor is left as built, with a warning),
     through the checkpoint loader they share (`sam2.build_sam._load_checkpoint`): the model
     is optimized when the builder puts it in eval mode, after moving it to its device (a model
-    built with mode="train" is optimized only if put in eval mode inside the block).
+    built with mode="train" is optimized, with the innermost block's config, if put in eval
+    mode, `eval()` or `train(False)`, while a block is open; copies of it are not).
     segment_anything's
     builders return the model on the CPU, so its default dtype resolves to fp32 there: for a
     GPU pipeline pass `FastConfig(dtype=torch.bfloat16)`. Names imported before the block are
@@ -281,17 +281,10 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
     sam_base = getattr(sam_current, "_fastsam_base", sam_current)
     sam2_current = sam2_builders._load_checkpoint
     sam2_base = getattr(sam2_current, "_fastsam_base", sam2_current)
-    hooked: weakref.WeakSet = weakref.WeakSet()  # models whose eval() will optimize them
 
     @functools.wraps(sam_base)
     def build_optimized(*args, **kwargs):
         return optimize(sam_base(*args, **kwargs), config)
-
-    def eval_then_optimize(model):  # the builder's last step, after model.to(device)
-        model.__dict__.pop("eval", None)  # an instance override: once only
-        hooked.discard(model)
-        model.train(False)
-        return optimize(model, config)
 
     @functools.wraps(sam2_base)
     def load_then_optimize_on_eval(model, ckpt_path):
@@ -300,20 +293,42 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
             warnings.warn("fastsam_core.patched: a SAM2VideoPredictorVOS (vos_optimized=True) "
                           "is compiled by sam2 and left as built", stacklevel=3)
             return
-        model.eval = types.MethodType(eval_then_optimize, model)  # bound: copies stay sane
-        hooked.add(model)
+        _AWAITING_EVAL.add(model)  # the builder's last step, model.eval(), optimizes it
 
     build_optimized._fastsam_base = sam_base
     load_then_optimize_on_eval._fastsam_base = sam2_base
     builders._build_sam = build_optimized
     sam2_builders._load_checkpoint = load_then_optimize_on_eval
+    if not _OPEN_CONFIGS:
+        if "train" in vars(SAM2Base):
+            raise RuntimeError("fastsam_core.patched: SAM2Base.train is already overridden "
+                               "(another patch, or a sam2 that defines it): cannot hook it")
+        SAM2Base.train = _train_then_optimize
+    _OPEN_CONFIGS.append(config)
     try:
         yield
     finally:
-        for model in list(hooked):  # built with mode="train": never put in eval mode here
-            model.__dict__.pop("eval", None)
+        _OPEN_CONFIGS.pop()
+        if not _OPEN_CONFIGS:  # models built in train mode and never put in eval mode
+            _AWAITING_EVAL.clear()
+            del SAM2Base.train  # inherited again
         builders._build_sam = sam_current
         sam2_builders._load_checkpoint = sam2_current
+
+
+# patched(): the configs of the open blocks (innermost last), and the sam2 models built in them
+# that their next eval mode optimizes. Through a class attribute while a block is open, not an
+# instance one: a model built in the block pickles, and its copies are plain models.
+_OPEN_CONFIGS: list[FastConfig] = []
+_AWAITING_EVAL: weakref.WeakSet = weakref.WeakSet()
+
+
+def _train_then_optimize(self: SAM2Base, mode: bool = True) -> SAM2Base:
+    nn.Module.train(self, mode)
+    if not mode and self in _AWAITING_EVAL:
+        _AWAITING_EVAL.discard(self)
+        optimize(self, _OPEN_CONFIGS[-1])
+    return self
 
 
 def _sam_of(model: object) -> Sam | SAM2Base:

@@ -99,3 +99,86 @@ def test_accuracy_at_real_size_builds_a_random_model(capsys, monkeypatch):
         with pytest.raises(SystemExit):
             main(["accuracy", "--device", "cuda"])
         assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A small image, a folder, a file that is no checkpoint, a small SAM's checkpoint."""
+    from PIL import Image
+
+    from tests.conftest import small_sam
+    from tests.models.sam.test_predictor_parity import smooth_image
+
+    image = tmp_path / "img.png"
+    Image.fromarray(smooth_image(64, 80, 0)).save(image)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    small = tmp_path / "small.pth"
+    torch.save(small_sam().state_dict(), small)
+    (tmp_path / "folder").mkdir()
+    return {"img": str(image), "dir": str(tmp_path / "folder"), "corrupt": str(corrupt),
+            "small": str(small), "tmp": str(tmp_path)}
+
+
+BAD_INPUTS = [  # arguments ({key} from `inputs`), the one-line error
+    (["check", "{img}", "--checkpoint", "{small}", "--device", "banana"], "device"),
+    (["check", "{img}", "--checkpoint", "{tmp}/missing.pth"], "--checkpoint .*: no such file"),
+    (["check", "{img}", "--checkpoint", "{dir}"], "--checkpoint .*: is a folder"),
+    (["check", "{img}", "--checkpoint", "{corrupt}", "--model", "vit_b"],
+     "--checkpoint .*corrupt.pth: cannot load it as --model vit_b"),
+    (["check", "{img}", "--checkpoint", "{small}", "--model", "vit_b"],
+     r"--checkpoint .*small.pth: cannot load it as --model vit_b .*Error\(s\) in loading "
+     r"state_dict for Sam: (Missing key|size mismatch)"),
+    (["check", "{img}", "--checkpoint", "{small}", "--model", "sam2.1_hiera_t"],
+     "--checkpoint .*small.pth: cannot load it as --model sam2.1_hiera_t .*no 'model' entry"),
+    (["amg", "{img}", "--out", "{tmp}/o", "--checkpoint", "{small}"],
+     "--checkpoint: --model tiny runs the shipped tiny SAM"),
+    (["amg", "{img}", "--out", "{tmp}/o", "--points-per-side", "0"],
+     "--points-per-side must be at least 1"),
+    (["amg", "{img}", "--out", "{tmp}/o", "--crop-n-layers", "-1"],
+     "--crop-n-layers must be at least 0"),
+    (["amg", "{img}", "--out", "{small}"], "--out .*small.pth: not a folder"),
+    (["amg", "{img}", "--out", "{tmp}"], "--out .*: the overlay img.png would overwrite an input"),
+    (["amg", "{img}", "--out", "{tmp}/o", "--device", "banana"], "device"),
+    (["bench", "--json", "{dir}"], "--json .*: is a folder"),
+    (["bench", "--json", "{tmp}/no/such/x.json"], "--json .*: the folder .* does not exist"),
+    (["accuracy", "--out", "{dir}"], "--out .*: is a folder"),
+    (["profile", "--out", "{small}"], "--out .*: not a folder"),
+    (["summarize", "{tmp}/missing.json"], "missing.json: No such file"),
+    (["summarize", "{dir}"], "folder: Is a directory"),
+    (["summarize", "{corrupt}"], "result_file=.*corrupt.pth.*: not JSON"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=lambda a: " ".join(a)
+                         if isinstance(a, list) else None)
+def test_bad_paths_and_values_are_one_line_errors(args, message, inputs, capsys):
+    """Each is the parser's error (exit 2, one line naming the argument), before any long
+    run, not a traceback."""
+    import re
+
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(**inputs) for a in args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert re.search(message, err.splitlines()[-1]), err
+
+
+def test_summarize_rejects_benchmark_entries_without_their_fields(tmp_path, capsys):
+    result = tmp_path / "bench.json"
+    result.write_text(json.dumps({"benchmarks": [{"name": "f[fast]"}]}))
+    with pytest.raises(SystemExit) as exc:
+        main(["summarize", str(result)])
+    assert exc.value.code == 2
+    assert "entries with group, name and stats" in capsys.readouterr().err
+
+
+def test_only_gate_takes_arguments_after_a_double_dash(monkeypatch):
+    """`--` ends the options as usual elsewhere (a file named -x.png can be passed), and
+    hands the rest to pytest only for gate."""
+    import fastsam_core.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_amg", lambda args, parser: seen.update(images=args.images) or 0)
+    assert main(["amg", "--out", "o", "--", "a.png", "-b.png"]) == 0
+    assert seen["images"] == ["a.png", "-b.png"]

@@ -43,3 +43,19 @@ def test_amg_needs_a_checkpoint_for_real_models(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["amg", "x.png", "--out", str(tmp_path), "--model", "vit_h"])
     assert exc.value.code == 2 and "needs --checkpoint" in capsys.readouterr().err
+
+
+def test_amg_images_of_the_same_name_get_their_own_outputs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_tiny_sam", lambda parser: small_sam(seed=3))
+    paths = []
+    for i, folder in enumerate(("a", "b")):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "scene.png")
+        Image.fromarray(smooth_image(64, 80, i)).save(paths[-1])
+    out = tmp_path / "out"
+    assert main(["amg", *map(str, paths), "--out", str(out), "--points-per-side", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["scene.json", "scene.png", "scene_2.json",
+                                                     "scene_2.png"]
+    assert json.loads((out / "scene.json").read_text())["image"] == str(paths[0])
+    assert json.loads((out / "scene_2.json").read_text())["image"] == str(paths[1])
+    assert "(written as scene_2.json / .png)" in capsys.readouterr().out

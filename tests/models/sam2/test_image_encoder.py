@@ -10,6 +10,7 @@ from sam2.build_sam import build_sam2
 from sam2.modeling.backbones.hieradet import Hiera
 from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
 from sam2.modeling.position_encoding import PositionEmbeddingSine
+from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 import fastsam_core
@@ -203,12 +204,39 @@ def test_patched_covers_sam2_builders_imported_before():
         train = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu",
                            mode="train", hydra_overrides_extra=["++model.image_size=256"])
     assert fastsam_core.is_optimized(model) and not model.training
-    assert "eval" not in model.__dict__  # the one-shot hook is gone
     assert not fastsam_core.is_optimized(train)
-    assert "eval" not in train.__dict__  # removed on exit: the model pickles, copies
     train.eval()  # outside the block: nothing happens
     assert not fastsam_core.is_optimized(train)
     assert not fastsam_core.is_optimized(small_sam2())
+    assert "train" not in vars(SAM2Base) and "eval" not in vars(train)  # nothing left
+
+
+def build_in_train_mode():
+    return build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu", mode="train",
+                      hydra_overrides_extra=["++model.image_size=256"])
+
+
+def test_patched_train_mode_model_pickles_copies_plainly_and_takes_the_innermost_config(
+        tmp_path):
+    """A model built with mode="train" in a block: it pickles; a copy of it is a plain model;
+    eval mode (eval() or train(False)) while any block is open optimizes it with the
+    innermost config."""
+    import copy
+
+    with fastsam_core.patched(FastConfig(attention="math")):
+        outer_built = build_in_train_mode()
+        torch.save(outer_built, tmp_path / "model.pt")
+        copied = copy.deepcopy(outer_built)
+        with fastsam_core.patched(FastConfig(attention="sdpa")):
+            outer_built.eval()
+            inner_built = build_in_train_mode()
+        inner_built.train(False)  # the outer block is still open
+        copied.eval()
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    loaded.eval()
+    assert not fastsam_core.is_optimized(loaded) and not fastsam_core.is_optimized(copied)
+    assert "attention='sdpa'" in fastsam_core.report(outer_built).model
+    assert "attention='math'" in fastsam_core.report(inner_built).model
 
 
 def test_unsupported_trunk_is_kept_with_a_warning():
