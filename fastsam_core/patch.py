@@ -297,14 +297,14 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
 
     build_optimized._fastsam_base = sam_base
     load_then_optimize_on_eval._fastsam_base = sam2_base
-    builders._build_sam = build_optimized
-    sam2_builders._load_checkpoint = load_then_optimize_on_eval
     if not _OPEN_CONFIGS:
         if "train" in vars(SAM2Base):
             raise RuntimeError("fastsam_core.patched: SAM2Base.train is already overridden "
                                "(another patch, or a sam2 that defines it): cannot hook it")
         SAM2Base.train = _train_then_optimize
     _OPEN_CONFIGS.append(config)
+    builders._build_sam = build_optimized
+    sam2_builders._load_checkpoint = load_then_optimize_on_eval
     try:
         yield
     finally:
