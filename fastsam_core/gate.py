@@ -74,9 +74,16 @@ def run_gate(paths: list[str], baselines: Path, save: bool, abs_tolerance: float
             cmd += [f"--benchmark-compare={baseline.resolve()}",  # any platform's file
                     f"--benchmark-compare-fail=median:{abs_tolerance:g}%"]
         print("[fastsam gate] " + " ".join(cmd), flush=True)
+        before = set(storage.rglob("*.json")) if save else set()
         status = subprocess.call(cmd)
         if save:
-            print(f"[fastsam gate] baseline saved under {storage}")
+            if status != 0:  # a failed run is no baseline to gate against
+                for new in set(storage.rglob("*.json")) - before:
+                    new.unlink()
+                print(f"[fastsam gate] the run failed (pytest exit {status}): no baseline "
+                      "saved")
+            else:
+                print(f"[fastsam gate] baseline saved under {storage}")
             return status
         if baseline is None:
             print(f"[fastsam gate] no baseline for this device under {storage}: run with "

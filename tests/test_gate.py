@@ -121,3 +121,16 @@ def test_summarize_tables_a_benchmark_file_and_rejects_other_results(tmp_path, c
         main(["summarize", str(other)])
     assert exc.value.code == 2
     assert "result_file=" in capsys.readouterr().err
+
+
+def test_gate_saves_no_baseline_from_a_failed_run(tmp_path):
+    suite = tmp_path / "test_bench_failing.py"
+    suite.write_text("def test_timed_then_wrong(benchmark):\n"
+                     "    benchmark(sum, [1, 2])\n"
+                     "    assert False\n")
+    cmd = [sys.executable, "-m", "fastsam_core", "gate", str(suite), "--baselines",
+           str(tmp_path / "baselines"), "--save"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "no baseline saved" in done.stdout
+    assert not list((tmp_path / "baselines").rglob("*.json"))
