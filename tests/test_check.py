@@ -67,8 +67,9 @@ def test_cli_loads_checkpoint_and_images(tmp_path, monkeypatch, capsys):
 
 def test_cli_rejects_unreadable_image(tmp_path, capsys):
     (tmp_path / "bad.png").write_text("not an image")
+    (tmp_path / "x.pth").write_bytes(b"")  # read only after the images
     with pytest.raises(SystemExit) as exc:
-        main(["check", "--checkpoint", "x.pth", str(tmp_path / "bad.png")])
+        main(["check", "--checkpoint", str(tmp_path / "x.pth"), str(tmp_path / "bad.png")])
     assert exc.value.code == 2
     assert "cannot read image" in capsys.readouterr().err
 
