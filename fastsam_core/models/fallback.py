@@ -158,7 +158,11 @@ def fast_view(module: nn.Module, fast_class: type, name: str) -> nn.Module:
     on `module` (the model's `name`) that the view does not run are named in a warning."""
     if isinstance(module, fast_class):
         return module
-    view = fast_class.from_reference(module, FastConfig(), module_dtype(module)).eval()
+    view = fast_class.from_reference(module, FastConfig(), module_dtype(module))
+    shared = {id(m) for m in module.modules()}
+    for m in view.modules():  # eval mode, but not for the modules it shares with the model:
+        if id(m) not in shared:  # the user's train/eval modes stay as they were
+            m.training = False
     view.set_reference(module)
     left = hooks_left_behind(name, module, view)
     if left:

@@ -56,6 +56,12 @@ def predict_batch(
     if not isinstance(sam, (Sam, SAM2Base)):
         raise TypeError(f"model must be a segment_anything Sam / SamPredictor or a sam2 "
                         f"SAM2Base / SAM2ImagePredictor, got {type(model).__name__}")
+    if isinstance(images, np.ndarray):
+        raise ValueError("images: expected a list of H x W x 3 arrays, got one array (pass "
+                         "[image])")
+    if isinstance(prompts, dict):
+        raise ValueError("prompts: expected a list of dicts, one per image, got one dict "
+                         "(pass [prompts])")
     if len(images) != len(prompts):
         raise ValueError(f"images has {len(images)} entries but prompts has {len(prompts)}")
     for i, image in enumerate(images):
@@ -136,6 +142,8 @@ def _check_image(i: int, image: object) -> None:
         raise ValueError(f"images[{i}]: expected an H x W x 3 uint8 array, got {shape}")
     if image.dtype != np.uint8:
         raise ValueError(f"images[{i}]: expected dtype uint8, got {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"images[{i}]: an empty image, shape {image.shape}")
 
 
 def _parse_prompts(i: int, prompts: object, mask_size: tuple[int, int]) -> dict:
@@ -146,8 +154,7 @@ def _parse_prompts(i: int, prompts: object, mask_size: tuple[int, int]) -> dict:
     if unknown:
         raise ValueError(f"prompts[{i}]: unknown key(s) {sorted(unknown)}; "
                          f"expected some of {PROMPT_KEYS}")
-    out = {key: torch.as_tensor(np.asarray(prompts[key]) if not torch.is_tensor(prompts[key])
-                                else prompts[key])
+    out = {key: _as_real_tensor(i, key, prompts[key])
            for key in PROMPT_KEYS if prompts.get(key) is not None}
     if ("point_coords" in out) != ("point_labels" in out):
         have, missing = (("point_coords", "point_labels") if "point_coords" in out
@@ -173,6 +180,16 @@ def _parse_prompts(i: int, prompts: object, mask_size: tuple[int, int]) -> dict:
         raise ValueError(f"prompts[{i}]: keys disagree on the prompt count K: {counts}")
     out["count"] = next(iter(counts.values()), 0)
     return out
+
+
+def _as_real_tensor(i: int, key: str, value: object) -> torch.Tensor:
+    try:
+        tensor = value if torch.is_tensor(value) else torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"prompts[{i}]['{key}']: not an array of numbers ({err})") from None
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(f"prompts[{i}]['{key}']: expected real numbers, got {tensor.dtype}")
+    return tensor
 
 
 def _embed(prompt_encoder: FastPromptEncoder, transform: ResizeLongestSide,

@@ -164,6 +164,21 @@ def test_under_inference_mode():
         assert torch.equal(a["masks"], b["masks"])
 
 
+@pytest.mark.parametrize("kind", ["sam", "sam2"])
+def test_leaves_the_modes_of_a_plain_model_as_they_were(kind):
+    """A plain (not optimized) model in training mode: the fast view that predict_batch and
+    the mask generators run shares the model's modules and must not put them in eval mode."""
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    model = (small_sam() if kind == "sam" else small_sam2()).train()
+    model.image_encoder.eval()  # a mix, as a user fine-tuning the heads has
+    before = {name: m.training for name, m in model.named_modules()}
+    images, prompts = batch()
+    with torch.no_grad():
+        predict_batch(model, images[:1], prompts[:1])
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
 @pytest.mark.parametrize(
     "images, prompts, match",
     [
@@ -186,6 +201,17 @@ def test_under_inference_mode():
         ([smooth_image()], [{"mask_input": np.zeros((1, 1, 256, 256))}],
          r"prompts\[0\]\['mask_input'\]: expected K x 1 x 64 x 64"),
         ([smooth_image()], [{"box": np.zeros((1, 4))}], r"prompts\[0\]: unknown key"),
+        (smooth_image(), [{}], "images: expected a list of H x W x 3 arrays, got one array"),
+        ([smooth_image()], {"boxes": np.zeros((1, 4))},
+         "prompts: expected a list of dicts, one per image, got one dict"),
+        ([smooth_image()[:0]], [{}], r"images\[0\]: an empty image"),
+        ([smooth_image()], [{"point_coords": np.array([[["a", "b"]]]),
+                             "point_labels": np.ones((1, 1))}],
+         r"prompts\[0\]\['point_coords'\]: not an array of numbers"),
+        ([smooth_image()], [{"boxes": [[0, 0, 10, 10], [0, 0, 5]]}],
+         r"prompts\[0\]\['boxes'\]: not an array of numbers"),
+        ([smooth_image()], [{"boxes": np.zeros((1, 4), complex)}],
+         r"prompts\[0\]\['boxes'\]: expected real numbers, got torch.complex128"),
     ],
 )
 def test_bad_input_names_the_image_and_key(images, prompts, match):
