@@ -143,6 +143,17 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
             "model is in training mode; fastsam_core is inference-only: call model.eval() "
             "before optimize()"
         )
+    # the tensors made here (compute-dtype copies, int8 codes) must not be inference tensors,
+    # which later in-place writes (load_state_dict, optimizer steps) could not touch
+    with torch.inference_mode(False), torch.no_grad():
+        _replace_stages(sam, config)
+    if type(sam) is SAM2VideoPredictor:  # batched multi-object propagation
+        sam.__dict__[_SWAPPED] = type(sam)
+        sam.__class__ = FastSam2VideoPredictor
+    return model
+
+
+def _replace_stages(sam: Sam | SAM2Base, config: FastConfig) -> None:
     encoder = sam.image_encoder
     dtype = config.resolve_dtype(module_device(encoder), module_dtype(encoder))
     state = _State(config=config, dtype=dtype)
@@ -154,7 +165,7 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
         try:
             fast = fast_class.from_reference(getattr(sam, name), config, dtype)
         except UnsupportedModule as err:
-            warnings.warn(f"fastsam_core: {name} kept as the reference: {err}", stacklevel=2)
+            warnings.warn(f"fastsam_core: {name} kept as the reference: {err}", stacklevel=3)
             state.kept.append(StageReport(name, "reference", str(err)))
         else:
             if name == "image_encoder" and config.quantize is not None:
@@ -166,12 +177,8 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
         warnings.warn(f"fastsam_core: forward hooks on {shown_paths(unhooked)} do not run on "
                       "the fast path: optimize() replaced or dropped those modules (register the "
                       "hooks on the optimized model's modules if you need them; restore() "
-                      "brings the originals back with their hooks)", stacklevel=2)
-    if type(sam) is SAM2VideoPredictor:  # batched multi-object propagation
-        sam.__dict__[_SWAPPED] = type(sam)
-        sam.__class__ = FastSam2VideoPredictor
+                      "brings the originals back with their hooks)", stacklevel=3)
     sam.__dict__[_STATE] = state
-    return model
 
 
 def restore(model: Optimizable) -> Optimizable:
@@ -219,6 +226,7 @@ def restore(model: Optimizable) -> Optimizable:
             r.original.to(module_dtype(r.fast))
         if r.load_hook is not None:
             r.load_hook.remove()
+        r.original.train(r.fast.training)  # outside the module tree: train()/eval() missed it
         r.fast.set_reference(None)
         setattr(r.owner, r.name, r.original)
     del sam.__dict__[_STATE]
@@ -376,6 +384,20 @@ def _shares_tensors(a: nn.Module, b: nn.Module) -> bool:
 
 def _load_into_original(original: nn.Module, fast: nn.Module, state_dict: dict, prefix: str,
                         *args: object) -> None:
-    """Weights loaded into an optimized model reach the kept original, at full precision."""
+    """Weights loaded into an optimized model reach the kept original, at full precision; an
+    int8 checkpoint's linears (weight_int8, weight_scale: an optimized model's) reach it
+    dequantized, with a warning."""
     own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    dequantized = []
+    for key in [k for k in own if k.endswith(".weight_int8")]:
+        name = key[:-len("_int8")]  # <linear>.weight
+        scale = own.get(name + "_scale")
+        if name not in own and scale is not None:
+            own[name] = own[key].float() * scale.float()[:, None]
+            dequantized.append(name)
     original.load_state_dict(own, strict=False)
+    if dequantized:
+        warnings.warn(f"fastsam_core: the checkpoint holds int8 weights ({len(dequantized)} "
+                      "linears): the kept originals, which the fallbacks run and restore() "
+                      "puts back, get them dequantized, not the weights they were quantized "
+                      "from", stacklevel=3)

@@ -302,6 +302,38 @@ def test_optimize_inside_inference_mode_runs_outside(sam):
     assert_bf16_encoder(out, reference, x)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8", "2:4"])
+def test_optimize_inside_inference_mode_leaves_weights_editable(quantize):
+    """optimize() under inference_mode must not make inference tensors of the weights it
+    converts: load_state_dict and in-place edits must still work outside it."""
+    sam = small_sam()
+    with torch.inference_mode():
+        fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16, quantize=quantize))
+    sam.load_state_dict(small_sam(seed=5).state_dict())
+    with torch.no_grad():
+        for p in sam.parameters():
+            p.mul_(1)
+    assert not any(t.is_inference() for t in (*sam.parameters(), *sam.buffers()))
+
+
+def test_restore_gives_the_originals_the_models_mode():
+    """The originals sit outside the module tree while optimized: train() / eval() since
+    optimize() did not reach them, so restore() sets their mode from the model."""
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    sam.train()
+    fastsam_core.restore(sam)
+    assert all(m.training for m in sam.modules())
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    sam.train()
+    with pytest.warns(UserWarning, match="training mode"):
+        sam.image_encoder(image_batch(batch=1))  # the fallback puts its original in train
+    sam.eval()
+    fastsam_core.restore(sam)
+    assert not any(m.training for m in sam.modules())
+
+
 def test_autocast_does_not_change_the_fast_path(sam):
     x = image_batch()
     fastsam_core.optimize(sam)

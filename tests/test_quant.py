@@ -120,6 +120,42 @@ def test_checkpoint_loads_into_a_quantized_model(mode):
     assert torch.equal(sam.image_encoder(x), small_sam(seed=3).image_encoder(x))
 
 
+@pytest.mark.parametrize("mode", ["int8", "2:4"])
+def test_quantized_linears_share_their_bias_with_the_original(mode):
+    """fp32: in-place edits of model.parameters() reach the originals, biases of the
+    quantized linears included (only their weights are the fast module's own)."""
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(quantize=mode))
+    with torch.no_grad():
+        for p in sam.image_encoder.parameters():
+            p.add_(1)
+    fastsam_core.restore(sam)
+    edited = dict(sam.image_encoder.named_parameters())
+    for name, p in small_sam().image_encoder.named_parameters():
+        if name.endswith(".bias"):
+            assert torch.equal(edited[name], p + 1), name
+
+
+def test_an_int8_checkpoint_reaches_the_originals_dequantized():
+    """An int8 model's own state_dict loaded into another int8 model: its originals (the
+    fallbacks, restore()) get the dequantized weights, with a warning, not their old ones."""
+    config = FastConfig(quantize="int8")
+    source = small_sam(seed=3)
+    fastsam_core.optimize(source, config)
+    sam = small_sam(seed=0)
+    fastsam_core.optimize(sam, config)
+    with pytest.warns(UserWarning, match=r"int8 weights \(16 linears\): the kept originals"):
+        sam.load_state_dict(source.state_dict())
+    fastsam_core.restore(sam)
+    restored = dict(sam.image_encoder.named_parameters())
+    for name, module in source.image_encoder.named_modules():
+        if isinstance(module, Int8Linear):
+            assert torch.equal(restored[name + ".weight"], module.dequantized_weight()), name
+            assert torch.equal(restored[name + ".bias"], module.bias), name
+    assert torch.equal(restored["blocks.0.norm1.weight"],
+                       small_sam(seed=3).image_encoder.blocks[0].norm1.weight)
+
+
 @torch.inference_mode()
 @pytest.mark.parametrize("mode, layers, count", [("int8", "all", 16), ("int8", "mlp", 8),
                                                  ("2:4", "all", 16), ("2:4", "mlp", 8)])

@@ -88,8 +88,7 @@ class Int8Linear(nn.Module):
         weight_q, scale = quantize_per_row(linear.weight.detach())
         self.register_buffer("weight_int8", weight_q)
         self.register_buffer("weight_scale", scale[:, 0])
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                  requires_grad=False)
+        self.bias = linear.bias  # shared: in-place edits of it reach the original too
         self._register_load_state_dict_pre_hook(self._quantize_float_weight)
 
     def _quantize_float_weight(self, state_dict: dict, prefix: str, *args: object) -> None:
@@ -144,8 +143,7 @@ class Sparse24Linear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = nn.Parameter(prune_2_4(linear.weight.detach()), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                  requires_grad=False)
+        self.bias = linear.bias  # shared: in-place edits of it reach the original too
         self._sparse: tuple | None = None  # (weight's identity, semi-structured weight)
         self.register_load_state_dict_post_hook(self._prune_loaded_weight)
 
