@@ -184,7 +184,7 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         dtypes = [FastConfig(dtype=d).dtype for d in args.dtype or []] or [
             FastConfig().resolve_dtype(device, torch.float32)]
     except (TypeError, ValueError) as err:
-        parser.error(str(err))
+        parser.error(f"--dtype: {err}")
     if args.grid < 1:
         parser.error("--grid must be at least 1")
     images = []
@@ -235,7 +235,7 @@ def _amg(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         config = FastConfig(dtype=args.dtype)
     except (TypeError, ValueError) as err:
-        parser.error(str(err))
+        parser.error(f"--dtype: {err}")
     if args.checkpoint is not None:
         _checkpoint_file(parser, args.checkpoint)
     out = Path(args.out)
@@ -427,7 +427,7 @@ def _device(parser: argparse.ArgumentParser, value: str | None) -> torch.device:
     try:
         device = torch.device(value) if value else default_device()
     except RuntimeError as err:
-        parser.error(str(err))
+        parser.error(f"--device {value}: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     return device
@@ -439,10 +439,12 @@ def _setup(args: argparse.Namespace, parser: argparse.ArgumentParser):
     try:
         config = FastConfig(dtype=args.dtype, attention=args.attention, compile=args.compile)
     except (TypeError, ValueError) as err:
-        parser.error(str(err))
+        parser.error(f"--dtype: {err}")  # attention and compile are argparse choices
     for name in ("batch", "runs", "active"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be at least 1")
+    if getattr(args, "warmup", 0) < 0:
+        parser.error("--warmup must be at least 0")
     if args.image_size is not None and args.image_size < 16:
         parser.error("--image-size must be at least 16")
     image_size = args.image_size

@@ -121,7 +121,10 @@ def inputs(tmp_path):
 
 
 BAD_INPUTS = [  # arguments ({key} from `inputs`), the one-line error
-    (["check", "{img}", "--checkpoint", "{small}", "--device", "banana"], "device"),
+    (["check", "{img}", "--checkpoint", "{small}", "--device", "banana"],
+     "^fastsam: error: --device banana: "),
+    (["bench", "--warmup", "-1"], "--warmup must be at least 0"),
+    (["amg", "{img}", "--out", "{tmp}/o", "--dtype", "int4"], "--dtype: FastConfig.dtype"),
     (["check", "{img}", "--checkpoint", "{tmp}/missing.pth"], "--checkpoint .*: no such file"),
     (["check", "{img}", "--checkpoint", "{dir}"], "--checkpoint .*: is a folder"),
     (["check", "{img}", "--checkpoint", "{corrupt}", "--model", "vit_b"],

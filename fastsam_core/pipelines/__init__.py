@@ -1,4 +1,5 @@
-"""Batched, sync-free pipelines that keep the reference input and output formats."""
+"""Batched pipelines that keep the reference input and output formats (predict_batch has no
+host-device sync; the mask generators synchronize only in their filters)."""
 
 from fastsam_core.pipelines.amg import FastAutomaticMaskGenerator, FastSam2AutomaticMaskGenerator
 from fastsam_core.pipelines.predict import predict_batch

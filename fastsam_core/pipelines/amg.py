@@ -202,9 +202,10 @@ class FastAutomaticMaskGenerator(_FastGeneration, SamAutomaticMaskGenerator):
             do not depend on it).
         *args, **kwargs: every other argument of `SamAutomaticMaskGenerator`, in its order,
             same meaning.
-        max_chunk_bytes (keyword only): at most this many bytes of full-resolution fp32
-            logits plus boolean masks exist at once (default 1 GiB; at least one mask is
-            always processed).
+        max_chunk_bytes (keyword only): at most this many bytes of full-resolution buffers
+            exist at once: the upsampling's intermediates, fp32 logits, boolean masks and,
+            for the RLE, three image-size copies (default 1 GiB; at least one mask is always
+            processed).
     """
 
     def __init__(self, model: Sam, points_per_side: int | None = 32,

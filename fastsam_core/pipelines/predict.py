@@ -50,6 +50,7 @@ def predict_batch(
         K x M x 256 x 256 (M = 3 or 1), on the model's device.
 
     Raises:
+        TypeError: `model` is not a SAM / SAM 2 model or image predictor.
         ValueError: bad images or prompts, naming the image and the key.
     """
     sam = model.model if isinstance(model, (SamPredictor, SAM2ImagePredictor)) else model
