@@ -59,7 +59,7 @@ def predict_batch(
                         f"SAM2Base / SAM2ImagePredictor, got {type(model).__name__}")
     if isinstance(images, np.ndarray):
         raise ValueError("images: expected a list of H x W x 3 arrays, got one array (pass "
-                         "[image])")
+                         "[image] for one image, list(images) for a stacked batch)")
     if isinstance(prompts, dict):
         raise ValueError("prompts: expected a list of dicts, one per image, got one dict "
                          "(pass [prompts])")
@@ -188,7 +188,7 @@ def _as_real_tensor(i: int, key: str, value: object) -> torch.Tensor:
         tensor = value if torch.is_tensor(value) else torch.as_tensor(np.asarray(value))
     except (TypeError, ValueError) as err:
         raise ValueError(f"prompts[{i}]['{key}']: not an array of numbers ({err})") from None
-    if tensor.is_complex() or tensor.dtype == torch.bool:
+    if tensor.is_complex():  # bool passes: the reference predictors cast it, as we do
         raise ValueError(f"prompts[{i}]['{key}']: expected real numbers, got {tensor.dtype}")
     return tensor
 

@@ -164,6 +164,16 @@ def test_under_inference_mode():
         assert torch.equal(a["masks"], b["masks"])
 
 
+def test_boolean_labels_as_the_reference_predictor_takes_them():
+    sam = small_sam()
+    image = smooth_image(180, 240, 0)
+    coords = np.array([[[60.0, 50.0], [100.0, 90.0]]])
+    labels = np.array([[1, 0]])
+    expected = predict_batch(sam, [image], [dict(point_coords=coords, point_labels=labels)])
+    got = predict_batch(sam, [image], [dict(point_coords=coords, point_labels=labels == 1)])
+    assert torch.equal(got[0]["low_res_logits"], expected[0]["low_res_logits"])
+
+
 @pytest.mark.parametrize("kind", ["sam", "sam2"])
 def test_leaves_the_modes_of_a_plain_model_as_they_were(kind):
     """A plain (not optimized) model in training mode: the fast view that predict_batch and

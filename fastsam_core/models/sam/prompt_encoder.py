@@ -78,14 +78,19 @@ class FastPromptEncoder(ReferenceFallback):
         if has_forward_hooks(self.pe_layer):
             return self.pe_layer(self.image_embedding_size).unsqueeze(0)
         gauss = self.pe_layer.positional_encoding_gaussian_matrix
+        if torch.compiler.is_compiling():  # traced: computed in the graph, not cached
+            return self._compute_dense_pe(gauss)
         key = tensor_identity(gauss)
         if self._dense_pe is None or self._dense_pe[0] != key:
-            h, w = self.image_embedding_size
-            ys = (torch.arange(h, device=gauss.device, dtype=torch.float32) + 0.5) / h
-            xs = (torch.arange(w, device=gauss.device, dtype=torch.float32) + 0.5) / w
-            grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # h x w x 2
-            self._dense_pe = (key, self.fourier(grid).permute(2, 0, 1).unsqueeze(0))
+            self._dense_pe = (key, self._compute_dense_pe(gauss))
         return self._dense_pe[1]
+
+    def _compute_dense_pe(self, gauss: torch.Tensor) -> torch.Tensor:
+        h, w = self.image_embedding_size
+        ys = (torch.arange(h, device=gauss.device, dtype=torch.float32) + 0.5) / h
+        xs = (torch.arange(w, device=gauss.device, dtype=torch.float32) + 0.5) / w
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # h x w x 2
+        return self.fourier(grid).permute(2, 0, 1).unsqueeze(0)
 
     def fourier(self, coords01: torch.Tensor) -> torch.Tensor:
         """Random Fourier features of coordinates in [0, 1]: ... x 2 -> ... x C (fp32)."""
@@ -197,7 +202,8 @@ def check_prompt_shapes(points: tuple[torch.Tensor, torch.Tensor] | None,
     concatenations and boolean indexing do; the fast path's broadcasts would not).
 
     labels_broadcast: labels may broadcast to the coordinates' B x N (sam2 selects with
-    `torch.where`); segment_anything's boolean indexing needs the same shape.
+    `torch.where`; without boxes it first appends a padding label per row, so they must be
+    2-D then); segment_anything's boolean indexing needs the same shape.
     """
     if points is not None:
         coords, labels = points
@@ -206,8 +212,11 @@ def check_prompt_shapes(points: tuple[torch.Tensor, torch.Tensor] | None,
                              f"{tuple(coords.shape)}")
         expected = tuple(coords.shape[:-1])
         fits = tuple(labels.shape) == expected
-        if not fits and labels_broadcast and labels.dim() == 2:
-            fits = all(n in (1, e) for n, e in zip(labels.shape, expected, strict=True))
+        if not fits and labels_broadcast and (labels.dim() == 2 or boxes is not None):
+            try:
+                fits = torch.broadcast_shapes(labels.shape, expected) == expected
+            except RuntimeError:
+                fits = False
         if not fits:
             raise ValueError(f"points: labels of shape {tuple(labels.shape)} for coordinates "
                              f"of shape {tuple(coords.shape)} (expected {expected})")

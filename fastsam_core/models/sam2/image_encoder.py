@@ -115,19 +115,24 @@ class FastHiera(nn.Module):
     def pos_embed_for(self, hw: tuple[int, int]) -> torch.Tensor:
         """The position embedding of an h x w token grid: 1 x h x w x C, cached until either
         table changes (see `tensor_identity`)."""
+        if torch.compiler.is_compiling():  # traced: computed in the graph, not cached
+            return self._compute_pos_embed(hw)
         tables = tensor_identity(self.pos_embed, self.pos_embed_window)
         if tables != self._pos_tables:
             self._pos_cache.clear()
             self._pos_tables = tables
         key = tuple(hw)
         if key not in self._pos_cache:
-            with torch.no_grad():
-                window = self.pos_embed_window
-                pos = F.interpolate(self.pos_embed, size=hw, mode="bicubic")
-                pos = pos + window.tile([p // w for p, w in zip(pos.shape, window.shape,
-                                                                 strict=True)])
-                self._pos_cache[key] = pos.permute(0, 2, 3, 1)  # 1 x h x w x C
+            self._pos_cache[key] = self._compute_pos_embed(hw)
         return self._pos_cache[key]
+
+    def _compute_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
+        with torch.no_grad():
+            window = self.pos_embed_window
+            pos = F.interpolate(self.pos_embed, size=hw, mode="bicubic")
+            pos = pos + window.tile([p // w for p, w in zip(pos.shape, window.shape,
+                                                             strict=True)])
+            return pos.permute(0, 2, 3, 1)  # 1 x h x w x C
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x) + pos  # B x H x W x C

@@ -256,6 +256,19 @@ def test_misfit_prompt_shapes_raise_as_the_reference_does(case):
         pe(points, boxes, None)
 
 
+@torch.no_grad()
+def test_dense_pe_traces_into_a_users_compiled_function():
+    """Code a user compiles (fullgraph) may call get_dense_pe, as SamPredictor.predict_torch
+    does: the cache's identity check must not break the trace."""
+    sam = small_sam()
+    fastsam_core.optimize(sam)
+    pe = sam.prompt_encoder
+    expected = pe.get_dense_pe()
+    traced = torch.compile(lambda: pe.get_dense_pe() * 1, backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    assert torch.equal(traced(), expected)
+
+
 @torch.inference_mode()
 def test_predictor_with_two_boxes_raises_as_the_reference_does():
     """SamPredictor.predict takes one box: given two, the fast model must not answer for the

@@ -63,9 +63,11 @@ def test_prompt_shapes_sam2_takes_and_refuses(model):
     there (unlike segment_anything); coordinates must still be K x P x 2."""
     ref = model.sam_prompt_encoder
     fast = FastPromptEncoder.from_reference(ref, FastConfig(), torch.float32).eval()
-    coords, labels, _, _ = prompts()
+    coords, labels, boxes, _ = prompts()
     shared = ((coords, labels[:1]), None, None)
     assert_close_fp32(fast(*shared)[0], ref(*shared)[0], tol.FP32_OP_REL_L2)
+    one_row = ((coords, labels[0]), boxes, None)  # 1-D labels: no padding label with boxes
+    assert_close_fp32(fast(*one_row)[0], ref(*one_row)[0], tol.FP32_OP_REL_L2)
     three_columns = ((torch.cat([coords, coords[..., :1]], -1), labels), None, None)
     with pytest.raises(RuntimeError):
         ref(*three_columns)

@@ -108,6 +108,16 @@ def test_cached_position_embedding_is_the_references_and_follows_loaded_weights(
                       tol.FP32_OP_REL_L2)
 
 
+@torch.no_grad()
+def test_position_embedding_traces_into_a_users_compiled_function():
+    encoder = fast(small_encoder())
+    expected = encoder.trunk.pos_embed_for((16, 16))
+    traced = torch.compile(lambda: encoder.trunk.pos_embed_for((16, 16)) * 1, backend="eager",
+                           fullgraph=True)
+    torch._dynamo.reset()
+    assert torch.equal(traced(), expected)
+
+
 def test_cached_position_embedding_follows_a_training_step():
     """train(), an optimizer step on the shared fp32 weights, eval(): the fast path must see
     the stepped position tables, not the cached embedding of the old ones."""
