@@ -309,12 +309,18 @@ def _load(parser: argparse.ArgumentParser, args: argparse.Namespace, build):
 
     try:
         return build()
+    except torch.OutOfMemoryError:
+        raise  # the device's, not the checkpoint's
     except (OSError, RuntimeError, KeyError, ValueError, EOFError,
             pickle.UnpicklingError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])
         if isinstance(err, KeyError):
             reason = f"no {err} entry"
+        elif isinstance(err, pickle.UnpicklingError):  # torch's advice cannot be taken here
+            _, _, detail = " ".join(lines).partition("Unpickler error:")
+            reason = "not a state_dict torch.load reads" + (f" ({detail.strip()[:120]})"
+                                                            if detail.strip() else "")
         parser.error(f"--checkpoint {args.checkpoint}: cannot load it as --model {args.model} "
                      f"({type(err).__name__}: {reason[:300]})")
 

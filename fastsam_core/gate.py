@@ -130,7 +130,7 @@ def summarize(result_file: Path) -> str:
     TFLOP/s and speedup (from `extra_info`, see bench/common.py)."""
     try:
         data = json.loads(Path(result_file).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"result_file={str(result_file)!r}: not JSON ({err})") from None
     benchmarks = data.get("benchmarks") if isinstance(data, dict) else None
     if not isinstance(benchmarks, list) or not all(

@@ -273,8 +273,8 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
     with vos_optimized=True sam2's compiled predictor is left as built, with a warning),
     through the checkpoint loader they share (`sam2.build_sam._load_checkpoint`): the model
     is optimized when the builder puts it in eval mode, after moving it to its device (a model
-    built with mode="train" is optimized, with the innermost block's config, if put in eval
-    mode, `eval()` or `train(False)`, while a block is open; copies of it are not).
+    built with mode="train" is optimized, with the config of the block that built it, if put
+    in eval mode, `eval()` or `train(False)`, while that block is open; copies of it are not).
     segment_anything's
     builders return the model on the CPU, so its default dtype resolves to fp32 there: for a
     GPU pipeline pass `FastConfig(dtype=torch.bfloat16)`. Names imported before the block are
@@ -289,6 +289,7 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
     sam_base = getattr(sam_current, "_fastsam_base", sam_current)
     sam2_current = sam2_builders._load_checkpoint
     sam2_base = getattr(sam2_current, "_fastsam_base", sam2_current)
+    built_in_train_mode: weakref.WeakSet = weakref.WeakSet()  # by this block, awaiting eval
 
     @functools.wraps(sam_base)
     def build_optimized(*args, **kwargs):
@@ -301,41 +302,44 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
             warnings.warn("fastsam_core.patched: a SAM2VideoPredictorVOS (vos_optimized=True) "
                           "is compiled by sam2 and left as built", stacklevel=3)
             return
-        _AWAITING_EVAL.add(model)  # the builder's last step, model.eval(), optimizes it
+        _AWAITING_EVAL[model] = config  # the builder's last step, model.eval(), optimizes it
+        built_in_train_mode.add(model)
 
     build_optimized._fastsam_base = sam_base
     load_then_optimize_on_eval._fastsam_base = sam2_base
-    if not _OPEN_CONFIGS:
+    if not _OPEN_BLOCKS:
         if "train" in vars(SAM2Base):
             raise RuntimeError("fastsam_core.patched: SAM2Base.train is already overridden "
                                "(another patch, or a sam2 that defines it): cannot hook it")
         SAM2Base.train = _train_then_optimize
-    _OPEN_CONFIGS.append(config)
+    _OPEN_BLOCKS.append(config)
     builders._build_sam = build_optimized
     sam2_builders._load_checkpoint = load_then_optimize_on_eval
     try:
         yield
     finally:
-        _OPEN_CONFIGS.pop()
-        if not _OPEN_CONFIGS:  # models built in train mode and never put in eval mode
-            _AWAITING_EVAL.clear()
+        _OPEN_BLOCKS.pop()
+        for model in list(built_in_train_mode):  # never put in eval mode inside the block
+            _AWAITING_EVAL.pop(model, None)
+        if not _OPEN_BLOCKS:
             del SAM2Base.train  # inherited again
         builders._build_sam = sam_current
         sam2_builders._load_checkpoint = sam2_current
 
 
-# patched(): the configs of the open blocks (innermost last), and the sam2 models built in them
-# that their next eval mode optimizes. Through a class attribute while a block is open, not an
-# instance one: a model built in the block pickles, and its copies are plain models.
-_OPEN_CONFIGS: list[FastConfig] = []
-_AWAITING_EVAL: weakref.WeakSet = weakref.WeakSet()
+# patched(): the open blocks' configs, and the sam2 models built in train mode in an open block
+# that their next eval mode optimizes with that block's config. Through a class attribute while
+# a block is open, not an instance one: a model built in the block pickles, and its copies are
+# plain models.
+_OPEN_BLOCKS: list[FastConfig] = []
+_AWAITING_EVAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _train_then_optimize(self: SAM2Base, mode: bool = True) -> SAM2Base:
     nn.Module.train(self, mode)
-    if not mode and self in _AWAITING_EVAL:
-        _AWAITING_EVAL.discard(self)
-        optimize(self, _OPEN_CONFIGS[-1])
+    config = None if mode else _AWAITING_EVAL.pop(self, None)
+    if config is not None:
+        optimize(self, config)
     return self
 
 

@@ -128,7 +128,8 @@ BAD_INPUTS = [  # arguments ({key} from `inputs`), the one-line error
     (["check", "{img}", "--checkpoint", "{tmp}/missing.pth"], "--checkpoint .*: no such file"),
     (["check", "{img}", "--checkpoint", "{dir}"], "--checkpoint .*: is a folder"),
     (["check", "{img}", "--checkpoint", "{corrupt}", "--model", "vit_b"],
-     "--checkpoint .*corrupt.pth: cannot load it as --model vit_b"),
+     "--checkpoint .*corrupt.pth: cannot load it as --model vit_b .*: not a state_dict "
+     "torch.load reads"),
     (["check", "{img}", "--checkpoint", "{small}", "--model", "vit_b"],
      r"--checkpoint .*small.pth: cannot load it as --model vit_b .*Error\(s\) in loading "
      r"state_dict for Sam: (Missing key|size mismatch)"),
@@ -150,6 +151,7 @@ BAD_INPUTS = [  # arguments ({key} from `inputs`), the one-line error
     (["summarize", "{tmp}/missing.json"], "missing.json: No such file"),
     (["summarize", "{dir}"], "folder: Is a directory"),
     (["summarize", "{corrupt}"], "result_file=.*corrupt.pth.*: not JSON"),
+    (["summarize", "{small}"], "result_file=.*small.pth.*: not JSON"),
 ]
 
 

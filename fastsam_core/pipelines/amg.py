@@ -88,6 +88,7 @@ class _FastGeneration:
                 crop_data["crop_index"] = torch.full_like(crop_data["iou_preds"], i,
                                                           dtype=torch.long)
                 data.cat(crop_data)
+            del feature  # a view of the whole batch: freed before the next one is encoded
 
         if len(crop_boxes) > 1:
             scores = 1 / box_area(data["crop_boxes"])

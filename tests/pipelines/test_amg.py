@@ -297,8 +297,9 @@ def test_positional_arguments_are_the_references(kind):
 
 
 def test_crop_features_are_freed_after_their_encoder_batch(monkeypatch):
-    """Features of at most one encoder batch of crops exist at once (the README's memory
-    bound), not those of every crop of the image until its masks are encoded."""
+    """The features of one encoder batch of crops exist at once (the README's memory bound),
+    not those of every crop of the image until its masks are encoded: when a batch is
+    encoded, no earlier batch's embeddings are alive."""
     import weakref
 
     import fastsam_core.pipelines.amg as fast_module
@@ -306,22 +307,24 @@ def test_crop_features_are_freed_after_their_encoder_batch(monkeypatch):
     monkeypatch.setattr(fast_module, "ENCODER_BATCH", 2)
     generator = FastAutomaticMaskGenerator(small_sam(seed=3), **{**SETTINGS,
                                                                  "crop_n_layers": 2})
-    alive, seen = [], []
-    encode, candidates = generator._encode, generator._crop_candidates
+    batches, alive_at_encode = [], []  # weak references to each batch's embeddings
+    encode, decode = generator._encode, generator._crop_candidates
+    decoded = []
 
     def tracked_encode(crops):
+        alive_at_encode.append(sum(r() is not None for r in batches))
         features = encode(crops)
-        alive.extend(weakref.ref(f[0]) for f in features)
+        batches.append(weakref.ref(features[0][0]._base))  # the batch behind the views
         return features
 
-    def counted_candidates(*args, **kwargs):
-        seen.append(sum(r() is not None for r in alive))
-        return candidates(*args, **kwargs)
+    def counted_decode(*args, **kwargs):
+        decoded.append(1)
+        return decode(*args, **kwargs)
 
-    generator._encode, generator._crop_candidates = tracked_encode, counted_candidates
+    generator._encode, generator._crop_candidates = tracked_encode, counted_decode
     generator.generate(smooth_image(160, 200, 5))
-    assert len(seen) == 21  # 1 + 4 + 16 crops
-    assert max(seen) <= 2, seen
+    assert len(decoded) == 21 and len(batches) == 11  # 1 + 4 + 16 crops, 2 per batch
+    assert alive_at_encode == [0] * 11, alive_at_encode
 
 
 def test_masks_of_every_crop_layer(monkeypatch):

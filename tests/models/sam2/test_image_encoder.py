@@ -226,11 +226,11 @@ def build_in_train_mode():
                       hydra_overrides_extra=["++model.image_size=256"])
 
 
-def test_patched_train_mode_model_pickles_copies_plainly_and_takes_the_innermost_config(
+def test_patched_train_mode_model_pickles_copies_plainly_and_takes_its_blocks_config(
         tmp_path):
     """A model built with mode="train" in a block: it pickles; a copy of it is a plain model;
-    eval mode (eval() or train(False)) while any block is open optimizes it with the
-    innermost config."""
+    eval mode (eval() or train(False)) while that block is open optimizes it with that
+    block's config, and not once the block has closed."""
     import copy
 
     with fastsam_core.patched(FastConfig(attention="math")):
@@ -238,15 +238,15 @@ def test_patched_train_mode_model_pickles_copies_plainly_and_takes_the_innermost
         torch.save(outer_built, tmp_path / "model.pt")
         copied = copy.deepcopy(outer_built)
         with fastsam_core.patched(FastConfig(attention="sdpa")):
-            outer_built.eval()
+            outer_built.train(False)
             inner_built = build_in_train_mode()
-        inner_built.train(False)  # the outer block is still open
+        inner_built.eval()  # its block has closed, the outer one is still open
         copied.eval()
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     loaded.eval()
     assert not fastsam_core.is_optimized(loaded) and not fastsam_core.is_optimized(copied)
-    assert "attention='sdpa'" in fastsam_core.report(outer_built).model
-    assert "attention='math'" in fastsam_core.report(inner_built).model
+    assert "attention='math'" in fastsam_core.report(outer_built).model
+    assert not fastsam_core.is_optimized(inner_built)
 
 
 def test_unsupported_trunk_is_kept_with_a_warning():
