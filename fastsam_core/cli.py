@@ -161,6 +161,9 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fastsam_core.profiling import profile_stage
 
     device, config, image_size = _setup(args, parser)
+    if args.stage == "predictor" and args.batch != 1:
+        parser.error("--batch: the predictor stage runs one image per step "
+                     "(SamPredictor.set_image)")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out}: not a folder")
     result = profile_stage(args.stage, args.model, image_size, args.batch, device, config,

@@ -63,6 +63,10 @@ def run_gate(paths: list[str], baselines: Path, save: bool, abs_tolerance: float
     """Run the bench suites and gate them; returns the exit status (0: no regression)."""
     storage = baselines / device_slug()
     baseline = None if save else latest_baseline(storage)
+    if not save and baseline is None:  # before the run, not after it
+        print(f"[fastsam gate] no baseline for this device under {storage}: run with "
+              "--save first")
+        return 1
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "run.json"
         cmd = [sys.executable, "-m", "pytest", *paths, "--benchmark-only", "-q",
@@ -85,10 +89,10 @@ def run_gate(paths: list[str], baselines: Path, save: bool, abs_tolerance: float
             else:
                 print(f"[fastsam gate] baseline saved under {storage}")
             return status
-        if baseline is None:
-            print(f"[fastsam gate] no baseline for this device under {storage}: run with "
-                  "--save first")
-            return 1 if status == 0 else status
+        if status == 5:  # pytest: no tests collected
+            print("[fastsam gate] the selection matched no benchmarks (pytest exit 5): "
+                  "nothing gated")
+            return status
         if status != 0:
             print(f"[fastsam gate] absolute times regressed by more than {abs_tolerance:g}% "
                   f"(or a benchmark failed) against {baseline}")
@@ -144,7 +148,7 @@ def summarize(result_file: Path) -> str:
     for b in sorted(data["benchmarks"], key=lambda b: (b["group"] or "", b["name"])):
         info = b.get("extra_info", {})
         img_s, tflop_s, speedup = (format(info[k], spec) if k in info else "-" for k, spec in
-                                   (("img_s", ".2f"), ("tflop_s", ".1f"), ("speedup", ".2f")))
+                                   (("img_s", ".2f"), ("tflop_s", ".3g"), ("speedup", ".2f")))
         impl = str(info.get("impl", b["name"]))[:18]
         lines.append(f"{(b['group'] or '')[:34]:<34} {impl:<18} "
                      f"{b['stats']['median'] * 1e3:>9.3f} {img_s:>8} {tflop_s:>8} {speedup:>8}")

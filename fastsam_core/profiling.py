@@ -5,7 +5,7 @@
 writes, under --out (default `profiles/out`):
   <name>.trace.json.gz  Chrome / Perfetto trace (open in ui.perfetto.dev or chrome://tracing)
   <name>.md             device, versions, commit, step time, img/s, achieved TFLOP/s against
-                        the device's measured ceiling, time per part of the stage, top ops
+                        the device's ceiling (design.md), time per part of the stage, top ops
                         and kernels by device time.
 
 The profiled steps follow torch.profiler's wait / warmup / active schedule, after one untimed
@@ -36,7 +36,8 @@ from fastsam_core.patch import optimize, report
 
 STAGES = ("image_encoder", "prompt", "predictor")
 
-# Dense bf16 matmul ceilings measured on the project's GPUs (../shared/design.md, section 5).
+# Dense bf16 matmul ceilings of the project's GPUs, from ../shared/design.md section 5 (not
+# measured by this project).
 CEILING_TFLOP_S = {"H200": 790.0}
 
 
@@ -54,7 +55,7 @@ def ceiling_tflop_s(device_name: str) -> float | None:
 def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
+                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -176,7 +177,9 @@ def profile_stage(
         activities = [ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
-        unmark = mark_parts(sam)
+        # a compiled encoder's graph cannot take the parts' record_function hooks
+        marked = config.compile is None or stage == "prompt"
+        unmark = mark_parts(sam) if marked else []
         trace_json = out_dir / f"{name}.trace.json"
         log(f"profiling: schedule wait=1, warmup=1, active={active}")
         try:
@@ -198,6 +201,16 @@ def profile_stage(
     step_s = statistics.median(times)
     env = env_info(device)
     lines = summary_lines(prof, device, active, step_s)
+    if not marked:
+        lines[2:2] = ["(no parts marked: the encoder is compiled, and the record_function "
+                      "hooks that mark them would break its graph)", ""]
+    options = [f"--model {variant}", f"--stage {stage}", f"--batch {batch}",
+               f"--image-size {image_size}", f"--device {device}", f"--active {active}",
+               f"--attention {config.attention}", f"--out {out_dir}"]
+    if config.dtype is not None:
+        options.append(f"--dtype {str(config.dtype).replace('torch.', '')}")
+    if config.compile is not None:
+        options.append(f"--compile {config.compile}")
     ceiling = ceiling_tflop_s(env["device"])
     tflop_s = flops / step_s / 1e12
     vs_ceiling = f" ({tflop_s / ceiling:.0%} of {ceiling:g} TFLOP/s)" if ceiling else ""
@@ -207,8 +220,7 @@ def profile_stage(
         f"- device: {env['device']}; torch {env['torch']}; triton {env['triton']}; "
         f"commit {commit()}",
         f"- config: {config}",
-        f"- command: `python -m fastsam_core profile --model {variant} --stage {stage} "
-        f"--batch {batch} --image-size {image_size}`",
+        f"- command: `python -m fastsam_core profile {' '.join(options)}`",
         f"- step: {step_s * 1e3:.2f} ms (median of {active}); {items / step_s:.2f} "
         f"{'prompts' if stage == 'prompt' else 'images'}/s; {flops / 1e9:.1f} GFLOP per step "
         f"(torch.utils.flop_counter, reference); {tflop_s:.2f} TFLOP/s{vs_ceiling}",
@@ -236,7 +248,10 @@ def summary_lines(prof: profile, device: torch.device, active: int, step_s: floa
         return e.self_device_time_total if on_gpu else e.self_cpu_time_total
 
     clock = "device" if on_gpu else "CPU"
-    step_us = step_s * 1e6
+    # % of the profiled steps (profiler overhead included), which the parts add up to; the
+    # header's step time is the unprofiled median
+    steps = [e for e in events if e.key.startswith("ProfilerStep")]
+    step_us = sum(total(e) for e in steps) / active if steps else step_s * 1e6
     lines = [f"## Time per part ({clock} time per step)", "", "| part | calls/step | ms/step "
              "| % of step |", "|---|---|---|---|"]
     for e in sorted((e for e in events if e.key.startswith("fastsam::")), key=total,

@@ -134,3 +134,16 @@ def test_gate_saves_no_baseline_from_a_failed_run(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     assert "no baseline saved" in done.stdout
     assert not list((tmp_path / "baselines").rglob("*.json"))
+
+
+def test_gate_says_when_the_selection_matches_nothing(tmp_path):
+    suite = tmp_path / "test_bench_tiny.py"
+    suite.write_text("def test_timed(benchmark):\n    benchmark(sum, [1, 2])\n")
+    cmd = [sys.executable, "-m", "fastsam_core", "gate", str(suite), "--baselines",
+           str(tmp_path / "baselines")]
+    saved = subprocess.run([*cmd, "--save"], cwd=REPO, capture_output=True, text=True)
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    done = subprocess.run([*cmd, "--", "-k", "nothing_matches_this"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "matched no benchmarks" in done.stdout and "regressed" not in done.stdout

@@ -27,6 +27,29 @@ def test_profile_writes_trace_and_summary(tmp_path, stage, parts):
     with gzip.open(result.trace) as f:
         assert "traceEvents" in json.load(f)
     assert result.step_ms > 0
+    shares = [int(line.rsplit("|", 2)[1].strip(" %")) for line in text.splitlines()
+              if any(line.startswith(f"| {p} |") for p in parts)]
+    assert sum(shares) <= 100 + len(shares), shares  # of the profiled steps (rounded)
+    assert (f"--stage {stage} --batch 2 --image-size 64 --device cpu --active 2 "
+            "--attention auto --out") in text
+
+
+def test_profile_of_the_compiled_encoder(tmp_path):
+    """The parts' record_function hooks would break the compiled graph: not marked, said so."""
+    from fastsam_core import FastConfig
+
+    result = profile_stage("image_encoder", "vit_b", 64, device="cpu", out_dir=tmp_path,
+                           active=1, config=FastConfig(compile="default"))
+    text = result.summary.read_text()
+    assert "no parts marked: the encoder is compiled" in text and "--compile default" in text
+    assert "ViT, 12 blocks, float32, compile: compiled" in text, text  # it ran compiled
+
+
+def test_predictor_stage_takes_no_batch(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "--stage", "predictor", "--batch", "4"])
+    assert exc.value.code == 2
+    assert "--batch: the predictor stage runs one image per step" in capsys.readouterr().err
 
 
 def test_ceiling_is_known_for_the_h200_only():
