@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastsam_core.config import FastConfig
-from fastsam_core.models.convert import adopt_module, forward_hook_registries
+from fastsam_core.models.convert import adopt_module, dtype_name, forward_hook_registries
 from fastsam_core.models.sam.reference import build_encoder, build_sam
 from fastsam_core.numerics import rel_l2
 from fastsam_core.patch import optimize, report
@@ -160,7 +160,7 @@ def bench_image_encoder(
     expected = sam.image_encoder(x)
     reference = adopt_module(sam.image_encoder, dtype)
     x_ref = x.to(dtype)
-    log(f"timing the reference in {_name(dtype)}: {warmup} warm-up + {runs} runs")
+    log(f"timing the reference in {dtype_name(dtype)}: {warmup} warm-up + {runs} runs")
     ref_times = time_call(lambda: reference(x_ref), device, warmup, runs)
     reference_error = rel_l2(reference(x_ref).float(), expected)
     reference = None  # free the converted copy before optimize() makes its own
@@ -176,7 +176,7 @@ def bench_image_encoder(
         variant=variant,
         image_size=image_size,
         batch=batch,
-        dtype=_name(dtype),
+        dtype=dtype_name(dtype),
         gflop_per_image=flops / batch / 1e9,
         reference_ms=ref_s * 1e3,
         fast_ms=fast_s * 1e3,
@@ -189,7 +189,3 @@ def bench_image_encoder(
         reference_error=reference_error,
         report=str(report(sam)),
     )
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")

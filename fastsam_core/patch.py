@@ -24,7 +24,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from fastsam_core.config import FastConfig
-from fastsam_core.models.convert import module_device, module_dtype
+from fastsam_core.models.convert import dtype_name, module_device, module_dtype
 from fastsam_core.models.fallback import hooks_left_behind, shown_paths
 from fastsam_core.models.quant import quantize_linears
 from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
@@ -251,16 +251,12 @@ def report(model: Optimizable) -> Report:
                                   else r.name, s.path, s.detail) for s in r.fast.describe())
     order = list(_stages(sam))
     stages.sort(key=lambda s: order.index(s.stage.split(".")[0]))
-    dtype = _dtype_name(state.dtype)
+    dtype = dtype_name(state.dtype)
     now = {module_dtype(r.fast) for r in state.replacements
            if module_dtype(r.fast) != r.fast_dtype}
     if now:  # the model was cast after optimize() (.half(), .to(dtype))
-        dtype = f"{', '.join(sorted(map(_dtype_name, now)))} (optimized as {dtype}, cast since)"
+        dtype = f"{', '.join(sorted(map(dtype_name, now)))} (optimized as {dtype}, cast since)"
     return Report(model=f"{type(sam).__name__}, {dtype}, {state.config}", stages=stages)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastsam_core.benchmark import encoder_flops, env_info, synchronize, time_call
 from fastsam_core.config import FastConfig
+from fastsam_core.models.convert import dtype_name
 from fastsam_core.models.sam.reference import build_sam
 from fastsam_core.patch import optimize, report
 
@@ -208,7 +209,7 @@ def profile_stage(
                f"--image-size {image_size}", f"--device {device}", f"--active {active}",
                f"--attention {config.attention}", f"--out {out_dir}"]
     if config.dtype is not None:
-        options.append(f"--dtype {str(config.dtype).replace('torch.', '')}")
+        options.append(f"--dtype {dtype_name(config.dtype)}")
     if config.compile is not None:
         options.append(f"--compile {config.compile}")
     ceiling = ceiling_tflop_s(env["device"])

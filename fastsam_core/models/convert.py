@@ -55,6 +55,11 @@ def tensor_identity(*tensors: torch.Tensor) -> tuple:
                  for t in tensors)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16, as reports and command lines spell it."""
+    return str(dtype).replace("torch.", "")
+
+
 def module_device(module: nn.Module) -> torch.device:
     """Device of a module's first parameter or buffer (CPU for an empty module)."""
     for t in module.parameters():
