@@ -28,7 +28,7 @@ import fastsam_core
 from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import encoder_flops, synchronize
-from fastsam_core.models.convert import adopt_module
+from fastsam_core.models.convert import adopt_module, dtype_name
 from fastsam_core.models.sam.reference import build_sam
 from fastsam_core.ops import attention
 from fastsam_core.ops.quant import FUSION_TUNER, INT8_TUNER, sqnr_db
@@ -123,4 +123,4 @@ def test_image_encoder(benchmark, case_model, impl, monkeypatch):
         info["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     record(benchmark, group, impl, items=case.batch, flops=flops, variant=case.variant,
            image_size=case.image_size, batch=case.batch,
-           dtype=str(case.dtype).replace("torch.", ""), **info)
+           dtype=dtype_name(case.dtype), **info)

@@ -24,6 +24,7 @@ from torch import nn
 
 from bench.common import DEVICE, record, repeats
 from fastsam_core.benchmark import synchronize
+from fastsam_core.models.convert import dtype_name
 from fastsam_core.models.quant import DeferredLayerNorm, Int8Linear
 from fastsam_core.ops.quant import layer_norm_quantize
 
@@ -59,7 +60,7 @@ def test_layer_norm_quant(benchmark, name, impl):
         synchronize(DEVICE)
 
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    record(benchmark, group, impl, rows=rows, features=k, dtype=str(dtype).replace("torch.", ""))
+    record(benchmark, group, impl, rows=rows, features=k, dtype=dtype_name(dtype))
 
 
 if DEVICE.type == "cuda":  # batch, grid, features, window (0: global), dtype
@@ -104,4 +105,4 @@ def test_norm1_qkv(benchmark, name, impl):
 
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     record(benchmark, group, impl, tokens=batch * grid * grid, features=k, window=window,
-           dtype=str(dtype).replace("torch.", ""))
+           dtype=dtype_name(dtype))

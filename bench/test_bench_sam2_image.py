@@ -22,7 +22,7 @@ import fastsam_core
 from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import meta_flops, synchronize
-from fastsam_core.models.convert import adopt_module
+from fastsam_core.models.convert import adopt_module, dtype_name
 
 CUDA = DEVICE.type == "cuda"
 if CUDA:
@@ -76,7 +76,7 @@ def test_sam2_image_encoder(benchmark, encoder_case, impl):
         if impl == "fast":
             fastsam_core.restore(model)
     record(benchmark, group, impl, items=batch, flops=n_flops, model=f"sam2.1 {size}",
-           image_size=image_size, batch=batch, dtype=str(dtype).replace("torch.", ""))
+           image_size=image_size, batch=batch, dtype=dtype_name(dtype))
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])

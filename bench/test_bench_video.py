@@ -32,6 +32,7 @@ import fastsam_core
 from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import synchronize
+from fastsam_core.models.convert import dtype_name
 
 CUDA = DEVICE.type == "cuda"
 if CUDA:
@@ -123,4 +124,4 @@ def test_video_propagation(benchmark, video_dir, objects, impl, staggered):
     extra = {"peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20} if CUDA else {}
     record(benchmark, group, impl, items=FRAMES, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
            frames=FRAMES, objects=objects, staggered=staggered,
-           dtype=str(DTYPE).replace("torch.", ""), **extra)
+           dtype=dtype_name(DTYPE), **extra)

@@ -38,6 +38,7 @@ from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from bench.test_bench_video import FRAMES, IMAGE_SIZE, MODEL, memory_in_fp32, write_video
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import synchronize
+from fastsam_core.models.convert import dtype_name
 
 CUDA = DEVICE.type == "cuda"
 MODE = os.environ.get("FASTSAM_BENCH_VIDEO_COMPILE", "default")
@@ -122,7 +123,7 @@ def test_compiled_video_propagation(benchmark, video_dir, case, objects):
         fail_on_fallbacks(predictor, impl)
     extra = {"peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20} if CUDA else {}
     record(benchmark, group, impl, items=FRAMES, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
-           frames=FRAMES, objects=objects, dtype=str(DTYPE).replace("torch.", ""),
+           frames=FRAMES, objects=objects, dtype=dtype_name(DTYPE),
            predictor=type(predictor).__name__,
            compile="max-autotune (sam2's)" if impl == "reference" else MODE,
            compile_s=compile_s, **extra)

@@ -43,6 +43,7 @@ from bench.common import DEVICE, fail_on_fallbacks, record
 from bench.test_bench_video import build, memory_in_fp32
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import synchronize
+from fastsam_core.models.convert import dtype_name
 
 CUDA = DEVICE.type == "cuda"
 LONG_VIDEO = os.environ.get("FASTSAM_BENCH_LONG_VIDEO", "")
@@ -188,7 +189,7 @@ def test_long_video_memory(benchmark, long_video, impl):
     if host:
         sizes.update(peak_rss_mib=host.peak_mib, rss_at_start_mib=host.start_mib)
     record(benchmark, group, impl, items=FRAMES, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
-           frames=FRAMES, objects=1, dtype=str(DTYPE).replace("torch.", ""),
+           frames=FRAMES, objects=1, dtype=dtype_name(DTYPE),
            offload_video_to_cpu=impl == "fast-offload", **sizes)
 
 
@@ -220,5 +221,5 @@ def test_init_state_memory(benchmark, request, source, impl):
     if impl != "reference":
         fail_on_fallbacks(predictor, impl)
     record(benchmark, group, impl, model=f"sam2.1 {MODEL}", image_size=IMAGE_SIZE,
-           frames=FRAMES, source=source, dtype=str(DTYPE).replace("torch.", ""),
+           frames=FRAMES, source=source, dtype=dtype_name(DTYPE),
            peak_rss_mib=host.peak_mib, rss_at_start_mib=host.start_mib, **sizes)

@@ -25,6 +25,7 @@ from segment_anything import SamPredictor
 
 from fastsam_core.benchmark import synchronize
 from fastsam_core.config import FastConfig
+from fastsam_core.models.convert import dtype_name
 from fastsam_core.patch import optimize, restore
 
 # Mean mask IoU against the fp32 reference below which `fastsam check` fails: the numerics
@@ -100,7 +101,7 @@ def run_check(
             ref_times.append(seconds)
     rows = []
     for dtype in dtypes:
-        log(f"fast path, {str(dtype).replace('torch.', '')}")
+        log(f"fast path, {dtype_name(dtype)}")
         optimize(sam, FastConfig(dtype=dtype))
         try:
             with torch.inference_mode():
@@ -127,7 +128,7 @@ def format_rows(rows: list[CheckRow]) -> str:
             f"{'ref ms':>9} {'fast ms':>9} {'speedup':>8}  result (needs mean IoU >= ...)")
     lines = [head]
     for r in rows:
-        name = str(r.dtype).replace("torch.", "")
+        name = dtype_name(r.dtype)
         verdict = "ok" if r.passed else "FAIL"
         lines.append(f"{name:<10} {r.mean_iou:>9.4f} {r.min_iou:>8.4f} {r.max_score_diff:>10.4f} "
                      f"{r.reference_ms:>9.1f} {r.fast_ms:>9.1f} "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -35,10 +36,27 @@ def device_slug(device: torch.device | str | None = None) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def latest_baseline(storage: Path) -> Path | None:
-    """The newest pytest-benchmark file under `storage` (any platform subfolder)."""
-    files = sorted(storage.glob("*/*.json"), key=lambda p: p.name)
+def latest_baseline(storage: Path, platform: str | None = None) -> Path | None:
+    """The newest pytest-benchmark file under `storage`: of this platform's subfolder
+    (pytest-benchmark's machine id, e.g. 'Linux-CPython-3.12-64bit') by its save counter,
+    else of any platform by the time each file records."""
+    if platform is None:
+        from pytest_benchmark.utils import get_machine_id  # the gate runs pytest-benchmark
+
+        platform = get_machine_id()
+    own = sorted((storage / platform).glob("*.json"), key=lambda p: p.name)
+    if own:
+        return own[-1]
+    files = sorted(storage.glob("*/*.json"), key=lambda p: (_saved_at(p), p.name))
     return files[-1] if files else None
+
+
+def _saved_at(result_file: Path) -> str:
+    """The ISO time a pytest-benchmark file records ('' if it records none)."""
+    try:
+        return str(json.loads(result_file.read_text()).get("datetime", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def speedups(result_file: Path) -> dict[str, float]:
@@ -77,7 +95,7 @@ def run_gate(paths: list[str], baselines: Path, save: bool, abs_tolerance: float
         elif baseline is not None:
             cmd += [f"--benchmark-compare={baseline.resolve()}",  # any platform's file
                     f"--benchmark-compare-fail=median:{abs_tolerance:g}%"]
-        print("[fastsam gate] " + " ".join(cmd), flush=True)
+        print("[fastsam gate] " + shlex.join(cmd), flush=True)
         before = set(storage.rglob("*.json")) if save else set()
         status = subprocess.call(cmd)
         if save:

@@ -52,7 +52,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from fastsam_core.kernels import int8_matmul, layer_norm_quant, quantize_rows  # noqa: E402
 from fastsam_core.kernels import rel_pos_attention as attention  # noqa: E402
 from fastsam_core.kernels.quantize_rows import row_buffers  # noqa: E402
-from fastsam_core.ops.attention import CANDIDATES, rel_pos_terms  # noqa: E402
+from fastsam_core.ops.attention import distinct_launches, rel_pos_terms  # noqa: E402
 
 # Largest dynamic shared memory one block may opt in to, by compute capability (CUDA
 # programming guide, "Technical Specifications per Compute Capability").
@@ -80,7 +80,7 @@ def attention_launches():
             pos_w = torch.zeros(grid[1], grid[1], head_dim, dtype=dtype)
             rel_h, rel_w = rel_pos_terms(q, pos_h, pos_w, grid)
             out = attention.empty_output(q)
-            for config in CANDIDATES:  # what the tuner may pick
+            for config in distinct_launches(grid, dtype).values():  # what the tuner may pick
                 mode = attention.bias_mode(config, grid)
                 name = f"{config.as_key().removesuffix('_' + mode)} {mode}"
                 yield (f"rel_pos_attention {label} {shape} {name}",

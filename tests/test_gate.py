@@ -39,6 +39,21 @@ def test_speedups_and_latest_baseline(tmp_path):
     assert latest_baseline(tmp_path / "missing") is None
 
 
+def test_latest_baseline_prefers_this_platform_then_the_newest_saved(tmp_path):
+    """A higher save counter of another platform does not win over this platform's file;
+    without one of this platform's, the most recently saved file of any platform does."""
+    def save(platform: str, name: str, when: str) -> Path:
+        (tmp_path / platform).mkdir(exist_ok=True)
+        path = tmp_path / platform / name
+        path.write_text(json.dumps({"datetime": when, "benchmarks": []}))
+        return path
+
+    old = save("Linux-CPython-3.11-64bit", "0007_baseline.json", "2026-11-01T10:00:00")
+    new = save("Linux-CPython-3.12-64bit", "0001_baseline.json", "2026-12-01T10:00:00")
+    assert latest_baseline(tmp_path, platform="Linux-CPython-3.11-64bit") == old
+    assert latest_baseline(tmp_path, platform="Linux-CPython-3.13-64bit") == new
+
+
 def gate(tmp_path, *args, repeat=1):
     env = dict(os.environ, FASTSAM_BENCH_FAST_REPEAT=str(repeat))
     cmd = [sys.executable, "-m", "fastsam_core", "gate", "bench/test_bench_image_encoder.py",
@@ -65,7 +80,10 @@ def test_gate_passes_unchanged_and_fails_a_slowed_fast_path(tmp_path):
             break
     assert same.returncode == 0, same.stdout + same.stderr
     assert "ok " in same.stdout and "-fast_int8]" not in same.stdout  # the case was left out
-    slowed = gate(tmp_path, *wide, *cases, repeat=8)
+    for _ in range(2):  # likewise: a burst of load on the reference case can hide the 8x
+        slowed = gate(tmp_path, *wide, *cases, repeat=8)
+        if slowed.returncode == 1:
+            break
     assert slowed.returncode == 1, slowed.stdout + slowed.stderr
     assert "FAIL" in slowed.stdout
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import math
 
 import pytest
 import torch
@@ -74,6 +76,90 @@ def test_sqnr():
     assert sqnr_db(ref, ref * 1.1) == pytest.approx(20.0)
 
 
+def test_prune_2_4_with_infinities_and_bad_shapes():
+    """Zeroed, not multiplied by 0: a dropped inf or NaN became NaN, a third non-zero in its
+    group; a weight that is not M x K raises naming it."""
+    inf, nan = float("inf"), float("nan")
+    w = torch.tensor([[inf, inf, -inf, 1.0, nan, nan, nan, 1.0, 0.5, -2.0, 3.0, 0.1]])
+    pruned = prune_2_4(w)
+    assert is_2_4_sparse(pruned) and ((pruned != 0).sum(-1) == 6).all()
+    assert pruned[0, 3] == 0 and pruned[0, 7] == 0
+    assert torch.equal(pruned[0, 8:], torch.tensor([0.0, -2.0, 3.0, 0.0]))
+    with pytest.raises(ValueError, match="weight must be M x K"):
+        prune_2_4(torch.randn(8))
+
+
+@pytest.mark.parametrize("reference, approximation, expected", [
+    ([1.0, 1.0], [1.0, 1.0], math.inf),  # no noise
+    ([0.0, 0.0], [0.0, 0.0], math.inf),
+    ([0.0, 0.0], [1.0, 1.0], -math.inf),  # noise without signal
+    ([1.0, 1.0], [1.0, math.inf], -math.inf),  # infinite noise
+    ([1.0, 1.0], [1.0, math.nan], math.nan),
+    ([3.0, 4.0], [3.0, 4.5], 20.0),
+], ids=["equal", "both-zero", "zero-reference", "inf", "nan", "finite"])
+def test_sqnr_edge_cases(reference, approximation, expected):
+    got = sqnr_db(torch.tensor(reference), torch.tensor(approximation))
+    assert got == pytest.approx(expected, nan_ok=True)
+
+
+def test_sqnr_needs_one_shape():
+    """No broadcasting: (4, 1) against (4,) compared 16 pairs."""
+    with pytest.raises(ValueError, match="reference and approximation must have one shape"):
+        sqnr_db(torch.arange(4.0).reshape(4, 1), torch.arange(4.0))
+
+
+@torch.inference_mode()
+def test_a_nan_activation_makes_its_output_row_nan():
+    """As nn.Linear: a NaN in an input row makes that output row NaN (its scale was 1, and
+    the NaN a code of 0), the other rows stay as accurate as int8 makes them."""
+    linear = nn.Linear(64, 32)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    x[1, 5] = float("nan")
+    expected = linear(x)
+    assert expected[1].isnan().all()
+    w_q, w_scale = quantize_per_row(linear.weight)
+    rest = torch.arange(6) != 1
+    for y in (Int8Linear(linear)(x), int8_linear(x, w_q, w_scale[:, 0], linear.bias)):
+        assert y[1].isnan().all()
+        assert sqnr_db(expected[rest], y[rest]) > tol.INT8_LINEAR_MIN_SQNR_DB
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8])
+def test_int8_linears_take_only_float_activations(dtype):
+    """Integer activations raise, as nn.Linear's do (they returned the float result
+    truncated to integers)."""
+    linear = nn.Linear(16, 8)
+    w_q, w_scale = quantize_per_row(linear.weight.detach())
+    x = torch.randint(-3, 4, (3, 16)).to(dtype)
+    with pytest.raises(TypeError, match="x must be floating point"):
+        Int8Linear(linear)(x)
+    with pytest.raises(TypeError, match="x must be floating point"):
+        int8_linear(x, w_q, w_scale[:, 0], linear.bias.detach())
+
+
+@pytest.mark.parametrize("layer", ["linear", "mlp-separate", "mlp-fused", "norm-fused"])
+def test_int8_layers_are_inference_only(layer):
+    """Rounding has no gradient: an input (or a LayerNorm weight before the codes) requiring
+    grad while autograd records raises, on every path (the output required grad through a
+    bias while the input silently got none); under no_grad the same input runs."""
+    x = torch.randn(3, 32, requires_grad=True)
+    if layer == "linear":
+        run = Int8Linear(nn.Linear(32, 8))
+    elif layer.startswith("mlp"):
+        mlp = int8_mlp()
+        run = functools.partial(mlp.run, layer.removeprefix("mlp-"))
+    else:
+        qkv = Int8Linear(nn.Linear(32, 96))
+        norm = DeferredLayerNorm(nn.LayerNorm(32))  # its weight requires grad
+
+        def run(x):
+            return qkv(norm(x.detach()).laid_out("fused", 0))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        run(x)
+    with torch.no_grad():
+        assert torch.equal(run(x), run(x.detach()))
+
+
 @torch.inference_mode()
 def test_modules_match_the_linear_they_replace():
     linear = nn.Linear(64, 96)
@@ -99,6 +185,23 @@ def test_int8_weights_are_scaled_per_output_channel():
     x = torch.randn(8, 64)
     assert sqnr_db(linear(x) - linear.bias, layer(x) - linear.bias) \
         > tol.INT8_LINEAR_MIN_SQNR_DB
+
+
+@torch.inference_mode()
+def test_int8_scales_stay_fp32_through_a_cast():
+    """`.half()` / `.to(bf16)` after optimize(quantize="int8"): the scales follow the device
+    but stay fp32, so the dequantized weights are unchanged by the cast."""
+    cast = small_sam()
+    fastsam_core.optimize(cast, FastConfig(quantize="int8"))
+    before = {name: m.dequantized_weight() for name, m in cast.image_encoder.named_modules()
+              if isinstance(m, Int8Linear)}
+    cast.half()
+    after = {name: m for name, m in cast.image_encoder.named_modules()
+             if isinstance(m, Int8Linear)}
+    for name, module in after.items():
+        assert module.weight_scale.dtype == torch.float32, name
+        assert torch.equal(module.dequantized_weight(), before[name]), name
+        assert module.bias.dtype == torch.float16, name
 
 
 @torch.inference_mode()
@@ -488,7 +591,8 @@ def test_norm1_path_separate_for_hooks_float_linears_and_compile(monkeypatch):
     assert norm.choose_path(norm(x), qkv, 4) == "separate"  # not a measured device
     norm.measured_devices = ("cpu",)
     assert norm.choose_path(norm(x), qkv, 4) == "fused"
-    assert isinstance(norm(x).for_linear(qkv, 4), Int8Tokens)
+    with torch.no_grad():  # codes carry no gradient (the norm's weight requires grad)
+        assert isinstance(norm(x).for_linear(qkv, 4), Int8Tokens)
     assert norm.choose_path(norm(x), nn.Linear(32, 96), 4) == "separate"
     for hooked in (qkv, attention := nn.Module()):
         handle = hooked.register_forward_pre_hook(lambda m, args: None)

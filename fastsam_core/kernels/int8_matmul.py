@@ -123,12 +123,12 @@ def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor
     M x K int8, weight_scale M fp32, bias M or None -> N x M in `dtype` (or into `out`).
     `config`: the launch (default: LaunchConfig, the interpreter's small tiles on CPU).
     `activation`: None or "gelu" (exact, applied in fp32 before the output is stored)."""
-    n, k = x_q.shape
-    m = weight_q.shape[0]
-    if x_q.dtype != torch.int8 or weight_q.dtype != torch.int8 or weight_q.shape[1] != k:
-        raise ValueError(f"int8_matmul: x_q (N x K) and weight_q (M x K) must be int8 with "
-                         f"the same K, got {x_q.dtype} {tuple(x_q.shape)} and "
-                         f"{weight_q.dtype} {tuple(weight_q.shape)}")
+    quant.check_int8_operands(x_q, x_scale, weight_q, weight_scale, bias)
+    n, m = x_q.shape[0], weight_q.shape[0]
+    if out is not None and (out.shape != (n, m) or out.dtype != dtype
+                            or out.device != x_q.device):
+        raise ValueError(f"int8_matmul: out must be {n} x {m} {dtype} on {x_q.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if activation not in quant.ACTIVATIONS:
         raise ValueError(f"int8_matmul: activation must be one of {quant.ACTIVATIONS}, got "
                          f"{activation!r}")

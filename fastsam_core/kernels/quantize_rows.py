@@ -21,9 +21,7 @@ import triton
 import triton.language as tl
 
 from fastsam_core.kernels.launch import Launch
-from fastsam_core.ops.quant import quantize_per_row
-
-MAX_ROW = 8192  # widest row one program takes (a block of registers per row)
+from fastsam_core.ops.quant import MAX_ROW, quantize_per_row  # MAX_ROW: widest row per program
 
 
 @triton.jit
@@ -31,7 +29,11 @@ def int8_codes(y, valid):
     """(codes as floats in [-127, 127], scale) of one row y (fp32, zero where not valid)."""
     amax = tl.max(tl.where(valid, tl.abs(y), 0.0), axis=0)
     # correctly rounded divisions, as torch's: a plain `/` compiles to an approximate one
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+    scale = tl.math.div_rn(amax, 127.0)
+    scale = tl.where(scale == 0.0, 1.0, scale)  # a zero row, or a scale that underflows
+    # tl.max drops NaN: a row holding one gets a NaN scale, as torch's amax gives it
+    has_nan = tl.max(tl.where(valid & (y != y), 1, 0), axis=0) > 0
+    scale = tl.where(has_nan, float("nan"), scale)
     v = tl.math.div_rn(y, scale)
     # round half to even, as torch.round (the interpreter has no libdevice.rint)
     r = tl.floor(v + 0.5)
@@ -79,7 +81,14 @@ def row_buffers(name: str, x: torch.Tensor, out: tuple[torch.Tensor, torch.Tenso
     if out is None:
         out = (torch.empty(rows.shape, dtype=torch.int8, device=x.device),
                torch.empty(rows.shape[0], dtype=torch.float32, device=x.device))
-    return rows, *out
+    q, s = out  # the kernel writes them as contiguous N x K int8 and N fp32
+    if (q.shape != rows.shape or q.dtype != torch.int8 or not q.is_contiguous()
+            or s.shape != rows.shape[:1] or s.dtype != torch.float32 or not s.is_contiguous()
+            or q.device != x.device or s.device != x.device):
+        raise ValueError(f"{name}: out must be contiguous ({tuple(rows.shape)} int8, "
+                         f"({rows.shape[0]},) float32) on {x.device}, got "
+                         f"({tuple(q.shape)} {q.dtype}, {tuple(s.shape)} {s.dtype})")
+    return rows, q, s
 
 
 def quantize_rows(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None

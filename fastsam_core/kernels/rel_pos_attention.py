@@ -26,6 +26,11 @@ faster is measured: the tuner's candidates hold both tiled and gathered forms):
               col(j)] (each product exact, summed in fp32);
     "gather"  otherwise: rel_h[i, j // w] and rel_w[i, j % w] loaded per element.
 
+A -inf bias term masks its key, as in the reference (a block whose keys are all masked so far
+shifts by 0, not by its -inf maximum). "onehot" stands the dtype's most negative finite value
+in for -inf (-inf times a one-hot zero would be NaN), so there a query whose every key is
+masked gets a finite output where softmax gives NaN; in the other modes it is NaN too.
+
 Head dims are split into a power-of-two part and a remainder instead of being padded to the
 next power of two (vit_h's 80 = 64 + 16, not 128: 37.5% fewer multiply-adds, accumulator
 registers and K/V tile bytes; compiled for sm_90 in bf16, the padded kernel spilled 556-676
@@ -142,6 +147,7 @@ def _rel_pos_attention_fwd(
     PAD_W: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32" otherwise (ignored)
     UPCAST_DOT: tl.constexpr,  # interpreter only: tl.dot on bf16 is wrong there (triton #11584)
+    NEG_FINITE: tl.constexpr,  # the most negative finite value of the compute dtype
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -183,6 +189,10 @@ def _rel_pos_attention_fwd(
             if UPCAST_DOT:
                 rh_tile = rh_tile.to(tl.float32)
                 rw_tile = rw_tile.to(tl.float32)
+            # -inf times a one-hot zero is NaN: the dtype's most negative finite value masks
+            # the key all the same (+inf and NaN stay NaN, as in the reference)
+            rh_tile = tl.where(rh_tile == float("-inf"), NEG_FINITE, rh_tile)
+            rw_tile = tl.where(rw_tile == float("-inf"), NEG_FINITE, rw_tile)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -228,8 +238,11 @@ def _rel_pos_attention_fwd(
         s = tl.where(n_valid[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2((s - m_new[:, None]) * log2e)
-        alpha = tl.exp2((m_i - m_new) * log2e)
+        # a query whose keys so far are all masked (-inf bias terms): subtract 0, not -inf,
+        # so that its p and alpha are 0, not NaN (NaN only if every key is masked, as softmax)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2((s - m_shift[:, None]) * log2e)
+        alpha = tl.exp2((m_i - m_shift) * log2e)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         p = p.to(v0.dtype)
         acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
@@ -287,9 +300,7 @@ def rel_pos_attention_launch(q, k, v, rel_h, rel_w, key_grid_w: int, scale: floa
                              config: LaunchConfig, out: torch.Tensor) -> Launch:
     """The launch `rel_pos_attention_fwd` runs (same arguments, `out` required)."""
     b, heads, n, d = q.shape
-    if n % key_grid_w:
-        raise ValueError(f"rel_pos_attention: {n} tokens is not a multiple of the grid width "
-                         f"{key_grid_w} (key_grid_w)")
+    check_launch(q, k, v, rel_h, rel_w, key_grid_w, out)
     grid_hw = (n // key_grid_w, key_grid_w)
     has_bias = rel_h is not None
     if has_bias:  # the kernel reads the bias terms' last dim with unit stride
@@ -314,11 +325,33 @@ def rel_pos_attention_launch(q, k, v, rel_h, rel_w, key_grid_w: int, scale: floa
         PAD_W=_pad(grid_hw[1]),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOT=INTERPRETER and q.dtype == torch.bfloat16,
+        NEG_FINITE=torch.finfo(q.dtype).min,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return Launch(_rel_pos_attention_fwd, (triton.cdiv(n, config.block_m), b * heads), args,
                   meta)
+
+
+def check_launch(q, k, v, rel_h, rel_w, key_grid_w: int, out: torch.Tensor) -> None:
+    """ValueError for arguments the kernel would read or write out of bounds, or misread: it
+    indexes k, v, rel_h, rel_w and out by q's shape and loads them as q's dtype."""
+    b, heads, n, d = q.shape
+    if key_grid_w <= 0 or n % key_grid_w:
+        raise ValueError(f"rel_pos_attention: {n} tokens is not a multiple of the grid width "
+                         f"{key_grid_w} (key_grid_w)")
+    for name, t in (("k", k), ("v", v), ("out", out)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"rel_pos_attention: {name} must match q ({tuple(q.shape)}, "
+                             f"{q.dtype}, {q.device}), got {tuple(t.shape)}, {t.dtype}, "
+                             f"{t.device}")
+    if (rel_h is None) != (rel_w is None):
+        raise ValueError("rel_pos_attention: rel_h and rel_w must both be tensors or both None")
+    if rel_h is not None:
+        for name, t, size in (("rel_h", rel_h, n // key_grid_w), ("rel_w", rel_w, key_grid_w)):
+            if tuple(t.shape) != (b, heads, n, size) or t.device != q.device:
+                raise ValueError(f"rel_pos_attention: {name} must be {(b, heads, n, size)} on "
+                                 f"{q.device}, got {tuple(t.shape)} on {t.device}")
 
 
 def rel_pos_attention_ref(
@@ -339,15 +372,21 @@ def rel_pos_attention_ref(
     return torch.matmul(scores.softmax(dim=-1), v)
 
 
-def supports(q: torch.Tensor, key_grid_w: int) -> str | None:
+def supports(q: torch.Tensor, key_grid_w: int, k: torch.Tensor | None = None,
+             v: torch.Tensor | None = None) -> str | None:
     """None if the kernel handles these inputs, else the reason it does not."""
+    if q.dim() != 4 or q.numel() == 0:
+        return f"q of shape {tuple(q.shape)}"
+    for name, t in (("k", k), ("v", v)):  # SDPA broadcasts, takes other key counts and v widths
+        if t is not None and (t.shape != q.shape or t.dtype != q.dtype):
+            return f"{name} {tuple(t.shape)} {t.dtype} is not q's {tuple(q.shape)} {q.dtype}"
     if q.device.type != "cuda" and not INTERPRETER:
         return f"{q.device.type} tensors need CUDA (or TRITON_INTERPRET=1 for testing)"
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {q.dtype}"
     if q.shape[-1] > 256:
         return f"head dim {q.shape[-1]} > 256"
-    if q.shape[2] % key_grid_w:
+    if key_grid_w <= 0 or q.shape[2] % key_grid_w:
         return f"{q.shape[2]} tokens is not a multiple of the grid width {key_grid_w}"
     return None
 

@@ -45,6 +45,7 @@ from fastsam_core.models.convert import tensor_identity
 from fastsam_core.models.fallback import has_forward_hooks
 from fastsam_core.ops.quant import (
     FUSED_PATHS,
+    check_no_grad,
     int8_backend,
     int8_matmul,
     int8_mlp_path,
@@ -102,12 +103,24 @@ class Int8Linear(nn.Module):
         state_dict[prefix + "weight_int8"] = weight_q
         state_dict[prefix + "weight_scale"] = scale[:, 0]
 
+    def _apply(self, fn: Callable, recurse: bool = True) -> Int8Linear:
+        """`.to()`, `.cuda()`, `.half()`: the scales follow the device but stay fp32 (a cast
+        to bf16 would round every weight by up to 2**-9 of its row's scale)."""
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != scale.dtype:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
+
     def forward(self, x: torch.Tensor | Int8Tokens) -> torch.Tensor:
         """x: ... x in (float, or `Int8Tokens` already quantized) -> ... x out, x's dtype."""
         if isinstance(x, Int8Tokens):
             y = self.forward_codes(x.codes.reshape(-1, self.in_features),
                                    x.scales.reshape(-1, 1), x.dtype)  # N x out
             return y.reshape(*x.shape[:-1], self.out_features)
+        if not x.is_floating_point():
+            raise TypeError(f"Int8Linear: x must be floating point, got {x.dtype}")
+        check_no_grad("Int8Linear", x)
         x_q, x_scale = quantize_per_row(x.reshape(-1, self.in_features))  # N x in, N x 1
         y = self.forward_codes(x_q, x_scale, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -43,7 +43,7 @@ except ImportError:  # no Triton on this platform: the SDPA and math paths still
 
 DISABLE_ENV = "FASTSAM_DISABLE_TRITON"
 TUNER = Tuner("rel_pos_attention")
-KERNEL_VERSION = 2  # part of every tuning key: bump when the kernel's code changes
+KERNEL_VERSION = 3  # part of every tuning key: bump when the kernel's code changes
 KERNEL_FALLBACKS: dict[str, int] = {}  # reason -> calls (this process) that wanted the kernel
 UNMATCHED: dict[tuple[str, str], str] = {}  # (GPU, tuning key) -> why no launch matched
 
@@ -90,13 +90,58 @@ def kernel_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "0") not in ("", "0")
 
 
-def kernel_unsupported(q: torch.Tensor, grid: tuple[int, int]) -> str | None:
+def kernel_unsupported(q: torch.Tensor, grid: tuple[int, int], k: torch.Tensor | None = None,
+                       v: torch.Tensor | None = None, *bias: torch.Tensor | None) -> str | None:
     """None if the Triton kernel can run on these inputs, else why not."""
     if kernel is None:
         return "Triton is not installed"
     if kernel_disabled():
         return f"disabled by {DISABLE_ENV}"
-    return kernel.supports(q, grid[1])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (q, k, v, *bias)):
+        return "autograd is recording and the kernel has no backward"
+    return kernel.supports(q, grid[1], k, v)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_h: torch.Tensor | None,
+                 pos_w: torch.Tensor | None, grid: tuple[int, int]) -> None:
+    """ValueError / TypeError naming the argument for inputs that no backend computes."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"rel_pos_attention: {name} must be B x heads x N x d, got shape "
+                             f"{tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"rel_pos_attention: {name} must be floating point, got {t.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"rel_pos_attention: q, k and v must have one dtype, got {q.dtype}, "
+                        f"{k.dtype} and {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"rel_pos_attention: q, k and v must be on one device, got {q.device}, "
+                         f"{k.device} and {v.device}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"rel_pos_attention: k must have q's head dim {q.shape[-1]}, got "
+                         f"shape {tuple(k.shape)}")
+    if (pos_h is None) != (pos_w is None):
+        raise ValueError("rel_pos_attention: pos_h and pos_w must both be tensors or both None")
+    if pos_h is None:
+        return
+    h, w = grid
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"rel_pos_attention: with a rel-pos bias k must have q's {q.shape[2]} "
+                         f"tokens, got shape {tuple(k.shape)}")
+    if h * w != q.shape[2]:
+        raise ValueError(f"rel_pos_attention: grid {tuple(grid)} has {h * w} cells, q has "
+                         f"{q.shape[2]} tokens")
+    for name, t, size in (("pos_h", pos_h, h), ("pos_w", pos_w, w)):
+        if tuple(t.shape) != (size, size, q.shape[-1]):
+            raise ValueError(f"rel_pos_attention: {name} must be {size} x {size} x "
+                             f"{q.shape[-1]} for grid {tuple(grid)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"rel_pos_attention: {name} must have q's dtype {q.dtype}, got "
+                            f"{t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"rel_pos_attention: {name} must be on q's device {q.device}, got "
+                             f"{t.device}")
 
 
 def rel_pos_attention(
@@ -123,9 +168,12 @@ def rel_pos_attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_inputs(q, k, v, pos_h, pos_w, grid)
     rel_h, rel_w = (None, None) if pos_h is None else rel_pos_terms(q, pos_h, pos_w, grid)
+    if backend in ("auto", "triton") and q.numel() == 0:
+        backend = "sdpa"  # nothing to compute: no launch, no warning
     if backend in ("auto", "triton"):
-        reason = kernel_unsupported(q, grid)
+        reason = kernel_unsupported(q, grid, k, v, rel_h, rel_w)
         if reason is None:
             return torch.ops.fastsam.rel_pos_attention(
                 q, k, v, rel_h, rel_w, grid[1], scale, backend == "auto"

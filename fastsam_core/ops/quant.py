@@ -35,7 +35,7 @@ INT8_KERNEL_VERSION = 3  # part of every tuning key: bump when kernels/int8_matm
 # The per-shape, per-GPU choice between fused kernels and separate passes: for int8 MLPs and
 # for LayerNorms that feed an int8 linear directly (norm1 -> qkv).
 FUSION_TUNER = Tuner("int8_fusion")
-FUSION_VERSION = 2  # part of every tuning key: bump when a fused path's kernels change
+FUSION_VERSION = 3  # part of every tuning key: bump when a fused path's kernels change
 FUSED_PATHS = ("fused", "separate")
 # Relative L2 distance allowed between a fused and the separate int8 result. Both are int8
 # results of the same layers (from the float ones: MLPs 1.1e-2 to 1.8e-2, norm1 -> qkv 7.0e-3
@@ -45,6 +45,7 @@ FUSED_PATHS = ("fused", "separate")
 # to vit_b's widths). A wrong kernel (garbage, unwritten rows) is ~1 away.
 FUSED_PATHS_MATCH_REL_L2 = 5e-2
 ACTIVATIONS = (None, "gelu")  # what an int8 matmul may apply before its output is stored
+MAX_ROW = 8192  # widest row the row kernels take (one block of registers per row)
 
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +59,9 @@ def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # its reciprocal (1 ulp off for some rows), the kernels (quantize_rows, layer_norm_quant)
     # and the CPU divide exactly
     scale = amax / amax.new_full((), INT8_MAX)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # a zero row (or one whose scale underflows to 0) gets 1; NaN stays NaN (not `scale > 0`):
+    # a NaN in the row makes the linear's output row NaN, as nn.Linear's
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     x_q = torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return x_q, scale
 
@@ -80,6 +83,8 @@ def int8_linear(
     Returns:
         ... x M in x's dtype.
     """
+    if not x.is_floating_point():
+        raise TypeError(f"int8_linear: x must be floating point, got {x.dtype}")
     shape = x.shape
     x_q, x_scale = quantize_per_row(x.reshape(-1, shape[-1]))  # N x K, N x 1
     y = int8_matmul(x_q, x_scale, weight_q, weight_scale, bias, x.dtype, backend)
@@ -96,6 +101,7 @@ def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor
     products of the codes), "triton" (`fastsam_core.kernels.int8_matmul`: product, rescale
     and bias in one kernel). activation: None or "gelu" (exact GELU of the fp32 result, before
     the rounding to `dtype`; in the kernel's epilogue with "triton")."""
+    check_int8_operands(x_q, x_scale, weight_q, weight_scale, bias)
     if backend == "triton":
         from fastsam_core.kernels.int8_matmul import int8_matmul as fused
 
@@ -110,7 +116,7 @@ def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor
         acc = x_q.float() @ weight_q.float().t()
     else:
         raise ValueError(f"backend must be 'int_mm', 'dequant' or 'triton', got {backend!r}")
-    y = acc * x_scale * weight_scale
+    y = acc * x_scale.reshape(-1, 1) * weight_scale.reshape(1, -1)  # N x M
     if bias is not None:
         y = y + bias.float()
     if activation == "gelu":
@@ -118,12 +124,40 @@ def int8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor
     return y.to(dtype)
 
 
+def check_int8_operands(x_q: torch.Tensor, x_scale: torch.Tensor, weight_q: torch.Tensor,
+                        weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """ValueError / TypeError naming the argument where `int8_matmul`'s operands do not fit:
+    x_q N x K int8, x_scale N x 1 or N, weight_q M x K int8, weight_scale M or M x 1, bias M."""
+    if x_q.dtype != torch.int8 or weight_q.dtype != torch.int8:
+        raise TypeError(f"int8_matmul: x_q and weight_q must be int8, got {x_q.dtype} and "
+                        f"{weight_q.dtype}")
+    if x_q.dim() != 2 or weight_q.dim() != 2 or x_q.shape[1] != weight_q.shape[1]:
+        raise ValueError(f"int8_matmul: x_q (N x K) and weight_q (M x K) must share K, got "
+                         f"{tuple(x_q.shape)} and {tuple(weight_q.shape)}")
+    n, m = x_q.shape[0], weight_q.shape[0]
+    for name, t, size in (("x_scale", x_scale, n), ("weight_scale", weight_scale, m)):
+        if tuple(t.shape) not in ((size,), (size, 1)):
+            raise ValueError(f"int8_matmul: {name} must have shape ({size},) or ({size}, 1), "
+                             f"got {tuple(t.shape)}")
+    if bias is not None and tuple(bias.shape) != (m,):
+        raise ValueError(f"int8_matmul: bias must have shape ({m},), got {tuple(bias.shape)}")
+
+
+def check_no_grad(name: str, *tensors: torch.Tensor | None) -> None:
+    """RuntimeError where autograd records a tensor about to be rounded to int8 codes: no
+    gradient would reach it (or a LayerNorm's parameters before it), silently."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{name} is inference-only: int8 codes carry no gradient (run it "
+                           "under torch.no_grad() or torch.inference_mode())")
+
+
 def quantize_rows(x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_per_row` of x's rows (... x K -> N x K int8, N x 1 fp32 scale, N = rows):
     one pass over each row with backend "triton" (kernels/quantize_rows.py), torch's passes
-    with "torch"; "auto": the kernel on CUDA, torch elsewhere."""
+    with "torch"; "auto": the kernel on CUDA for rows it takes, torch elsewhere."""
+    check_no_grad("quantize_rows", x)
     if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
+        backend = "triton" if x.is_cuda and x.shape[-1] <= MAX_ROW else "torch"
     rows = x.reshape(-1, x.shape[-1])
     if backend == "triton":
         from fastsam_core.kernels.quantize_rows import quantize_rows as kernel
@@ -141,9 +175,10 @@ def layer_norm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     (N x K int8, N x 1 fp32 scale), N = rows of x. What an int8 linear after a LayerNorm
     quantizes, in one pass with backend "triton" (the fused kernel of
     `fastsam_core.kernels.layer_norm_quant`), in three with "torch"; "auto": the kernel on
-    CUDA, torch elsewhere."""
+    CUDA for rows it takes, torch elsewhere."""
+    check_no_grad("layer_norm_quantize", x, weight, bias)
     if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
+        backend = "triton" if x.is_cuda and x.shape[-1] <= MAX_ROW else "torch"
     rows = x.reshape(-1, x.shape[-1])
     if backend == "triton":
         from fastsam_core.kernels.layer_norm_quant import layer_norm_quant
@@ -286,13 +321,16 @@ def int_mm_supported(n_tokens: int, in_features: int, out_features: int,
 def prune_2_4(weight: torch.Tensor) -> torch.Tensor:
     """Magnitude 2:4 pruning along the input dim: M x K (K a multiple of 4) -> M x K with the
     two smallest of every 4 consecutive weights zeroed."""
+    if weight.dim() != 2:
+        raise ValueError(f"prune_2_4: weight must be M x K, got shape {tuple(weight.shape)}")
     m, k = weight.shape
     if k % 4:
         raise ValueError(f"2:4 sparsity needs in_features divisible by 4, got {k}")
     groups = weight.reshape(m, k // 4, 4)
     keep = groups.abs().topk(2, dim=-1).indices  # M x K/4 x 2
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
-    return (groups * mask).reshape(m, k)
+    # where, not a product: a dropped inf or NaN times 0 would be a NaN, a third non-zero
+    return torch.where(mask, groups, torch.zeros_like(groups)).reshape(m, k)
 
 
 def is_2_4_sparse(weight: torch.Tensor) -> bool:
@@ -308,8 +346,18 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)
+    (inf for no noise, -inf for noise without signal or infinite noise, NaN with NaNs)."""
+    if reference.shape != approximation.shape:
+        raise ValueError(f"sqnr_db: reference and approximation must have one shape, got "
+                         f"{tuple(reference.shape)} and {tuple(approximation.shape)}")
     ref = reference.double()
     noise = (ref - approximation.double()).pow(2).sum().item()
     signal = ref.pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+    if math.isnan(noise) or math.isnan(signal):
+        return math.nan
+    if noise == 0:
+        return math.inf
+    if signal == 0 or math.isinf(noise):
+        return -math.inf
+    return 10 * math.log10(signal / noise)

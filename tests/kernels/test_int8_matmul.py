@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastsam_core.kernels.int8_matmul import int8_matmul, int8_matmul_ref
+from fastsam_core.ops import quant
 from fastsam_core.ops.quant import int8_linear, quantize_per_row
 from tests import tolerances as tol
 from tests.parity import assert_close_fp32
@@ -76,10 +77,53 @@ def test_strided_codes_and_the_linear_op():
 
 def test_bad_arguments():
     x_q, x_scale, w_q, w_scale, b = codes(16, 16, 32)
-    with pytest.raises(ValueError, match="same K"):
+    with pytest.raises(ValueError, match="share K"):
         int8_matmul(x_q, x_scale, w_q[:, :16], w_scale, b, torch.float32)
-    with pytest.raises(ValueError, match="int8"):
+    with pytest.raises(TypeError, match="x_q and weight_q must be int8"):
         int8_matmul(x_q.float(), x_scale, w_q, w_scale, b, torch.float32)
+
+
+def matmul(backend, *args):
+    """`ops.quant.int8_matmul` with `backend`, or "kernel": the kernel called directly."""
+    if backend == "kernel":
+        return int8_matmul(*args)
+    return quant.int8_matmul(*args, backend)
+
+
+@pytest.mark.parametrize("backend", ["dequant", "triton", "kernel"])
+def test_scales_of_either_shape_and_bad_lengths(backend):
+    """x_scale N or N x 1, weight_scale M or M x 1 (as quantize_per_row returns it) give the
+    same product, also where N == M (an M x 1 weight scale broadcast as a column scaled
+    rows); a scale or bias of another length raises naming it (the kernel read past their
+    end, "dequant" broadcast a length-1 bias)."""
+    x_q, x_scale, w_q, w_scale, b = codes(24, 24, 32)
+    expected = int8_matmul_ref(x_q, x_scale, w_q, w_scale, b, torch.float32)
+    for xs, ws in ((x_scale[:, 0], w_scale), (x_scale, w_scale[:, None]),
+                   (x_scale[:, 0], w_scale[:, None])):
+        assert torch.equal(matmul(backend, x_q, xs, w_q, ws, b, torch.float32), expected)
+    bad = {"x_scale": (x_scale[:-1], w_scale, b), "weight_scale": (x_scale, w_scale[:-1], b),
+           "bias": (x_scale, w_scale, b[:1])}
+    for name, (xs, ws, bias) in bad.items():
+        with pytest.raises(ValueError, match=f"{name} must have shape"):
+            matmul(backend, x_q, xs, w_q, ws, bias, torch.float32)
+    if backend == "dequant":  # the linear op, given the weight's scales as M x 1
+        x = torch.randn(5, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+        assert torch.equal(int8_linear(x, w_q, w_scale[:, None], b),
+                           int8_linear(x, w_q, w_scale, b))
+
+
+@pytest.mark.parametrize("shape, dtype", [((2, 2), torch.float32), ((4, 5), torch.float32),
+                                          ((4, 4), torch.float16)],
+                         ids=["too-small", "too-wide", "fp16-for-fp32"])
+def test_bad_out_buffers_raise_before_any_write(shape, dtype):
+    """An `out` that is not N x M in the output dtype raises naming it, and nothing is
+    written (it is a view into a larger buffer that must stay untouched)."""
+    x_q, x_scale, w_q, w_scale, b = codes(4, 4, 16)
+    buffer = torch.full((64,), -1.0, dtype=dtype, device=DEVICE)
+    out = buffer[: shape[0] * shape[1]].view(shape)
+    with pytest.raises(ValueError, match="out must be 4 x 4"):
+        int8_matmul(x_q, x_scale, w_q, w_scale, b, torch.float32, out=out)
+    assert (buffer == -1).all()
 
 
 @pytest.mark.cuda

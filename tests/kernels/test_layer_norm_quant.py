@@ -90,6 +90,26 @@ def test_bad_arguments():
         layer_norm_quant(wide, wide[0], wide[0], 1e-6)
 
 
+# the interpreter's tl.max is numpy's nanmax, which warns on the all-NaN LayerNorm row
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_rows_keep_a_nan_scale_and_underflowing_scales_agree(backend):
+    """A NaN in a row makes its LayerNorm output NaN: its scale is NaN (not 1, nor one from
+    the other elements), the other rows are unaffected. A weight of ~1e-44 makes every row's
+    max / 127 underflow to 0: scale 1 and zero codes, as for a zero row, on both backends."""
+    from fastsam_core.ops.quant import layer_norm_quantize
+
+    x, weight, bias = problem((3, 32), torch.float32)
+    x[1, 4] = float("nan")
+    q, s = layer_norm_quantize(x, weight, bias, 1e-6, backend)
+    q_ref, s_ref = layer_norm_quant_ref(x, weight, bias, 1e-6)
+    assert s[1].isnan().all() and s_ref[1].isnan().all()
+    assert_close_fp32(s[0::2], s_ref[0::2], tol.FP32_OP_REL_L2)
+    tiny = torch.full_like(weight, 1e-44)
+    q, s = layer_norm_quantize(x[0::2], tiny, torch.zeros_like(bias), 1e-6, backend)
+    assert (s == 1).all() and (q == 0).all()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("k", [768, 1280])
 def test_bf16_real_widths(k):

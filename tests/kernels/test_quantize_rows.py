@@ -71,6 +71,86 @@ def test_bad_arguments_and_the_op_layer():
         quant.quantize_rows(x, "cuda")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_rows_keep_a_nan_scale_and_underflowing_scales_agree(backend):
+    """A NaN in a row gives that row a NaN scale (its linear's output row is then NaN, as
+    nn.Linear's), not scale 1 nor one from the other elements; a row whose max / 127
+    underflows to 0 (|x| ~ 1e-44) gets scale 1 and zero codes, as a zero row, on both
+    backends (the kernel divided by the zero scale)."""
+    x = rows_of((5, 40), torch.float32)
+    x[1, 7] = float("nan")
+    x[2] = 0
+    x[3] = x[3].sign() * 1e-44
+    q, s = quant.quantize_rows(x, backend)
+    q_ref, s_ref = quantize_rows_ref(x)
+    assert s[1].isnan().all() and s_ref[1].isnan().all()
+    assert (s[2:4] == 1).all() and (q[2:4] == 0).all()
+    finite = torch.tensor([True, False, True, True, True], device=DEVICE)
+    assert torch.equal(q[finite], q_ref[finite]) and torch.equal(s[finite], s_ref[finite])
+
+
+@pytest.mark.parametrize("case", ["too-few-rows", "too-narrow", "scales-too-short",
+                                  "codes-int16", "codes-strided"])
+@pytest.mark.parametrize("name", ["quantize_rows", "layer_norm_quant"])
+def test_bad_out_buffers_raise_before_any_write(name, case):
+    """Both row kernels write `out` as contiguous N x K int8 codes and N fp32 scales: any
+    other buffer raises naming it, and nothing is written (the buffers are views into larger
+    ones that must stay untouched)."""
+    from fastsam_core.kernels.layer_norm_quant import layer_norm_quant
+
+    x = rows_of((4, 8), torch.float32)
+    codes = torch.full((128,), 7, dtype=torch.int16 if case == "codes-int16" else torch.int8,
+                       device=DEVICE)
+    scales = torch.full((16,), 7.0, device=DEVICE)
+    q, s = {"too-few-rows": (codes[:8].view(1, 8), scales[:1]),
+            "too-narrow": (codes[:16].view(4, 4), scales[:4]),
+            "scales-too-short": (codes[:32].view(4, 8), scales[:2]),
+            "codes-int16": (codes[:32].view(4, 8), scales[:4]),
+            "codes-strided": (codes[:64].view(4, 16)[:, ::2], scales[:4])}[case]
+    with pytest.raises(ValueError, match="out must be"):
+        if name == "quantize_rows":
+            quantize_rows(x, out=(q, s))
+        else:
+            layer_norm_quant(x, torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE),
+                             1e-6, out=(q, s))
+    assert (codes == 7).all() and (scales == 7).all()
+
+
+@pytest.mark.parametrize("op", ["quantize_rows", "layer_norm_quantize"])
+def test_auto_takes_torch_for_rows_wider_than_the_kernels_take(op, monkeypatch):
+    """"auto" means the kernel on CUDA for rows of up to MAX_ROW features, torch for wider
+    ones (the kernels raise for those). CUDA is stood in for by patching `Tensor.is_cuda`,
+    and the kernels by a stub that only reports being chosen (the interpreter is no CUDA
+    device); the torch result is computed for real."""
+    import fastsam_core.kernels.layer_norm_quant as layer_norm_kernel
+    import fastsam_core.kernels.quantize_rows as rows_kernel
+
+    class KernelChosen(Exception):
+        pass
+
+    def chosen(*args, **kwargs):
+        raise KernelChosen
+
+    monkeypatch.setattr(rows_kernel, "quantize_rows", chosen)
+    monkeypatch.setattr(layer_norm_kernel, "layer_norm_quant", chosen)
+    gen = torch.Generator().manual_seed(0)
+    wide, widest = (torch.randn(2, k, generator=gen) for k in (MAX_ROW + 1, MAX_ROW))
+
+    def run(x, backend):
+        if op == "quantize_rows":
+            return quant.quantize_rows(x, backend)
+        k = x.shape[-1]
+        return quant.layer_norm_quantize(x, torch.ones(k), torch.zeros(k), 1e-6, backend)
+
+    expected = run(wide, "torch")
+    with monkeypatch.context() as on_cuda:
+        on_cuda.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        got = run(wide, "auto")
+        with pytest.raises(KernelChosen):
+            run(widest, "auto")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("k", [3072, 5120])
 def test_bf16_real_widths(k):

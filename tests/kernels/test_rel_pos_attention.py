@@ -121,6 +121,85 @@ def test_every_bias_mode_and_head_dim_split(mode, grid, dim, dtype):
         assert_lowp_parity(out, naive, exact)
 
 
+# A -inf bias term masks its key, in every bias mode: "onehot" forms a block's bias as
+# matmuls with one-hot matrices, where -inf times a zero was NaN for the whole query row, and
+# a query whose first key block was masked whole subtracted a -inf maximum (NaN). The launches
+# are checked to really take their mode (the interpreter's 32-key tiles on windows, forced).
+def forced(bias):
+    return kernel.LaunchConfig(32, 32, CONFIG.num_warps, 1, bias=bias)
+
+
+MASK_CASES = {"onehot-7x7": (CONFIG, (7, 7), 16, "onehot"),
+              "onehot-forced-6x7": (forced("onehot"), (6, 7), 24, "onehot"),
+              "row-3x32": (forced("row"), (3, 32), 16, "row"),
+              "gather-forced-5x9": (forced("gather"), (5, 9), 16, "gather")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_minus_inf_bias_terms_mask_their_keys(case, dtype):
+    config, grid, dim, mode = MASK_CASES[case]
+    assert kernel.bias_mode(config, grid) == mode
+    q, k, v, rh, rw = problem(2, 2, grid, dim, dtype)
+    if dtype == torch.float32:  # below fp16's range: a stand-in must be lower still
+        rh[0, 1, 5] = -1e5
+    rh[0, 1, 5, 2] = float("-inf")  # query 5 of head 1 does not see key row 2
+    rw[1, 0, 3, :2] = float("-inf")  # query 3 of image 1 does not see key columns 0 and 1
+    first_block_rows = (config.block_n - 1) // grid[1] + 1
+    rh[1, 1, 4, :first_block_rows] = float("-inf")  # nor query 4 of image 1 its first block
+    out = kernel.empty_output(q).fill_(float("nan"))
+    kernel.rel_pos_attention_fwd(q, k, v, rh, rw, grid[1], dim**-0.5, config, out=out)
+    assert torch.isfinite(out).all()
+    if dtype == torch.float32:
+        assert_close_fp32(out, reference(q, k, v, rh, rw, grid), tol.FP32_OP_REL_L2)
+    else:
+        naive = reference(q, k, v, rh, rw, grid)
+        exact = reference(*(t.double() for t in (q, k, v, rh, rw)), grid)
+        assert_lowp_parity(out, naive, exact)
+
+
+@pytest.mark.parametrize("case", ["row-3x32", "gather-forced-5x9"])
+def test_a_query_with_every_key_masked_is_nan_as_in_softmax(case):
+    """(In "onehot" mode such a query gets a finite output: see the kernel's docstring.)"""
+    config, grid, dim, _ = MASK_CASES[case]
+    q, k, v, rh, rw = problem(1, 1, grid, dim, torch.float32)
+    rh[0, 0, 6] = float("-inf")
+    out = kernel.empty_output(q)
+    kernel.rel_pos_attention_fwd(q, k, v, rh, rw, grid[1], dim**-0.5, config, out=out)
+    assert out[0, 0, 6].isnan().all()
+    others = torch.arange(q.shape[2]) != 6
+    assert_close_fp32(out[0, 0, others], reference(q, k, v, rh, rw, grid)[0, 0, others],
+                      tol.FP32_OP_REL_L2)
+
+
+# Arguments the kernel would read or write out of bounds, or misread: each raises naming it,
+# before anything is written (q is 1 x 2 x 16 x 16 on a 4 x 4 grid; `out` is a view into a
+# larger buffer that must stay untouched).
+BAD_LAUNCHES = {
+    "rel_h-narrow": ("rel_h must be", lambda a: a.update(rel_h=a["rel_h"][..., :2])),
+    "rel_w-missing": ("rel_h and rel_w must both", lambda a: a.update(rel_w=None)),
+    "k-8-tokens": ("k must match q", lambda a: a.update(k=a["k"][:, :, :8])),
+    "v-fp16": ("v must match q", lambda a: a.update(v=a["v"].half())),
+    "out-4-tokens": ("out must match q", lambda a: a.update(out=a["out"][:, :, :4])),
+    "out-fp16": ("out must match q",  # fp16 numbers in the watched buffer's bytes
+                 lambda a: a.update(out=a["out"].view(torch.float16)[..., :16])),
+    "grid-width-0": ("multiple of the grid width", lambda a: a.update(key_grid_w=0)),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LAUNCHES)
+def test_bad_launch_arguments_raise_before_any_write(case):
+    match, make_bad = BAD_LAUNCHES[case]
+    q, k, v, rh, rw = problem(1, 2, (4, 4), 16, torch.float32)
+    buffer = torch.full((4 * q.numel(),), -1.0, device=DEVICE)
+    out = buffer[: q.numel()].view(1, 16, 2, 16).transpose(1, 2)  # empty_output's layout
+    args = dict(q=q, k=k, v=v, rel_h=rh, rel_w=rw, key_grid_w=4, out=out)
+    make_bad(args)
+    with pytest.raises(ValueError, match=match):
+        kernel.rel_pos_attention_fwd(scale=0.25, config=CONFIG, **args)
+    assert (buffer == -1).all()
+
+
 def test_bias_mode_and_head_dim_split_rules():
     """What a launch uses when nothing is forced, and what the tuner is offered."""
     vit_global, window = (64, 64), (14, 14)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos, get_rel_pos
 
+from fastsam_core.ops import attention as ops
 from fastsam_core.ops.attention import choose_backend, rel_pos_attention, rel_pos_index
 from tests import tolerances as tol
 from tests.parity import assert_close_fp32, assert_lowp_parity
@@ -93,3 +94,124 @@ def test_unknown_backend_raises():
         choose_backend("flash", cpu)
     assert choose_backend("auto", cpu)[0] == "sdpa" and choose_backend("math", cpu)[0] == "math"
     assert choose_backend("auto", torch.device("cuda"))[0] == "auto"
+
+
+def args_of(case):
+    """q, k, v, pos_h, pos_w, grid (4 x 4, d 12) with one argument made wrong by `case`."""
+    q, k, v, th, tw = inputs(1, 2, (4, 4), 12)
+    args = dict(q=q, k=k, v=v, pos_h=th[rel_pos_index(4)], pos_w=tw[rel_pos_index(4)],
+                grid=(4, 4))
+    case(args)
+    return args
+
+
+# Inputs that no backend computes: each raises naming the argument, whichever the backend
+# (the kernel used to read them out of bounds or misread them, SDPA and math raised torch's
+# own errors, or computed with the tables' dtype).
+BAD_INPUTS = {
+    "q-3d": (ValueError, "q must be B x heads x N x d", lambda a: a.update(q=a["q"][0])),
+    "int-qkv": (TypeError, "q must be floating point",
+                lambda a: a.update({n: (a[n] * 4).int() for n in "qkv"})),
+    "k-fp16": (TypeError, "q, k and v must have one dtype", lambda a: a.update(k=a["k"].half())),
+    "v-fp16": (TypeError, "q, k and v must have one dtype", lambda a: a.update(v=a["v"].half())),
+    "k-on-meta": (ValueError, "q, k and v must be on one device",
+                  lambda a: a.update(k=a["k"].to("meta"))),
+    "k-head-dim": (ValueError, "k must have q's head dim",
+                   lambda a: a.update(k=a["k"][..., :8])),
+    "k-tokens-with-bias": (ValueError, "k must have q's 16 tokens",
+                           lambda a: a.update(k=a["k"].repeat(1, 1, 2, 1))),
+    "grid": (ValueError, r"grid \(4, 5\) has 20 cells", lambda a: a.update(grid=(4, 5))),
+    "pos_w-shape": (ValueError, "pos_w must be 4 x 4 x 12",
+                    lambda a: a.update(pos_w=a["pos_w"][:, :3])),
+    "pos_w-missing": (ValueError, "pos_h and pos_w must both", lambda a: a.update(pos_w=None)),
+    "pos_h-dtype": (TypeError, "pos_h must have q's dtype",
+                    lambda a: a.update(pos_h=a["pos_h"].half())),
+    "pos_w-device": (ValueError, "pos_w must be on q's device",
+                     lambda a: a.update(pos_w=a["pos_w"].to("meta"))),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_inputs_no_backend_computes_raise_naming_the_argument(case):
+    error, match, make_bad = BAD_INPUTS[case]
+    for backend in ("triton", "auto", "sdpa", "math"):
+        args = args_of(make_bad)
+        with pytest.raises(error, match=match):
+            rel_pos_attention(**args, scale=0.25, backend=backend)
+
+
+# Inputs SDPA computes but the kernel does not take (another number of keys, a wider v, k
+# and v broadcast over q's batch; no bias), sliced from 2 x 2 x 32 x 20 ones: "triton" falls
+# back to SDPA with a warning, "auto" silently, and the result is the attention of these.
+KERNEL_UNSUPPORTED = {
+    "32-keys": lambda q, k, v: (q[:1, :, :16, :12], k[:1, ..., :12], v[:1, ..., :12]),
+    "8-keys": lambda q, k, v: (q[:1, :, :16, :12], k[:1, :, :8, :12], v[:1, :, :8, :12]),
+    "v-width-20": lambda q, k, v: (q[:1, :, :16, :12], k[:1, :, :16, :12], v[:1, :, :16]),
+    "kv-batch-1": lambda q, k, v: (q[:, :, :16, :12], k[:1, :, :16, :12], v[:1, :, :16, :12]),
+}
+
+
+@pytest.mark.parametrize("case", KERNEL_UNSUPPORTED)
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_inputs_only_sdpa_takes_fall_back_to_it(case, backend, monkeypatch, kernel_launches):
+    monkeypatch.setattr(ops, "KERNEL_FALLBACKS", {})  # each reason warns once per process
+    q, k, v = KERNEL_UNSUPPORTED[case](*inputs(2, 2, (4, 8), 20)[:3])
+    scale = 12**-0.5
+    exact = ((q.double() @ k.double().transpose(-2, -1)) * scale).softmax(-1) @ v.double()
+    if backend == "triton":
+        with pytest.warns(UserWarning, match="Triton attention unavailable"):
+            out = rel_pos_attention(q, k, v, None, None, (4, 4), scale, backend)
+    else:
+        out = rel_pos_attention(q, k, v, None, None, (4, 4), scale, backend)
+    assert_close_fp32(out, exact.float(), tol.FP32_OP_REL_L2)
+    assert kernel_launches == []
+
+
+@pytest.mark.parametrize("batch, grid, dim", [(1, (3, 0), 8), (1, (2, 3), 0), (0, (2, 3), 8)],
+                         ids=["grid-width-0", "head-dim-0", "batch-0"])
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_empty_inputs_return_empty_without_a_launch(batch, grid, dim, backend, monkeypatch,
+                                                    kernel_launches):
+    """Nothing to compute: the empty result SDPA gives, no launch and no fallback (the kernel
+    path divided by the grid width, split a head dim of 0, tuned for batch 0 on CUDA)."""
+    monkeypatch.setattr(ops, "KERNEL_FALLBACKS", {})
+    n = grid[0] * grid[1]
+    q, k, v = (torch.randn(batch, 2, n, dim) for _ in range(3))
+    pos_h = torch.randn(max(2 * grid[0] - 1, 0), dim)[rel_pos_index(grid[0])]
+    pos_w = torch.randn(max(2 * grid[1] - 1, 0), dim)[rel_pos_index(grid[1])]
+    for bias in ((pos_h, pos_w), (None, None)):
+        out = rel_pos_attention(q, k, v, *bias, grid, 1.0, backend)
+        expected = rel_pos_attention(q, k, v, *bias, grid, 1.0, "sdpa")
+        assert out.shape == expected.shape == q.shape and out.dtype == q.dtype
+    assert kernel_launches == [] and ops.KERNEL_FALLBACKS == {}
+
+
+@pytest.mark.parametrize("trained", ["qkv", "tables"])
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_autograd_takes_sdpa_and_gets_its_gradients(backend, trained, monkeypatch,
+                                                   kernel_launches):
+    """The kernel has no backward: while autograd records (q, k, v or the rel-pos tables
+    requiring grad), "triton" falls back to SDPA with a warning ("auto" silently), and the
+    gradients are SDPA's; under no_grad the same inputs take the kernel."""
+    monkeypatch.setattr(ops, "KERNEL_FALLBACKS", {})
+    grid, scale = (4, 4), 0.25
+    upstream = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for name in ("sdpa", backend):
+        q, k, v, th, tw = inputs(1, 2, grid, 16)
+        leaves = (q, k, v) if trained == "qkv" else (th, tw)
+        for t in leaves:
+            t.requires_grad_(True)
+        if name == "triton":
+            with pytest.warns(UserWarning, match="autograd"):
+                out = fast(q, k, v, th, tw, grid, scale, name)
+        else:
+            out = fast(q, k, v, th, tw, grid, scale, name)
+        out.backward(upstream)
+        grads[name] = [t.grad for t in leaves]
+    for got, expected in zip(grads[backend], grads["sdpa"], strict=True):
+        assert_close_fp32(got, expected, tol.FP32_OP_REL_L2)
+    assert kernel_launches == []
+    with torch.no_grad():
+        fast(q, k, v, th, tw, grid, scale, backend)
+    assert kernel_launches == [tuple(q.shape)]

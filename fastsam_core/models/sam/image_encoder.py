@@ -29,7 +29,7 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
-from fastsam_core.models.convert import adopt_module, adopt_parameter, module_device
+from fastsam_core.models.convert import adopt_module, adopt_parameter, dtype_name, module_device
 from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, hooks_note
 from fastsam_core.models.quant import Int8Tokens, PendingLayerNorm
 from fastsam_core.models.sam.common import layer_norm_2d
@@ -310,7 +310,7 @@ class FastImageEncoderViT(ReferenceFallback):
 
     def describe(self) -> list[StageReport]:
         """Which path each part of the encoder takes, and why."""
-        dtype = str(self.patch_embed.proj.weight.dtype).replace("torch.", "")
+        dtype = dtype_name(self.patch_embed.proj.weight.dtype)
         stages = [StageReport(
             "image_encoder", "fast",
             f"ViT, {len(self.blocks)} blocks, {dtype}, compile: {self._run_fast.summary}"

@@ -21,7 +21,7 @@ from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
-from fastsam_core.models.convert import adopt_module, to_device
+from fastsam_core.models.convert import adopt_module, dtype_name, to_device
 from fastsam_core.models.fallback import (
     ReferenceFallback,
     has_forward_hooks,
@@ -284,7 +284,7 @@ class FastMaskDecoder(ReferenceFallback):
         return masks[:, sl].to(dtype), iou[:, sl].to(dtype)
 
     def describe(self) -> list[StageReport]:
-        dtype = str(self.dtype).replace("torch.", "")
+        dtype = dtype_name(self.dtype)
         detail = (f"SDPA two-way transformer, {dtype}, no per-prompt image copy, "
                   f"compile: {self._decode_dense.summary}")
         return [StageReport("mask_decoder", "fast",

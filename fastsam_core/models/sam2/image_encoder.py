@@ -31,7 +31,7 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
-from fastsam_core.models.convert import adopt_module, adopt_parameter, tensor_identity
+from fastsam_core.models.convert import adopt_module, adopt_parameter, dtype_name, tensor_identity
 from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, hooks_note
 from fastsam_core.models.quant import PendingLayerNorm
 from fastsam_core.report import StageReport, UnsupportedModule
@@ -282,7 +282,7 @@ class FastSam2ImageEncoder(ReferenceFallback):
         return None
 
     def describe(self) -> list[StageReport]:
-        dtype = str(self.dtype).replace("torch.", "")
+        dtype = dtype_name(self.dtype)
         return [StageReport(
             "image_encoder", "fast",
             f"Hiera ({len(self.trunk.blocks)} blocks) + FPN neck, {dtype}, cached position "

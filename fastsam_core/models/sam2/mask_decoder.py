@@ -18,7 +18,7 @@ from sam2.modeling.sam2_utils import MLP
 from torch import nn
 
 from fastsam_core.config import FastConfig
-from fastsam_core.models.convert import adopt_module, module_dtype
+from fastsam_core.models.convert import adopt_module, dtype_name, module_dtype
 from fastsam_core.models.fallback import without_autocast
 from fastsam_core.models.sam.mask_decoder import FastMaskDecoder, dense_batch_reason
 from fastsam_core.models.sam.transformer import PromptGroups
@@ -159,8 +159,8 @@ class FastSam2MaskDecoder(FastMaskDecoder):
                 torch.where(stable, iou[:, :1], best_iou))
 
     def describe(self) -> list[StageReport]:
-        dtype = str(self.dtype).replace("torch.", "")
-        skip = str(module_dtype(self.conv_s0)).replace("torch.", "") \
+        dtype = dtype_name(self.dtype)
+        skip = dtype_name(module_dtype(self.conv_s0)) \
             if self.use_high_res_features else "-"
         return [StageReport(
             "sam_mask_decoder", "fast",

@@ -32,7 +32,7 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
-from fastsam_core.models.convert import adopt_module
+from fastsam_core.models.convert import adopt_module, dtype_name
 from fastsam_core.models.fallback import ReferenceFallback, without_autocast
 from fastsam_core.report import StageReport, UnsupportedModule
 
@@ -273,7 +273,7 @@ class FastMemoryAttention(ReferenceFallback):
         return None
 
     def describe(self) -> list[StageReport]:
-        dtype = str(self.dtype).replace("torch.", "")
+        dtype = dtype_name(self.dtype)
         return [StageReport(
             "memory_attention", "fast",
             f"{self.num_layers} layers, SDPA, cached rotary tables, {dtype}, compile: "

@@ -19,7 +19,7 @@ from torch import nn
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
-from fastsam_core.models.convert import adopt_module
+from fastsam_core.models.convert import adopt_module, dtype_name
 from fastsam_core.models.fallback import (
     ReferenceFallback,
     has_forward_hooks,
@@ -124,7 +124,7 @@ class FastMemoryEncoder(ReferenceFallback):
         return self._pos_cache[key]
 
     def describe(self) -> list[StageReport]:
-        dtype = str(self.dtype).replace("torch.", "")
+        dtype = dtype_name(self.dtype)
         return [StageReport("memory_encoder", "fast",
                             f"mask downsampler + {len(self.fuser.layers)} ConvNeXt blocks, "
                             f"{dtype}, cached position encoding, compile: "
