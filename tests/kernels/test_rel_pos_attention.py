@@ -129,7 +129,7 @@ def forced(bias):
     return kernel.LaunchConfig(32, 32, CONFIG.num_warps, 1, bias=bias)
 
 
-MASK_CASES = {"onehot-7x7": (CONFIG, (7, 7), 16, "onehot"),
+MASK_CASES = {"onehot-9x9": (CONFIG, (9, 9), 16, "onehot"),  # more keys than one block
               "onehot-forced-6x7": (forced("onehot"), (6, 7), 24, "onehot"),
               "row-3x32": (forced("row"), (3, 32), 16, "row"),
               "gather-forced-5x9": (forced("gather"), (5, 9), 16, "gather")}
