@@ -31,6 +31,7 @@ from bench.common import DEVICE, record, repeats
 from fastsam_core.benchmark import synchronize
 from fastsam_core.kernels import rel_pos_attention as kernel
 from fastsam_core.kernels.rel_pos_attention import flops
+from fastsam_core.models.convert import dtype_name
 from fastsam_core.ops import attention as attention_ops
 from fastsam_core.ops.attention import rel_pos_attention, rel_pos_terms, tuned_config
 
@@ -116,5 +117,5 @@ def test_attention(benchmark, shape, impl):
     benchmark.pedantic(run, rounds=shape.rounds, warmup_rounds=1, iterations=1)
     n = shape.grid[0] * shape.grid[1]
     record(benchmark, benchmark.group, impl, flops=flops(shape.batch * shape.heads, n, shape.dim),
-           dtype=str(shape.dtype).replace("torch.", ""), batch=shape.batch, heads=shape.heads,
+           dtype=dtype_name(shape.dtype), batch=shape.batch, heads=shape.heads,
            tokens=n, head_dim=shape.dim)

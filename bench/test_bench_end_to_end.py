@@ -16,6 +16,7 @@ from segment_anything import SamPredictor
 import fastsam_core
 from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from fastsam_core.benchmark import synchronize
+from fastsam_core.models.convert import dtype_name
 from fastsam_core.models.sam.reference import build_sam
 
 CUDA = DEVICE.type == "cuda"
@@ -50,7 +51,7 @@ def test_predictor(benchmark, model, impl):
         benchmark.pedantic(run, rounds=5 if CUDA else 2, warmup_rounds=1, iterations=1)
         if impl == "fast":
             fail_on_fallbacks(model, impl)
-        dtype = str(model.mask_decoder.iou_token.weight.dtype).replace("torch.", "")
+        dtype = dtype_name(model.mask_decoder.iou_token.weight.dtype)
     finally:
         if impl == "fast":
             fastsam_core.restore(model)

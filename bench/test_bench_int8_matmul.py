@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from bench.common import DEVICE, record, repeats
 from fastsam_core.benchmark import synchronize
+from fastsam_core.models.convert import dtype_name
 from fastsam_core.ops.quant import int8_matmul, quantize_per_row
 
 CUDA = DEVICE.type == "cuda"
@@ -57,4 +58,4 @@ def test_int8_matmul(benchmark, name, impl):
 
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     record(benchmark, group, impl, flops=2.0 * n * k * m, tokens=n, in_features=k,
-           out_features=m, dtype=str(DTYPE).replace("torch.", ""))
+           out_features=m, dtype=dtype_name(DTYPE))

@@ -24,6 +24,7 @@ from torch import nn
 
 from bench.common import DEVICE, record, repeats
 from fastsam_core.benchmark import synchronize
+from fastsam_core.models.convert import dtype_name
 from fastsam_core.models.quant import DeferredLayerNorm, Int8Linear, Int8MLP
 
 if DEVICE.type == "cuda":
@@ -58,4 +59,4 @@ def test_int8_mlp(benchmark, name, impl):
 
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     record(benchmark, group, impl, flops=4.0 * tokens * k * hidden, tokens=tokens,
-           features=k, hidden=hidden, dtype=str(DTYPE).replace("torch.", ""))
+           features=k, hidden=hidden, dtype=dtype_name(DTYPE))

@@ -22,6 +22,7 @@ from segment_anything import SamPredictor
 import fastsam_core
 from bench.common import DEVICE, fail_on_fallbacks, record, repeats
 from fastsam_core.benchmark import synchronize
+from fastsam_core.models.convert import dtype_name
 from fastsam_core.models.sam.reference import build_sam
 from fastsam_core.pipelines import predict_batch
 
@@ -68,10 +69,10 @@ def test_decoder_latency(benchmark, decoder_model, prompts, impl):
     finally:
         if impl == "fast":
             fastsam_core.restore(sam)
-    dtype = str(sam.mask_decoder.iou_token.weight.dtype if impl == "reference"
-                else fastsam_core.FastConfig().resolve_dtype(DEVICE, torch.float32))
+    dtype = dtype_name(sam.mask_decoder.iou_token.weight.dtype if impl == "reference"
+                       else fastsam_core.FastConfig().resolve_dtype(DEVICE, torch.float32))
     record(benchmark, group, impl, prompts=prompts, image_size=IMAGE_SIZE,
-            dtype=dtype.replace("torch.", ""))
+            dtype=dtype)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ faster is measured: the tuner's candidates hold both tiled and gathered forms):
 A -inf bias term masks its key, as in the reference (a block whose keys are all masked so far
 shifts by 0, not by its -inf maximum). "onehot" stands the dtype's most negative finite value
 in for -inf (-inf times a one-hot zero would be NaN), so there a query whose every key is
-masked gets a finite output where softmax gives NaN; in the other modes it is NaN too.
+masked may get a finite output where softmax gives NaN; in the other modes it is NaN too.
 
 Head dims are split into a power-of-two part and a remainder instead of being padded to the
 next power of two (vit_h's 80 = 64 + 16, not 128: 37.5% fewer multiply-adds, accumulator

@@ -121,6 +121,9 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_h: torch
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"rel_pos_attention: k must have q's head dim {q.shape[-1]}, got "
                          f"shape {tuple(k.shape)}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"rel_pos_attention: v must have k's {k.shape[2]} tokens, got shape "
+                         f"{tuple(v.shape)}")
     if (pos_h is None) != (pos_w is None):
         raise ValueError("rel_pos_attention: pos_h and pos_w must both be tensors or both None")
     if pos_h is None:

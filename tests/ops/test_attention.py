@@ -12,6 +12,9 @@ from tests import tolerances as tol
 from tests.parity import assert_close_fp32, assert_lowp_parity
 
 GRIDS = [(4, 4), (6, 5), (7, 7), (14, 14)]
+# CUDA where present: on a GPU host the interpreter is off, and CPU tensors never take the
+# kernel (bench/run_gpu.sh runs this file there, `-m "not cuda"`)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def inputs(batch, heads, grid, dim, seed=0):
@@ -20,7 +23,7 @@ def inputs(batch, heads, grid, dim, seed=0):
     q, k, v = (torch.randn(batch, heads, n, dim, generator=gen) for _ in range(3))
     table_h = torch.randn(2 * grid[0] - 1, dim, generator=gen) * 0.5
     table_w = torch.randn(2 * grid[1] - 1, dim, generator=gen) * 0.5
-    return q, k, v, table_h, table_w
+    return [t.to(DEVICE) for t in (q, k, v, table_h, table_w)]
 
 
 def reference(q, k, v, table_h, table_w, grid, scale):
@@ -119,7 +122,10 @@ BAD_INPUTS = {
     "k-head-dim": (ValueError, "k must have q's head dim",
                    lambda a: a.update(k=a["k"][..., :8])),
     "k-tokens-with-bias": (ValueError, "k must have q's 16 tokens",
-                           lambda a: a.update(k=a["k"].repeat(1, 1, 2, 1))),
+                           lambda a: a.update(k=a["k"].repeat(1, 1, 2, 1),
+                                              v=a["v"].repeat(1, 1, 2, 1))),
+    "v-tokens": (ValueError, "v must have k's 16 tokens",
+                 lambda a: a.update(v=a["v"][:, :, :8])),
     "grid": (ValueError, r"grid \(4, 5\) has 20 cells", lambda a: a.update(grid=(4, 5))),
     "pos_w-shape": (ValueError, "pos_w must be 4 x 4 x 12",
                     lambda a: a.update(pos_w=a["pos_w"][:, :3])),
@@ -176,9 +182,9 @@ def test_empty_inputs_return_empty_without_a_launch(batch, grid, dim, backend, m
     path divided by the grid width, split a head dim of 0, tuned for batch 0 on CUDA)."""
     monkeypatch.setattr(ops, "KERNEL_FALLBACKS", {})
     n = grid[0] * grid[1]
-    q, k, v = (torch.randn(batch, 2, n, dim) for _ in range(3))
-    pos_h = torch.randn(max(2 * grid[0] - 1, 0), dim)[rel_pos_index(grid[0])]
-    pos_w = torch.randn(max(2 * grid[1] - 1, 0), dim)[rel_pos_index(grid[1])]
+    q, k, v = (torch.randn(batch, 2, n, dim, device=DEVICE) for _ in range(3))
+    pos_h = torch.randn(max(2 * grid[0] - 1, 0), dim, device=DEVICE)[rel_pos_index(grid[0])]
+    pos_w = torch.randn(max(2 * grid[1] - 1, 0), dim, device=DEVICE)[rel_pos_index(grid[1])]
     for bias in ((pos_h, pos_w), (None, None)):
         out = rel_pos_attention(q, k, v, *bias, grid, 1.0, backend)
         expected = rel_pos_attention(q, k, v, *bias, grid, 1.0, "sdpa")
@@ -195,7 +201,7 @@ def test_autograd_takes_sdpa_and_gets_its_gradients(backend, trained, monkeypatc
     gradients are SDPA's; under no_grad the same inputs take the kernel."""
     monkeypatch.setattr(ops, "KERNEL_FALLBACKS", {})
     grid, scale = (4, 4), 0.25
-    upstream = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(1))
+    upstream = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     grads = {}
     for name in ("sdpa", backend):
         q, k, v, th, tw = inputs(1, 2, grid, 16)
