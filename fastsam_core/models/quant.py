@@ -104,8 +104,8 @@ class Int8Linear(nn.Module):
         state_dict[prefix + "weight_scale"] = scale[:, 0]
 
     def _apply(self, fn: Callable, recurse: bool = True) -> Int8Linear:
-        """`.to()`, `.cuda()`, `.half()`: the scales follow the device but stay fp32 (a cast
-        to bf16 would round every weight by up to 2**-9 of its row's scale)."""
+        """`.to()`, `.cuda()`, `.half()`: the scales follow the device but stay fp32 (rounded
+        to bf16 they would move every dequantized weight by up to 2**-8 of its value)."""
         scale = self.weight_scale
         super()._apply(fn, recurse)
         if self.weight_scale.dtype != scale.dtype:
