@@ -336,7 +336,7 @@ def rel_pos_attention_launch(q, k, v, rel_h, rel_w, key_grid_w: int, scale: floa
 def check_launch(q, k, v, rel_h, rel_w, key_grid_w: int, out: torch.Tensor) -> None:
     """ValueError for arguments the kernel would read or write out of bounds, or misread: it
     indexes k, v, rel_h, rel_w and out by q's shape and loads them as q's dtype."""
-    b, heads, n, d = q.shape
+    b, heads, n, _ = q.shape
     if key_grid_w <= 0 or n % key_grid_w:
         raise ValueError(f"rel_pos_attention: {n} tokens is not a multiple of the grid width "
                          f"{key_grid_w} (key_grid_w)")

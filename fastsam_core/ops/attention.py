@@ -90,15 +90,16 @@ def kernel_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "0") not in ("", "0")
 
 
-def kernel_unsupported(q: torch.Tensor, grid: tuple[int, int], k: torch.Tensor | None = None,
-                       v: torch.Tensor | None = None, *bias: torch.Tensor | None) -> str | None:
+def kernel_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       rel_h: torch.Tensor | None, rel_w: torch.Tensor | None,
+                       grid: tuple[int, int]) -> str | None:
     """None if the Triton kernel can run on these inputs, else why not."""
     if kernel is None:
         return "Triton is not installed"
     if kernel_disabled():
         return f"disabled by {DISABLE_ENV}"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (q, k, v, *bias)):
+                                       for t in (q, k, v, rel_h, rel_w)):
         return "autograd is recording and the kernel has no backward"
     return kernel.supports(q, grid[1], k, v)
 
@@ -176,7 +177,7 @@ def rel_pos_attention(
     if backend in ("auto", "triton") and q.numel() == 0:
         backend = "sdpa"  # nothing to compute: no launch, no warning
     if backend in ("auto", "triton"):
-        reason = kernel_unsupported(q, grid, k, v, rel_h, rel_w)
+        reason = kernel_unsupported(q, k, v, rel_h, rel_w, grid)
         if reason is None:
             return torch.ops.fastsam.rel_pos_attention(
                 q, k, v, rel_h, rel_w, grid[1], scale, backend == "auto"

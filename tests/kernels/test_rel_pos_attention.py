@@ -44,6 +44,17 @@ def reference(q, k, v, rel_h, rel_w, grid):
     return kernel.rel_pos_attention_ref(q, k, v, rel_h, rel_w, grid[1], q.shape[-1] ** -0.5)
 
 
+def assert_matches_reference(out, q, k, v, rel_h, rel_w, grid):
+    """fp32: within the per-op bound of the fp32 reference; low precision: the numerics
+    policy against a float64 reference and the naive reference in q's dtype."""
+    if q.dtype == torch.float32:
+        assert_close_fp32(out, reference(q, k, v, rel_h, rel_w, grid), tol.FP32_OP_REL_L2)
+    else:
+        naive = reference(q, k, v, rel_h, rel_w, grid)
+        exact = reference(*(t.double() for t in (q, k, v, rel_h, rel_w)), grid)
+        assert_lowp_parity(out, naive, exact)
+
+
 # Windows 4x4, 6x5 and 7x7 (30 and 49 tokens: not multiples of the 32-token tiles), a 14x14
 # window, head dims 16, 64 and 80 (vit_h: 64 + 16 columns), batch 1 and 3; the interpreter's
 # 32-key tiles take the one-hot bias on all of these.
@@ -113,12 +124,7 @@ def test_every_bias_mode_and_head_dim_split(mode, grid, dim, dtype):
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     out = kernel.empty_output(q).fill_(float("nan"))
     kernel.rel_pos_attention_fwd(q, k, v, rh, rw, grid[1], dim**-0.5, config, out=out)
-    if dtype == torch.float32:
-        assert_close_fp32(out, reference(q, k, v, rh, rw, grid), tol.FP32_OP_REL_L2)
-    else:
-        naive = reference(q, k, v, rh, rw, grid)
-        exact = reference(*(t.double() for t in (q, k, v, rh, rw)), grid)
-        assert_lowp_parity(out, naive, exact)
+    assert_matches_reference(out, q, k, v, rh, rw, grid)
 
 
 # A -inf bias term masks its key, in every bias mode: "onehot" forms a block's bias as
@@ -150,12 +156,7 @@ def test_minus_inf_bias_terms_mask_their_keys(case, dtype):
     out = kernel.empty_output(q).fill_(float("nan"))
     kernel.rel_pos_attention_fwd(q, k, v, rh, rw, grid[1], dim**-0.5, config, out=out)
     assert torch.isfinite(out).all()
-    if dtype == torch.float32:
-        assert_close_fp32(out, reference(q, k, v, rh, rw, grid), tol.FP32_OP_REL_L2)
-    else:
-        naive = reference(q, k, v, rh, rw, grid)
-        exact = reference(*(t.double() for t in (q, k, v, rh, rw)), grid)
-        assert_lowp_parity(out, naive, exact)
+    assert_matches_reference(out, q, k, v, rh, rw, grid)
 
 
 @pytest.mark.parametrize("case", ["row-3x32", "gather-forced-5x9"])
