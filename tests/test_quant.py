@@ -33,6 +33,10 @@ from fastsam_core.ops.quant import (
 from tests import tolerances as tol
 from tests.conftest import image_batch, small_sam
 
+# the fused paths run Triton kernels: in the interpreter on CPU tensors here, compiled on
+# CUDA tensors where a GPU is present ("auto" picks them only there, by measurement)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def test_quantize_per_row_round_trip():
     x = torch.randn(32, 64) * torch.logspace(-2, 2, 32)[:, None]  # rows of very different range
@@ -115,10 +119,11 @@ def test_a_nan_activation_makes_its_output_row_nan():
     linear = nn.Linear(64, 32)
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
     x[1, 5] = float("nan")
+    linear, x = linear.to(DEVICE), x.to(DEVICE)
     expected = linear(x)
     assert expected[1].isnan().all()
     w_q, w_scale = quantize_per_row(linear.weight)
-    rest = torch.arange(6) != 1
+    rest = torch.arange(6, device=DEVICE) != 1
     for y in (Int8Linear(linear)(x), int8_linear(x, w_q, w_scale[:, 0], linear.bias)):
         assert y[1].isnan().all()
         assert sqnr_db(expected[rest], y[rest]) > tol.INT8_LINEAR_MIN_SQNR_DB
@@ -389,6 +394,11 @@ def test_int8_mlps_fused_equal_separate_and_keep_the_keys():
     traced = torch.compile(encoder._forward_fast, fullgraph=True, backend="eager")
     assert torch.equal(traced(x), separate)  # the deferred norms trace, on separate paths
     assert [m.choose_path(torch.zeros(1)) for m in mlps_of(encoder)] == ["separate"] * 4
+    encoder.to(DEVICE)
+    x, before = x.to(DEVICE), before.to(DEVICE)
+    set_mlp_paths(encoder, "separate")
+    set_norm1_paths(encoder, "separate")
+    separate = encoder(x)
     assert_fused_mlps_match(encoder, lambda: encoder(x))
     set_mlp_paths(encoder, "fused")
     set_norm1_paths(encoder, "fused")
@@ -409,16 +419,17 @@ def test_int8_mlp_without_a_deferred_norm_and_on_sam2():
     mlp = Int8MLP(MLPBlock(48, 96).eval())
     assert not fusable_mlp(MLPBlock(48, 96))  # float linears: not an int8 MLP
     mlp.lin1, mlp.lin2 = Int8Linear(mlp.lin1), Int8Linear(mlp.lin2)
-    h = torch.randn(3, 5, 48)
+    mlp.to(DEVICE)
+    h = torch.randn(3, 5, 48, device=DEVICE)
     expected = mlp.run("separate", h)
     assert expected.shape == (3, 5, 48)
     assert sqnr_db(expected, mlp.run("fused", h)) >= tol.INT8_TIE_FLIP_MIN_SQNR_DB
 
     model = small_sam2()
     model.image_encoder = small_encoder()
-    x = images(batch=1, size=64)  # the interpreter runs the fused kernels program by program
+    x = images(batch=1, size=64).to(DEVICE)  # the interpreter runs the kernels program by program
     fastsam_core.optimize(model, FastConfig(quantize="int8", quantize_layers="mlp"))
-    encoder = model.image_encoder
+    encoder = model.image_encoder.to(DEVICE)
     mlps = mlps_of(encoder)
     assert len(mlps) == len(encoder.trunk.blocks)
     assert all(type(b.norm2) is DeferredLayerNorm for b in encoder.trunk.blocks)
@@ -475,7 +486,12 @@ def test_norm1_feeds_the_int8_qkv_its_codes(grid, window):
         norm.weight.normal_(1, 0.2)
         norm.bias.normal_(0, 0.1)
     qkv = Int8Linear(nn.Linear(48, 144))
-    pending = DeferredLayerNorm(norm)(torch.randn(2, *grid, 48) * 2 + 0.3)
+    x = torch.randn(2, *grid, 48) * 2 + 0.3
+    pending = DeferredLayerNorm(norm)(x)
+    assert torch.equal(pending.for_linear(qkv, window),  # "auto" on the CPU
+                       pending.laid_out("separate", window))
+    qkv.to(DEVICE)
+    pending = DeferredLayerNorm(norm.to(DEVICE))(x.to(DEVICE))
     separate = pending.laid_out("separate", window)
     fused = pending.laid_out("fused", window)
     assert isinstance(fused, Int8Tokens) and fused.codes.dtype == torch.int8
@@ -488,7 +504,6 @@ def test_norm1_feeds_the_int8_qkv_its_codes(grid, window):
         windows_w = -(-grid[1] // window)
         last = y_fused.view(2, -1, windows_w, window, window, 144)[:, -1, -1]  # padded corner
         assert torch.equal(last[:, -1, -1], qkv.bias.expand(2, 144))
-    assert torch.equal(pending.for_linear(qkv, window), separate)  # "auto" on the CPU
     pending.norm.path = "fused"
     with pytest.raises(ValueError, match="needs an Int8Linear"):
         pending.for_linear(nn.Linear(48, 144), window)
@@ -504,12 +519,13 @@ def test_fused_norm1_in_the_encoder_blocks():
     with norm1 separate but for rounding-tie flips."""
     sam = small_sam("win5-padded")  # 16 x 16 tokens in 5 x 5 windows: padded
     fastsam_core.optimize(sam, FastConfig(quantize="int8", quantize_layers="all"))
-    encoder = sam.image_encoder
+    encoder = sam.image_encoder.to(DEVICE)
     set_mlp_paths(encoder, "separate")
+    set_norm1_paths(encoder, "separate")
     inputs, attn_inputs = [], []
     hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0])))
              for b in encoder.blocks]
-    encoder(image_batch(batch=2))
+    encoder(image_batch(batch=2).to(DEVICE))
     for h in hooks:
         h.remove()
     assert len(inputs) == len(encoder.blocks) == 4
@@ -536,14 +552,16 @@ def test_fused_norm1_in_the_hiera_blocks():
     model = small_sam2()
     model.image_encoder = small_encoder()
     fastsam_core.optimize(model, FastConfig(quantize="int8"))
-    trunk = model.image_encoder.trunk
+    trunk = model.image_encoder.to(DEVICE).trunk
     set_mlp_paths(model.image_encoder, "separate")
     deferred = [b for b in trunk.blocks if type(b.norm1) is DeferredLayerNorm]
+    for block in deferred:
+        block.norm1.path = "separate"
     assert any(b.window_size == 0 for b in deferred) and any(b.window_size for b in deferred)
     inputs = []
     hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0])))
              for b in deferred]
-    model.image_encoder(images(batch=2, size=96))
+    model.image_encoder(images(batch=2, size=96).to(DEVICE))
     for h in hooks:
         h.remove()
     assert len(inputs) == len(deferred) == 4
@@ -568,10 +586,10 @@ def test_fused_norm1_in_the_hiera_blocks():
         handle = block.attn.qkv.register_forward_pre_hook(lambda m, args: (codes,))
         assert torch.equal(block(x), fused)  # separate, but qkv fed the codes
         handle.remove()
-        block.norm1.path = "auto"
         reference = copy.copy(block)  # the same children but norm1 a plain LayerNorm
         reference._modules = dict(block._modules, drop_path=nn.Identity(),
-                                  norm1=nn.LayerNorm(block.dim, eps=block.norm1.eps))
+                                  norm1=nn.LayerNorm(block.dim, eps=block.norm1.eps,
+                                                     device=DEVICE))
         reference.norm1.weight, reference.norm1.bias = block.norm1.weight, block.norm1.bias
         assert torch.equal(MultiScaleBlock.forward(reference, x), separate)
     assert padded == 1  # the 6 x 6 stage's windowed block
@@ -659,9 +677,9 @@ def test_the_real_fused_paths_pass_the_match(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
     for dtype in (torch.float32, torch.float16):
-        mlp = int8_mlp(48, 96).to(dtype)
-        norm = DeferredLayerNorm(nn.LayerNorm(48).to(dtype))
-        x = torch.randn(64, 48).to(dtype)
+        mlp = int8_mlp(48, 96).to(DEVICE, dtype)
+        norm = DeferredLayerNorm(nn.LayerNorm(48).to(DEVICE, dtype))
+        x = torch.randn(64, 48).to(DEVICE, dtype)
         tuner = Tuner("int8_mlp_test", timer=lambda run: {"fused": 1.0, "separate": 2.0}[
             run.args[0]])
         with torch.inference_mode():
