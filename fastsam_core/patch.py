@@ -11,7 +11,7 @@ import functools
 import importlib
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -275,8 +275,10 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
     builders return the model on the CPU, so its default dtype resolves to fp32 there: for a
     GPU pipeline pass `FastConfig(dtype=torch.bfloat16)`. Names imported before the block are
     covered too. Undone on exit, also when the body raises; models built inside stay
-    optimized. Nested blocks: the innermost config wins. Not thread-safe: the patch is
-    process-wide while the block runs.
+    optimized. Nested blocks: the newest open block's config wins; blocks may close in any
+    order (an ExitStack), the last to close undoes the patch. Not thread-safe: the patch is
+    process-wide while a block is open, and a model built in one thread takes the config of
+    the block opened last in any thread.
     """
     config = FastConfig() if config is None else config
     if not isinstance(config, FastConfig):
@@ -308,26 +310,45 @@ def patched(config: FastConfig | None = None) -> Iterator[None]:
             raise RuntimeError("fastsam_core.patched: SAM2Base.train is already overridden "
                                "(another patch, or a sam2 that defines it): cannot hook it")
         SAM2Base.train = _train_then_optimize
-    _OPEN_BLOCKS.append(config)
-    builders._build_sam = build_optimized
-    sam2_builders._load_checkpoint = load_then_optimize_on_eval
+    block = _Block(builders=(build_optimized, load_then_optimize_on_eval),
+                   before=(sam_current, sam2_current))
+    _OPEN_BLOCKS.append(block)
+    builders._build_sam, sam2_builders._load_checkpoint = block.builders
     try:
         yield
     finally:
-        _OPEN_BLOCKS.pop()
         for model in list(built_in_train_mode):  # never put in eval mode inside the block
             _AWAITING_EVAL.pop(model, None)
-        if not _OPEN_BLOCKS:
-            del SAM2Base.train  # inherited again
-        builders._build_sam = sam_current
-        sam2_builders._load_checkpoint = sam2_current
+        _close(block)
 
 
-# patched(): the open blocks' configs, and the sam2 models built in train mode in an open block
-# that their next eval mode optimizes with that block's config. Through a class attribute while
-# a block is open, not an instance one: a model built in the block pickles, and its copies are
-# plain models.
-_OPEN_BLOCKS: list[FastConfig] = []
+@dataclass
+class _Block:
+    """An open `patched()` block: the builders it installed, and what they replaced."""
+
+    builders: tuple[Callable, Callable]  # segment_anything's _build_sam, sam2's _load_checkpoint
+    before: tuple[Callable, Callable]
+
+
+def _close(block: _Block) -> None:
+    """Take `block` off the open blocks, also while a block opened after it is still open
+    (exits out of order: threads, ExitStack): the builders stay the newest open block's, and
+    the last block to close puts back what the first one replaced."""
+    index = next(i for i, b in enumerate(_OPEN_BLOCKS) if b is block)
+    del _OPEN_BLOCKS[index]
+    if index < len(_OPEN_BLOCKS):  # a newer block is open: it will put back what this replaced
+        _OPEN_BLOCKS[index].before = block.before
+        return
+    builders._build_sam, sam2_builders._load_checkpoint = block.before
+    if not _OPEN_BLOCKS:
+        del SAM2Base.train  # inherited again
+
+
+# patched(): the open blocks, oldest first, and the sam2 models built in train mode in an open
+# block that their next eval mode optimizes with that block's config. Through a class
+# attribute while a block is open, not an instance one: a model built in the block pickles,
+# and its copies are plain models.
+_OPEN_BLOCKS: list[_Block] = []
 _AWAITING_EVAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

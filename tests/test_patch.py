@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from sam2.modeling.sam2_base import SAM2Base
 from segment_anything import SamPredictor, build_sam_vit_b, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT
 
@@ -13,7 +14,7 @@ import fastsam_core
 from fastsam_core import FastConfig
 from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
 from fastsam_core.models.sam.reference import build_encoder
-from fastsam_core.patch import builders
+from fastsam_core.patch import builders, sam2_builders
 from tests import tolerances as tol
 from tests.conftest import image_batch, small_sam
 from tests.parity import assert_close_fp32, assert_lowp_parity, in_dtype
@@ -269,6 +270,26 @@ def test_patched_is_undone_when_the_body_raises_and_nests():
             assert inner._fastsam_base is original  # innermost config wins, no double optimize
         assert builders._build_sam is outer
     assert builders._build_sam is original
+
+
+def test_patched_blocks_closed_out_of_order():
+    """Blocks closed in another order than opened (an ExitStack, threads): the newest open
+    block's builders stay until it closes, and the last to close puts back the originals
+    (closing the oldest first used to leave the builders patched for good)."""
+    original, original_sam2 = builders._build_sam, sam2_builders._load_checkpoint
+    outer, middle, inner = (fastsam_core.patched(FastConfig(attention=a))
+                            for a in ("math", "sdpa", "math"))
+    outer.__enter__()
+    middle.__enter__()
+    inner.__enter__()
+    inner_builders = builders._build_sam, sam2_builders._load_checkpoint
+    middle.__exit__(None, None, None)
+    outer.__exit__(None, None, None)
+    assert (builders._build_sam, sam2_builders._load_checkpoint) == inner_builders
+    assert "train" in vars(SAM2Base)  # still hooked for the open block
+    inner.__exit__(None, None, None)
+    assert builders._build_sam is original and sam2_builders._load_checkpoint is original_sam2
+    assert "train" not in vars(SAM2Base)
 
 
 def test_patched_real_builder_end_to_end():
