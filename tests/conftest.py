@@ -25,6 +25,8 @@ SMALL_CONFIGS = {
     "no-abs-pos": dict(SMALL, use_abs_pos=False),
 }
 IMAGE_SIZE = 256
+# a test parametrized over these also runs on the lent GPU's device (CUDA-marked there)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def small_sam(name: str = "win4", seed: int = 0) -> torch.nn.Module:

@@ -4,12 +4,15 @@ act as they do on real weights. Fast vs reference generator, fp32 (tests/toleran
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from segment_anything import SamAutomaticMaskGenerator
 
 from fastsam_core.models.tiny import tiny
 from fastsam_core.models.tiny_data import make_scenes
 from fastsam_core.pipelines import FastAutomaticMaskGenerator
+from tests.conftest import DEVICES
 from tests.pipelines.test_amg import compare
 
 SCENES = make_scenes(2, seed=777, height=128, width=160)  # a seed training never used
@@ -25,7 +28,9 @@ def sam():
     dict(points_per_side=8, pred_iou_thresh=0.7, stability_score_thresh=0.85,
          crop_n_layers=1, output_mode="coco_rle"),
 ], ids=["defaults", "crops"])
-def test_same_masks_as_the_reference_on_trained_weights(sam, settings, capsys):
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_masks_as_the_reference_on_trained_weights(sam, settings, device, capsys):
+    sam = copy.deepcopy(sam).to(device)
     counts = []
     for scene in SCENES:
         ref = SamAutomaticMaskGenerator(sam, **settings).generate(scene.image)
@@ -35,5 +40,5 @@ def test_same_masks_as_the_reference_on_trained_weights(sam, settings, capsys):
         counts.append((len(scene.kinds), len(ref), len(got), borderline))
     assert sum(c[1] for c in counts) >= 3, "trained weights keep masks"
     with capsys.disabled():
-        print(f"\n[tiny amg {settings}] (shapes, reference masks, fast masks, borderline): "
-              f"{counts}")
+        print(f"\n[tiny amg {settings} {device}] (shapes, reference masks, fast masks, "
+              f"borderline): {counts}")

@@ -61,11 +61,11 @@ def video_file(tmp_path_factory):
     return path
 
 
-def video_predictor():
+def video_predictor(device: str = "cpu"):
     """sam2.1 hiera_t's video predictor at 256 px, random weights, pos embeds filled."""
     torch.manual_seed(0)
     predictor = build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", None,
-                                           device="cpu",
+                                           device=device,
                                            hydra_overrides_extra=["++model.image_size=256"])
     randomize_pos_embeds(predictor.image_encoder, 0)
     return predictor
@@ -115,8 +115,8 @@ def memory_in_fp32(module, args, kwargs):
     return args, kwargs
 
 
-def reference(video_dir, full):
-    predictor = video_predictor()
+def reference(video_dir, full, device="cpu"):
+    predictor = video_predictor(device)
     predictor.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
     with torch.inference_mode():
         return track(predictor, video_dir, full)
@@ -481,3 +481,42 @@ def test_frames_reach_the_device_in_the_encoder_dtype(source, offload, async_loa
     assert images.device == (torch.device("cpu") if offload else state["device"])
     encoder_input = torch.stack([full[i].float() for i in range(FRAMES)])  # as sam2 reads it
     assert torch.equal(images, encoder_input.to(torch.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def cuda_reference_run(video_dir):
+    return reference(video_dir, full=True, device="cuda")
+
+
+def syncs_raise_inside(*modules: torch.nn.Module) -> list:
+    """Hooks making any host-device sync an error while one of `modules` runs."""
+    handles = []
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(
+            lambda *args: torch.cuda.set_sync_debug_mode("error")))
+        handles.append(module.register_forward_hook(
+            lambda *args: torch.cuda.set_sync_debug_mode("default"), always_call=True))
+    return handles
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_video_predictor_on_cuda(video_dir, cuda_reference_run, dtype):
+    """The whole session of `track` (points, box, mask, a correction mid-video, forward,
+    reverse, removal) on CUDA: fp32 in parity with the reference there, bf16 masks within the
+    bf16 IoU. Run twice, the second time (caches filled) with host syncs made errors inside
+    the fast memory attention and memory encoder: the per-frame step of each object batch."""
+    predictor = video_predictor("cuda")
+    fastsam_core.optimize(predictor, FastConfig(dtype=dtype))
+    with torch.inference_mode():
+        first = track(predictor, video_dir)
+        handles = syncs_raise_inside(predictor.memory_attention, predictor.memory_encoder)
+        try:
+            again = track(predictor, video_dir)
+        finally:
+            for handle in handles:
+                handle.remove()
+            torch.cuda.set_sync_debug_mode("default")
+    assert not fallbacks_of(predictor), fallbacks_of(predictor)
+    compare(first, cuda_reference_run, dtype)
+    compare(again, cuda_reference_run, dtype)

@@ -15,6 +15,7 @@ from fastsam_core.models.tiny import sam2_feature_sizes, tiny
 from fastsam_core.models.tiny_data import make_scenes
 from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
 from tests import tolerances as tol
+from tests.conftest import DEVICES
 from tests.parity import assert_close_fp32, mask_iou_outside_margin
 from tests.pipelines.test_amg import compare
 
@@ -22,7 +23,8 @@ SCENES = make_scenes(3, seed=4242, height=256, width=320)  # seeds training neve
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_trained_tiny_sam2_masks_match(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_trained_tiny_sam2_masks_match(dtype, device):
     """Masks of real objects through the unchanged SAM2ImagePredictor (a point and a box per
     object, as `fastsam accuracy` prompts), before and after optimize(): fp32 logits within
     the stage tolerance and every mask outside the logit margin (tests/tolerances.py) equal;
@@ -34,7 +36,7 @@ def test_trained_tiny_sam2_masks_match(dtype):
     0.29, logit std 8.1 where the median ranked-first mask has 27.3) drops to IoU 0.974 on
     the fast path, while the reference itself under bf16 autocast drops to 0.989 on a
     ranked-first mask; on the ranked-first masks the fast path keeps IoU 1.000 there."""
-    model = tiny("sam2")
+    model = tiny("sam2").to(device)
     prompts = prompts_of(SCENES)
     expected = predictions_of(model, SCENES, prompts)
     fastsam_core.optimize(model, FastConfig(dtype=dtype))
@@ -54,8 +56,9 @@ def test_trained_tiny_sam2_masks_match(dtype):
     dict(points_per_side=16),  # the reference's default thresholds and NMS
     dict(points_per_side=8, use_m2m=True),
 ], ids=["defaults", "m2m"])
-def test_mask_generator_same_masks_on_trained_weights(settings, capsys):
-    model = tiny("sam2")
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_generator_same_masks_on_trained_weights(settings, device, capsys):
+    model = tiny("sam2").to(device)
     counts = []
     for scene in SCENES[:2]:
         generator = SAM2AutomaticMaskGenerator(model, **settings)
@@ -67,5 +70,5 @@ def test_mask_generator_same_masks_on_trained_weights(settings, capsys):
         counts.append((len(scene.kinds), len(ref), len(got), borderline))
     assert sum(c[1] for c in counts) >= 3, "trained weights keep masks"
     with capsys.disabled():
-        print(f"\n[tiny sam2 amg {settings}] (shapes, reference masks, fast masks, "
+        print(f"\n[tiny sam2 amg {settings} {device}] (shapes, reference masks, fast masks, "
               f"borderline): {counts}")
