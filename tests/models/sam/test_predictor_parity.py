@@ -12,7 +12,7 @@ import fastsam_core
 from fastsam_core import FastConfig
 from fastsam_core.models.fallback import fallbacks_of
 from tests import tolerances as tol
-from tests.conftest import small_sam
+from tests.conftest import DEVICES, small_sam
 from tests.parity import assert_close_fp32, mask_iou_outside_margin
 
 PROMPTS = {
@@ -65,7 +65,8 @@ def test_predictor_masks_match(dtype, multimask):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_trained_tiny_sam_masks_match(dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_trained_tiny_sam_masks_match(dtype, device):
     """Masks of real objects: the tiny trained SAM, a point and a box on each object of
     generated scenes. Over every pixel bf16 does not reach MASK_IOU_BF16 on small masks (the
     64 x 64 logits of this 128 px model are shallow at object edges; the committed accuracy
@@ -75,7 +76,7 @@ def test_trained_tiny_sam_masks_match(dtype):
     from fastsam_core.models.tiny import tiny
     from fastsam_core.models.tiny_data import make_scenes
 
-    sam = tiny("sam")
+    sam = tiny("sam").to(device)
     scenes = make_scenes(3, seed=4242, height=128, width=160)
     prompts = prompts_of(scenes)  # a point and a box on each object
     expected = logits_of(sam, scenes, prompts)
