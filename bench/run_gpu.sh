@@ -11,10 +11,10 @@
 # command): every step runs under `timeout` with what is left, a step that would start with
 # too little time left is skipped (and listed so), and the logs always come back. The bench
 # stages run one suite file per pytest process, most wanted first ("bench": the rel-pos
-# kernel, the image encoder with its int8 / 2:4 cases, the int8 kernels, video, SAM 2 image;
-# "bench-tail", after the accuracy report and the profile: prompts, AMG, end to end, the long
-# video, frame loading, and last the compiled video against sam2's own compiled predictor,
-# minutes of compilation), so an overrunning suite loses only its own results; the parts are
+# kernel, the image encoder with its int8 / 2:4 cases, the int8 kernels, video, memory
+# attention, SAM 2 image; "bench-tail", after the accuracy report and the profile: prompts,
+# AMG, end to end, the long video, frame loading, and last the compiled video against sam2's
+# own compiled predictor, minutes of compilation), so an overrunning suite loses only its own results; the parts are
 # merged into one file. The compiled video will hardly fit after the rest: give it a call of
 # its own, FASTSAM_RUNNER_BENCH_TAIL=bench/test_bench_video_compiled.py bash bench/run_gpu.sh
 # bench-tail.
@@ -52,7 +52,7 @@ TESTS_MAX=${FASTSAM_RUNNER_TESTS_MAX:-180}
 BENCH=${FASTSAM_RUNNER_BENCH:-"bench/test_bench_attention.py bench/test_bench_image_encoder.py
   bench/test_bench_int8_mlp.py bench/test_bench_int8_matmul.py
   bench/test_bench_layer_norm_quant.py bench/test_bench_video.py
-  bench/test_bench_sam2_image.py"}
+  bench/test_bench_memory_attention.py bench/test_bench_sam2_image.py"}
 BENCH_TAIL=${FASTSAM_RUNNER_BENCH_TAIL:-"bench/test_bench_prompt.py bench/test_bench_amg.py
   bench/test_bench_end_to_end.py bench/test_bench_video_memory.py
   bench/test_bench_video_frames.py bench/test_bench_video_compiled.py"}

@@ -87,6 +87,27 @@ def meta_flops(module: torch.nn.Module, *input_shape: int) -> int:
     return counter.get_total_flops()
 
 
+def memory_attention_flops(module: torch.nn.Module, queries: int, memory: int,
+                           batch: int = 1) -> int:
+    """FLOPs of one forward of sam2's `MemoryAttention` (the fast one does the same work):
+    `queries` tokens of the current frame attending to themselves and to `memory` tokens
+    (memory frames and pointer tokens), for `batch` objects. Each linear costs 2 x in x out
+    per token it projects, each attention 4 x queries x keys x its internal width (q k^T and
+    the weighted sum of v); LayerNorms, softmax and the rotary embedding are not counted.
+    torch.utils.flop_counter does not count SDPA on the CPU, hence this count."""
+    def linear(layer: torch.nn.Linear) -> int:
+        return 2 * layer.in_features * layer.out_features
+
+    total = 0
+    for layer in module.layers:
+        for attn, keys in ((layer.self_attn, queries), (layer.cross_attn_image, memory)):
+            total += queries * (linear(attn.q_proj) + linear(attn.out_proj))
+            total += keys * (linear(attn.k_proj) + linear(attn.v_proj))
+            total += 4 * queries * keys * attn.internal_dim
+        total += queries * (linear(layer.linear1) + linear(layer.linear2))
+    return total * batch
+
+
 @dataclass
 class EncoderBenchResult:
     """Reference vs fast image encoder, measured in one run."""

@@ -292,3 +292,23 @@ def test_padded_memory_attention_compiles_once_as_the_banks_fill():
             for b, a in enumerate(alone):
                 assert_close_fp32(got[:, b : b + 1], ref(**a), tol.FP32_STAGE_REL_L2)
     assert counter.frame_count <= 2, counter.frame_count
+
+
+def test_memory_attention_flops_match_the_flop_counter(monkeypatch):
+    """`memory_attention_flops` against torch.utils.flop_counter on the reference, with SDPA
+    written out as the two matmuls it computes (the counter does not count SDPA on the
+    CPU): 3 memory frames and 4 pointer tokens, batch 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastsam_core.benchmark import memory_attention_flops
+
+    def explicit_attention(q, k, v, dropout_p=0.0):
+        weights = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1)
+        return weights @ v
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", explicit_attention)
+    ref = _model().memory_attention
+    kwargs = attention_inputs(batch=2, frames=3, pointers=4)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        ref(**kwargs)
+    assert memory_attention_flops(ref, HW, 3 * HW + 4, batch=2) == counter.get_total_flops()
