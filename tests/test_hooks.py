@@ -225,3 +225,34 @@ def test_batched_prediction_names_the_hooks_it_does_not_run():
     assert message.startswith("fastsam_core: forward hooks on mask_decoder.transformer do not "
                               "run: the model is not optimized")
     assert recorder.take()["prompt_encoder.pe_layer"]
+
+
+@pytest.mark.parametrize("model_name", ["sam", "sam2"])
+def test_global_module_hooks_see_every_module_the_reference_calls(model_name):
+    """A global forward hook (`register_module_forward_hook`) counts as a hook on every
+    module: each module that the fast stages fuse, batch or cache is called as often as in the
+    reference, and a hook changing every linear's output changes the fast results as it
+    changes the reference's (fp32; the fused hypernetwork MLPs had skipped it)."""
+    build, run = CASES[model_name]
+    model = build()
+    fused = {id(model.get_submodule(p)): p for p in (SAM_FUSED if model_name == "sam"
+                                                        else SAM2_FUSED)}
+    calls = []
+
+    def hook(module, args, out):
+        if id(module) in fused:
+            calls.append(fused[id(module)])
+        return out * 1.01 if isinstance(module, torch.nn.Linear) else None
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        expected = run(model)
+        expected_calls, calls[:] = sorted(calls), []
+        fastsam_core.optimize(model, FastConfig(dtype=torch.float32))
+        got = run(model)
+    finally:
+        handle.remove()
+    assert no_fallbacks(model)
+    assert sorted(calls) == expected_calls and set(expected_calls) == set(fused.values())
+    for a, b in zip(got, expected, strict=True):
+        assert_close_fp32(a.float(), b.float(), tol.FP32_STAGE_REL_L2)

@@ -8,6 +8,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from fastsam_core.config import FastConfig
 from fastsam_core.models.convert import module_device, module_dtype
@@ -90,9 +91,13 @@ def fallbacks_of(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def has_forward_hooks(*modules: nn.Module) -> bool:
-    """Whether a forward hook or pre-hook sits on any of `modules` or their submodules (global
-    module hooks aside). Where a fast forward would use a module's weights directly, or a
-    cached output of it, it calls the module instead while this is true, so the hooks run."""
+    """Whether a forward hook or pre-hook sits on any of `modules` or their submodules; a
+    global module hook (`torch.nn.modules.module.register_module_forward_hook` or
+    `_pre_hook`, as torch.utils.flop_counter's module tracking registers) sits on every
+    module. Where a fast forward would use a module's weights directly, or a cached output
+    of it, it calls the module instead while this is true, so the hooks run."""
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
     return any(m._forward_hooks or m._forward_pre_hooks
                for module in modules for m in module.modules())
 
@@ -163,6 +168,7 @@ def fast_view(module: nn.Module, fast_class: type, name: str) -> nn.Module:
     for m in view.modules():  # eval mode, but not for the modules it shares with the model:
         if id(m) not in shared:  # the user's train/eval modes stay as they were
             m.training = False
+    view.training = module.training  # in training mode the view runs as the module would
     view.set_reference(module)
     left = hooks_left_behind(name, module, view)
     if left:

@@ -273,7 +273,7 @@ class DeferredLayerNorm(nn.Module):
         into this int8 linear, measured per shape on first use
         (`ops.quant.layer_norm_linear_path`); "separate" elsewhere, for a float linear, and
         while forward hooks sit on the linear or its `carriers` (they would see
-        `Int8Tokens`; global module hooks are not looked at)."""
+        `Int8Tokens`; a global module hook counts as one on every module)."""
         if self.path != "auto":
             return self.path
         x = pending.x
@@ -299,8 +299,8 @@ class Int8MLP(nn.Module):
 
     `path` "auto" (default): on CUDA outside torch.compile the faster of the two, measured per
     shape on first use (`ops.quant.int8_mlp_path`); "separate" elsewhere, and while forward
-    hooks sit on fc1, act or fc2 (they fire only when those are called as modules; global
-    module hooks are not looked at). Hooks on the block's norm2 (output) or on the MLP
+    hooks sit on fc1, act or fc2 (they fire only when those are called as modules; a global
+    module hook counts as one on every module). Hooks on the block's norm2 (output) or on the MLP
     (input) see the `PendingLayerNorm`, not a tensor.
 
     forward(x): x ... x K, or the `PendingLayerNorm` of `norm2` -> ... x K in x's dtype.

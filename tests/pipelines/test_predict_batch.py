@@ -189,6 +189,36 @@ def test_leaves_the_modes_of_a_plain_model_as_they_were(kind):
     assert {name: m.training for name, m in model.named_modules()} == before
 
 
+@pytest.mark.parametrize("optimized", [False, True])
+def test_sam2_heads_in_training_mode_select_single_masks_as_the_reference(optimized):
+    """SAM 2's decoder picks a single mask by stability only in eval mode: with the heads in
+    training mode (a user fine-tuning them), predict_batch's single masks are the reference
+    predictor's (the stability selection had run anyway: 35 % of the pixels differed)."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from fastsam_core.models.tiny import sam2_feature_sizes
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    model = small_sam2()
+    if optimized:
+        fastsam_core.optimize(model, FastConfig(dtype=torch.float32))
+    model.train()
+    model.image_encoder.eval()
+    image = smooth_image()
+    coords = np.random.default_rng(0).uniform(0, 180, (6, 1, 2))
+    labels = np.ones((6, 1))
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = sam2_feature_sizes(model.image_size)
+    with torch.no_grad(), pytest.warns(UserWarning, match="training mode"):
+        predictor.set_image(image)
+        _, iou, low_res = predictor.predict(coords, labels, multimask_output=False,
+                                            return_logits=True)
+        (got,) = predict_batch(model, [image], [dict(point_coords=coords, point_labels=labels)],
+                               multimask_output=False)
+    assert_close_fp32(got["low_res_logits"], torch.as_tensor(low_res), tol.FP32_STAGE_REL_L2)
+    assert_close_fp32(got["iou_predictions"], torch.as_tensor(iou), tol.FP32_STAGE_REL_L2)
+
+
 @pytest.mark.parametrize(
     "images, prompts, match",
     [

@@ -124,7 +124,8 @@ class FastSam2MaskDecoder(FastMaskDecoder):
 
     def finish(self, masks: torch.Tensor, iou: torch.Tensor, out_tokens: torch.Tensor,
                multimask_output: bool, dtype: torch.dtype):
-        """The reference's output selection, on the device (no host sync)."""
+        """The reference's output selection, on the device (no host sync); in training mode
+        without the stability selection, as the reference."""
         s = 1 if self.pred_obj_scores else 0
         mask_tokens = out_tokens[:, s + 1:]
         if self.pred_obj_scores:
@@ -133,7 +134,7 @@ class FastSam2MaskDecoder(FastMaskDecoder):
             object_score_logits = 10.0 * iou.new_ones(iou.shape[0], 1)
         if multimask_output:
             masks, iou = masks[:, 1:], iou[:, 1:]
-        elif self.dynamic_multimask_via_stability:
+        elif self.dynamic_multimask_via_stability and not self.training:
             masks, iou = self.stable_or_best(masks, iou)
         else:
             masks, iou = masks[:, :1], iou[:, :1]
