@@ -121,7 +121,8 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
             orders.append(list(_processing_order(state, start, max_frame_num_to_track,
                                                  reverse)))
             # as the reference: the objects of the preflight, whatever is prompted meanwhile
-            objects.append(state["obj_ids"])
+            # (a copy: reset_state, and remove_object of the last object, clear the list)
+            objects.append(list(state["obj_ids"]))
         desc = "propagate in video" + ("s" if len(states) > 1 else "")
         for step in tqdm(range(max(map(len, orders), default=0)), desc=desc):
             frames = [(v, order[step]) for v, order in enumerate(orders) if step < len(order)]
@@ -136,12 +137,12 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
                 for entry, masks in zip(batch, self._track_batch(batch, uniform, reverse),
                                         strict=True):
                     pred_masks[entry.video][entry.obj_idx] = masks
+            for v, t in frames:  # every video's outputs of the step are stored: tracked, also
+                for obj_idx in range(len(pred_masks[v])):  # if the caller stops before its turn
+                    states[v]["frames_tracked_per_obj"][obj_idx][t] = {"reverse": reverse}
             for v, t in frames:
-                state = states[v]
-                for obj_idx in range(len(pred_masks[v])):
-                    state["frames_tracked_per_obj"][obj_idx][t] = {"reverse": reverse}
                 _, video_res_masks = self._get_orig_video_res_output(
-                    state, torch.cat(pred_masks[v], dim=0))
+                    states[v], torch.cat(pred_masks[v], dim=0))
                 yield v, t, objects[v], video_res_masks
 
     def _encode_frames(self, entries: list[_Entry]) -> None:
@@ -331,14 +332,16 @@ def _check_videos_args(inference_states: object, start_frame_idx: object
 
 
 def _check_objects_kept(state: dict, obj_ids: list, video: int) -> None:
-    """Raise if an object of a propagation under way was removed (`remove_object` while its
-    generator was paused: the objects' indices have moved; the reference fails on a
-    KeyError). Objects added meanwhile wait for the next propagation, as in the reference."""
+    """Raise if an object of a propagation under way was removed (`remove_object` or
+    `reset_state` while its generator was paused: the objects' indices have moved; the
+    reference fails on a KeyError). Objects added meanwhile wait for the next propagation,
+    as in the reference."""
     moved = [i for k, i in enumerate(obj_ids) if state["obj_id_to_idx"].get(i) != k]
     if moved:
         raise RuntimeError(f"propagate_in_video: objects of inference_states[{video}] were "
-                           f"removed (remove_object) while its propagation was under way: "
-                           f"ids {moved} lost or renumbered; start a new propagate_in_video")
+                           f"removed (remove_object or reset_state) while its propagation was "
+                           f"under way: ids {moved} lost or renumbered; start a new "
+                           f"propagate_in_video")
 
 
 def _processing_order(inference_state: dict, start_frame_idx: int | None,

@@ -326,6 +326,25 @@ def test_two_videos_in_one_batch_equal_each_alone(video_dir, short_video_dir,
             assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
 
 
+def test_a_step_left_early_leaves_every_stored_output_marked_tracked(video_dir,
+                                                                     short_video_dir):
+    """propagate_in_videos stores the outputs of all the videos of a step before yielding
+    the first: a caller stopping after video 0's result finds video 1's stored frame marked
+    tracked too (sam2's invariant: a stored tracked output's frame is a tracked frame; a
+    later prompt there would otherwise be taken for a first one)."""
+    predictor = video_predictor()
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    with torch.inference_mode():
+        a, b = prompt_two_videos(predictor, video_dir, short_video_dir)
+        generator = predictor.propagate_in_videos([a, b])
+        assert next(generator)[:2] == (0, 0) and next(generator)[:2] == (1, 1)
+        assert next(generator)[:2] == (0, 1)  # step 1: A's frame 1, then B's frame 2
+        generator.close()
+    stored = b["output_dict_per_obj"][0]["non_cond_frame_outputs"]
+    assert sorted(stored) == [2]
+    assert set(stored) <= set(b["frames_tracked_per_obj"][0])
+
+
 def paused_session(predictor, video_dir):
     """Object 7 tracked; after two frames, with the generator paused, object 8 is prompted:
     the rest of that propagation tracks object 7 only (the reference fixes its objects at
@@ -370,6 +389,20 @@ def test_an_object_prompted_while_propagation_is_paused_waits_for_the_next(short
         with pytest.raises(RuntimeError, match=r"objects of inference_states\[0\] were "
                            r"removed .* ids \[7, 8\] lost or renumbered"):
             next(generator)
+        # the only object removed, or the state reset: the same error (the objects' list
+        # was cleared in place, and the step then failed inside torch.cat)
+        for stop in ("remove_object", "reset_state"):
+            predictor.add_new_points_or_box(state, frame_idx=1, obj_id=8,
+                                            points=np.array([[30, 48]], np.float32),
+                                            labels=np.array([1], np.int32))
+            generator = predictor.propagate_in_video(state)
+            next(generator)
+            if stop == "remove_object":
+                predictor.remove_object(state, 8)
+            else:
+                predictor.reset_state(state)
+            with pytest.raises(RuntimeError, match=r"removed .* ids \[8\] lost"):
+                next(generator)
 
 
 def test_propagate_in_videos_checks_its_arguments(video_dir):
