@@ -91,6 +91,7 @@ class _Replacement:
 class _State:
     config: FastConfig
     dtype: torch.dtype
+    own_dtype: torch.dtype | None = None  # `_own_dtype(sam)` when made: a later cast shows
     replacements: list[_Replacement] = field(default_factory=list)
     kept: list[StageReport] = field(default_factory=list)  # stages left to the reference
 
@@ -156,7 +157,7 @@ def optimize(model: Optimizable, config: FastConfig | None = None) -> Optimizabl
 def _replace_stages(sam: Sam | SAM2Base, config: FastConfig) -> None:
     encoder = sam.image_encoder
     dtype = config.resolve_dtype(module_device(encoder), module_dtype(encoder))
-    state = _State(config=config, dtype=dtype)
+    state = _State(config=config, dtype=dtype, own_dtype=_own_dtype(sam))
     unhooked: list[str] = []
     for name, fast_class in _stages(sam).items():
         if fast_class is None:
@@ -210,6 +211,7 @@ def restore(model: Optimizable) -> Optimizable:
         return model
     if _SWAPPED in sam.__dict__:
         sam.__class__ = sam.__dict__.pop(_SWAPPED)
+    model_cast = _own_dtype(sam) if _own_dtype(sam) != state.own_dtype else None
     for r in reversed(state.replacements):
         device = module_device(r.fast)
         if not r.shared and state.config.originals == "drop":
@@ -222,11 +224,15 @@ def restore(model: Optimizable) -> Optimizable:
             )
         elif module_device(r.original) != device:
             r.original.to(device)
-        if module_dtype(r.fast) != r.fast_dtype:  # the model was cast (.half(), .to(dtype))
+        if model_cast is not None:  # the model was cast (.half(), .to(dtype)), also to the
+            r.original.to(model_cast)  # dtype its fast modules already had
+        elif module_dtype(r.fast) != r.fast_dtype:  # this stage was cast
             r.original.to(module_dtype(r.fast))
         if r.load_hook is not None:
             r.load_hook.remove()
-        r.original.train(r.fast.training)  # outside the module tree: train()/eval() missed it
+        # outside the module tree, the originals missed train()/eval() and requires_grad_()
+        r.original.train(r.fast.training)
+        _copy_requires_grad(r.fast, r.original)
         r.fast.set_reference(None)
         setattr(r.owner, r.name, r.original)
     del sam.__dict__[_STATE]
@@ -254,6 +260,8 @@ def report(model: Optimizable) -> Report:
     dtype = dtype_name(state.dtype)
     now = {module_dtype(r.fast) for r in state.replacements
            if module_dtype(r.fast) != r.fast_dtype}
+    if _own_dtype(sam) != state.own_dtype:
+        now.add(_own_dtype(sam))
     if now:  # the model was cast after optimize() (.half(), .to(dtype))
         dtype = f"{', '.join(sorted(map(dtype_name, now)))} (optimized as {dtype}, cast since)"
     return Report(model=f"{type(sam).__name__}, {dtype}, {state.config}", stages=stages)
@@ -350,6 +358,35 @@ def _close(block: _Block) -> None:
 # and its copies are plain models.
 _OPEN_BLOCKS: list[_Block] = []
 _AWAITING_EVAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _own_dtype(sam: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's own first floating-point tensor (Sam's pixel_mean, SAM2Base's
+    no_mem_embed, ...: in no stage), which a cast of the whole model changes."""
+    own = list(sam.parameters(recurse=False)) + list(sam.buffers(recurse=False))
+    return next((t.dtype for t in own if t.is_floating_point()), None)
+
+
+def _copy_requires_grad(fast: nn.Module, original: nn.Module) -> None:
+    """Each fast parameter's requires_grad onto the original's of the same name (a no-op for
+    the parameters they share); an original parameter that the fast module holds in another
+    form (a quantized linear's weight) follows the other parameters of its layer (the
+    bias)."""
+    fast_params = dict(fast.named_parameters())
+    for name, p in original.named_parameters():
+        if name in fast_params:
+            flag = fast_params[name].requires_grad
+        else:
+            try:
+                layer = fast.get_submodule(name.rpartition(".")[0])
+            except AttributeError:
+                continue
+            flags = [q.requires_grad for q in layer.parameters(recurse=False)]
+            if not flags:
+                continue
+            flag = any(flags)
+        if p.requires_grad != flag:  # only changes: an inference tensor takes no setting
+            p.requires_grad_(flag)
 
 
 def _train_then_optimize(self: SAM2Base, mode: bool = True) -> SAM2Base:

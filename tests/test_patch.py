@@ -415,6 +415,42 @@ def test_casting_the_model_after_optimize_casts_restore_too():
     assert torch.equal(encode(sam, x), encode(small_sam().half(), x))
 
 
+@pytest.mark.parametrize("kind", ["sam", "sam2"])
+def test_casting_the_model_to_the_fast_dtype_casts_restore_too(kind):
+    """A cast to the dtype the fast modules already have (bf16 here, CUDA's default) changes
+    only the model's own tensors (pixel_mean, no_mem_embed, ...): restore casts the originals
+    too (they had stayed fp32 beside a bf16 model, which then failed)."""
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    model = small_sam() if kind == "sam" else small_sam2()
+    fastsam_core.optimize(model, FastConfig(dtype=torch.bfloat16))
+    model.to(torch.bfloat16)
+    assert "bfloat16 (optimized as bfloat16, cast since)" in fastsam_core.report(model).model
+    fastsam_core.restore(model)
+    assert {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()} \
+        == {torch.bfloat16}
+    if kind == "sam":
+        x = image_batch(batch=1).bfloat16()
+        assert torch.equal(encode(model, x), encode(small_sam().bfloat16(), x))
+
+
+@pytest.mark.parametrize("config", [FastConfig(dtype=torch.bfloat16),
+                                    FastConfig(quantize="int8")], ids=["bf16", "int8"])
+def test_requires_grad_set_while_optimized_reaches_the_originals(config):
+    """`requires_grad_(False)` on an optimized model whose stages hold their own weights (a
+    compute-dtype copy, int8 codes): after restore the originals are frozen too (they had
+    come back trainable); a layer left trainable stays so."""
+    sam = small_sam()
+    fastsam_core.optimize(sam, config)
+    sam.requires_grad_(False)
+    sam.mask_decoder.iou_prediction_head.requires_grad_(True)
+    fastsam_core.restore(sam)
+    trainable = {name for name, p in sam.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in
+                         sam.mask_decoder.iou_prediction_head.named_parameters(
+                             prefix="mask_decoder.iou_prediction_head")}
+
+
 def test_dtype_default_follows_device_and_model_dtype():
     config = FastConfig()
     assert config.resolve_dtype(torch.device("cpu"), torch.float32) == torch.float32

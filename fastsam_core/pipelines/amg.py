@@ -70,6 +70,8 @@ class _FastGeneration:
 
     @torch.no_grad()
     def _generate_masks(self, image: np.ndarray) -> MaskData:
+        if getattr(image, "ndim", None) == 3 and image.shape[2] != 3:  # RGBA, ...
+            raise ValueError(f"image: expected an H x W x 3 RGB array, got shape {image.shape}")
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(
             orig_size, self.crop_n_layers, self.crop_overlap_ratio
@@ -130,7 +132,10 @@ class _FastGeneration:
         data.filter(keep)
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
-        data["crop_boxes"] = torch.tensor(crop_box, device=device).expand(len(keep), 4)
+        if len(keep):
+            data["crop_boxes"] = torch.tensor(crop_box, device=device).expand(len(keep), 4)
+        else:  # the reference's torch.tensor([]): float32, so joining the crops' results
+            data["crop_boxes"] = torch.empty(0, device=device)  # makes every crop_box float
         return data
 
     def _chunk(self, bytes_per_mask: int) -> int:
