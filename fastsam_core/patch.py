@@ -211,7 +211,8 @@ def restore(model: Optimizable) -> Optimizable:
         return model
     if _SWAPPED in sam.__dict__:
         sam.__class__ = sam.__dict__.pop(_SWAPPED)
-    model_cast = _own_dtype(sam) if _own_dtype(sam) != state.own_dtype else None
+    own_dtype = _own_dtype(sam)
+    model_cast = own_dtype if own_dtype != state.own_dtype else None
     for r in reversed(state.replacements):
         device = module_device(r.fast)
         if not r.shared and state.config.originals == "drop":
@@ -260,8 +261,9 @@ def report(model: Optimizable) -> Report:
     dtype = dtype_name(state.dtype)
     now = {module_dtype(r.fast) for r in state.replacements
            if module_dtype(r.fast) != r.fast_dtype}
-    if _own_dtype(sam) != state.own_dtype:
-        now.add(_own_dtype(sam))
+    own_dtype = _own_dtype(sam)
+    if own_dtype != state.own_dtype:
+        now.add(own_dtype)
     if now:  # the model was cast after optimize() (.half(), .to(dtype))
         dtype = f"{', '.join(sorted(map(dtype_name, now)))} (optimized as {dtype}, cast since)"
     return Report(model=f"{type(sam).__name__}, {dtype}, {state.config}", stages=stages)

@@ -193,7 +193,7 @@ def test_leaves_the_modes_of_a_plain_model_as_they_were(kind):
 def test_sam2_heads_in_training_mode_select_single_masks_as_the_reference(optimized):
     """SAM 2's decoder picks a single mask by stability only in eval mode: with the heads in
     training mode (a user fine-tuning them), predict_batch's single masks are the reference
-    predictor's (the stability selection had run anyway: 35 % of the pixels differed)."""
+    predictor's (the stability selection had run anyway)."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     from fastsam_core.models.tiny import sam2_feature_sizes

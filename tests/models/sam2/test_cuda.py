@@ -15,6 +15,7 @@ from fastsam_core.models.sam2.memory_attention import FastMemoryAttention
 from fastsam_core.models.sam2.memory_encoder import FastMemoryEncoder
 from fastsam_core.pipelines.video import pad_memory_banks
 from tests.models.sam2.test_image_encoder import randomize_pos_embeds
+from tests.models.sam2.test_memory import rope_tables_in
 from tests.parity import assert_lowp_parity, in_dtype
 
 pytestmark = pytest.mark.cuda
@@ -34,12 +35,7 @@ def test_hiera_b_plus_bf16_parity_and_no_host_sync():
     exact = in_dtype(ref, torch.float64)(x.double())
     naive = in_dtype(ref, torch.bfloat16)(x.bfloat16())
     fastsam_core.optimize(model, FastConfig(dtype=torch.bfloat16))
-    model.image_encoder(x)  # warm-up: the position-embedding caches are filled here
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        got = model.image_encoder(x)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    got = sync_free(lambda: model.image_encoder(x))  # the warm-up fills the position caches
     for level in range(3):
         assert_lowp_parity(got["backbone_fpn"][level], naive["backbone_fpn"][level],
                            exact["backbone_fpn"][level])
@@ -76,15 +72,6 @@ def feature_side(model) -> int:
     return math.isqrt(model.memory_attention.layers[0].self_attn.freqs_cis.shape[0])
 
 
-def _with_rope_tables(module, side: int, dtype: torch.dtype):
-    """The reference's rotary tables for side x side tokens in the complex `dtype` (.to()
-    leaves them complex64)."""
-    for layer in module.layers:
-        for attn in (layer.self_attn, layer.cross_attn_image):
-            attn.freqs_cis = attn.compute_cis(end_x=side, end_y=side).to(dtype)
-    return module
-
-
 @torch.inference_mode()
 @pytest.mark.parametrize("masked", [False, True])
 def test_memory_attention_b_plus_bf16_parity_and_no_host_sync(masked):
@@ -117,8 +104,8 @@ def test_memory_attention_b_plus_bf16_parity_and_no_host_sync(masked):
     low = {k: v.bfloat16() if torch.is_tensor(v) else v for k, v in args.items()}
     wide = {k: v.double() if torch.is_tensor(v) else v for k, v in args.items()}
     side = feature_side(model)
-    naive = _with_rope_tables(in_dtype(ref, torch.bfloat16), side, torch.complex64)(**low)
-    exact = _with_rope_tables(in_dtype(ref, torch.float64), side, torch.complex128)(**wide)
+    naive = rope_tables_in(in_dtype(ref, torch.bfloat16), torch.complex64, side)(**low)
+    exact = rope_tables_in(in_dtype(ref, torch.float64), torch.complex128, side)(**wide)
     assert_lowp_parity(got.double(), naive.double(), exact)
 
 

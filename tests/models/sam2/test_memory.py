@@ -77,19 +77,19 @@ def test_memory_attention_low_precision(dtype):
     assert got.dtype == torch.float32  # curr's dtype
     low = {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in kwargs.items()}
     wide = {k: v.double() if torch.is_tensor(v) else v for k, v in kwargs.items()}
-    naive = _rope_tables_in(in_dtype(ref, dtype), torch.complex64)(**low)
-    exact = _rope_tables_in(in_dtype(ref, torch.float64), torch.complex128)(**wide)
+    naive = rope_tables_in(in_dtype(ref, dtype), torch.complex64)(**low)
+    exact = rope_tables_in(in_dtype(ref, torch.float64), torch.complex128)(**wide)
     assert_sound_lowp_parity(got.double(), naive.double(), exact, dtype)
 
 
-def _rope_tables_in(module, dtype):
-    """The reference's rotary tables for GRID x GRID tokens, built afresh in the complex
+def rope_tables_in(module, dtype, side: int = GRID):
+    """The reference's rotary tables for side x side tokens, built afresh in the complex
     `dtype` (.to() leaves them complex64): the shared model's tables are whatever token count
     an earlier test ran, and a real dtype would drop their imaginary part."""
     assert dtype.is_complex, dtype
     for layer in module.layers:
         for attn in (layer.self_attn, layer.cross_attn_image):
-            attn.freqs_cis = attn.compute_cis(end_x=GRID, end_y=GRID).to(dtype)
+            attn.freqs_cis = attn.compute_cis(end_x=side, end_y=side).to(dtype)
     return module
 
 
