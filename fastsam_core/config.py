@@ -53,7 +53,8 @@ class FastConfig:
             and int8 activations per token, computed at run time) or "2:4" (their weights
             magnitude-pruned to 2:4 semi-structured sparsity, no retraining). See
             fastsam_core.models.quant for what the state_dict then holds.
-        quantize_layers: "all" (attention and MLP linears) or "mlp" (MLP only).
+        quantize_layers: "all" (attention and MLP linears) or "mlp" (MLP only); "mlp" needs
+            `quantize`.
     """
 
     dtype: torch.dtype | str | None = None
@@ -72,6 +73,10 @@ class FastConfig:
         if self.quantize is not None:
             _check_choice("quantize", self.quantize, QUANTIZE_MODES)
         _check_choice("quantize_layers", self.quantize_layers, QUANTIZE_LAYERS)
+        if self.quantize is None and self.quantize_layers != "all":
+            raise ValueError(f"FastConfig.quantize_layers={self.quantize_layers!r} needs "
+                             "FastConfig.quantize ('int8' or '2:4'): without it nothing is "
+                             "quantized")
         if self.quantize is not None and self.originals == "drop":
             raise ValueError("FastConfig.originals='drop' cannot be combined with "
                              "FastConfig.quantize: the float weights could not be restored")

@@ -313,6 +313,8 @@ def test_quantize_config_validation():
         FastConfig(quantize="int4")
     with pytest.raises(ValueError, match="FastConfig.quantize_layers"):
         FastConfig(quantize="int8", quantize_layers="attn")
+    with pytest.raises(ValueError, match="FastConfig.quantize_layers='mlp' needs"):
+        FastConfig(quantize_layers="mlp")
     with pytest.raises(ValueError, match="cannot be combined"):
         FastConfig(quantize="int8", originals="drop")
 
