@@ -93,7 +93,9 @@ class FastAttention(nn.Module):
                 if table.shape[0] != 2 * size - 1:
                     raise UnsupportedModule(
                         f"{name} has {table.shape[0]} rows, expected {2 * size - 1} for a "
-                        f"{grid[0]}x{grid[1]} grid (a table resized after construction)"
+                        f"{grid[0]}x{grid[1]} grid (img_size or the table changed after "
+                        "construction; the reference interpolates the table on every call, "
+                        "the fast encoder takes tables of its grid's size only)"
                     )
             rel_pos_h = adopt_parameter(ref.rel_pos_h, dtype)
             rel_pos_w = adopt_parameter(ref.rel_pos_w, dtype)

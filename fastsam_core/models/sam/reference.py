@@ -60,7 +60,8 @@ def build_sam(
 
     Args:
         variant: encoder variant, see `build_encoder`.
-        image_size: model input size; the image embedding is image_size / 16 on a side.
+        image_size: model input size; the image embedding is image_size / patch_size (16
+            unless overridden) on a side.
         seed: seed for the weights.
         encoder_overrides: passed to `build_encoder`.
     """
@@ -74,7 +75,7 @@ def build_sam(
 def _build(variant: str, image_size: int, **encoder_overrides: object) -> Sam:
     encoder = build_encoder(variant, image_size, **encoder_overrides)
     prompt_dim = encoder.neck[0].out_channels
-    grid = image_size // 16
+    grid = image_size // encoder.patch_embed.proj.stride[0]  # the encoder's token grid
     return Sam(
         image_encoder=encoder,
         prompt_encoder=PromptEncoder(
