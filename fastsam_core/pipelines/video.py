@@ -259,8 +259,10 @@ class FastSam2VideoPredictor(SAM2VideoPredictor):
         gathered by the reference's own selection (run per object, with its own frame index
         and video length, the memory attention swapped for a recorder), the banks are padded
         to one layout, and the memory attention runs once with the key mask. Returns
-        B x C x H x W as the reference does."""
-        if not isinstance(output_dict, _JaggedOutputs) or is_init_cond_frame:
+        B x C x H x W as the reference does (without memory, `num_maskmem` 0, the frame's
+        own features: the reference reads no stored output then)."""
+        if not isinstance(output_dict, _JaggedOutputs) or is_init_cond_frame \
+                or self.num_maskmem == 0:
             return super()._prepare_memory_conditioned_features(
                 frame_idx, is_init_cond_frame, current_vision_feats,
                 current_vision_pos_embeds, feat_sizes, output_dict, num_frames,

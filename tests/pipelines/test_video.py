@@ -61,12 +61,13 @@ def video_file(tmp_path_factory):
     return path
 
 
-def video_predictor(device: str = "cpu"):
-    """sam2.1 hiera_t's video predictor at 256 px, random weights, pos embeds filled."""
+def video_predictor(device: str = "cpu", overrides: tuple[str, ...] = ()):
+    """sam2.1 hiera_t's video predictor at 256 px, random weights, pos embeds filled (and
+    hydra `overrides` of its configuration)."""
     torch.manual_seed(0)
-    predictor = build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", None,
-                                           device=device,
-                                           hydra_overrides_extra=["++model.image_size=256"])
+    predictor = build_sam2_video_predictor(
+        "configs/sam2.1/sam2.1_hiera_t.yaml", None, device=device,
+        hydra_overrides_extra=["++model.image_size=256", *overrides])
     randomize_pos_embeds(predictor.image_encoder, 0)
     return predictor
 
@@ -403,6 +404,36 @@ def test_an_object_prompted_while_propagation_is_paused_waits_for_the_next(short
                 predictor.reset_state(state)
             with pytest.raises(RuntimeError, match=r"removed .* ids \[8\] lost"):
                 next(generator)
+
+
+def prompted_apart(predictor, video_dir):
+    """Objects 7 and 8 prompted on frames 1 and 2 (memory banks of two layouts), tracked."""
+    state = predictor.init_state(video_dir)
+    for frame, obj_id, x in ((1, 7, 94), (2, 8, 30)):
+        predictor.add_new_points_or_box(state, frame_idx=frame, obj_id=obj_id,
+                                        points=np.array([[x, 48]], np.float32),
+                                        labels=np.array([1], np.int32))
+    return [(t, list(ids), m) for t, ids, m in predictor.propagate_in_video(state)]
+
+
+def test_a_model_without_memory_tracks_objects_prompted_apart(short_video_dir):
+    """num_maskmem=0 (no memory: SAM2Base conditions each frame on nothing, reading no stored
+    output): objects prompted on different frames go through the step as one batch and get
+    the reference's masks (fp32). The padded-banks path used to gather the banks anyway,
+    found none and failed."""
+    overrides = ("++model.num_maskmem=0",)
+    reference = video_predictor(overrides=overrides)
+    predictor = video_predictor(overrides=overrides)
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    with torch.inference_mode():
+        expected = prompted_apart(reference, short_video_dir)
+        got = prompted_apart(predictor, short_video_dir)
+    assert [g[:2] for g in got] == [e[:2] for e in expected] == [
+        (t, [7, 8]) for t in range(1, 6)]
+    assert not fallbacks_of(predictor), fallbacks_of(predictor)
+    for (t, _, a), (_, _, b) in zip(got, expected, strict=True):
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+        assert mask_iou_outside_margin(a, b) >= tol.MASK_IOU_FP32, t
 
 
 def test_propagate_in_videos_checks_its_arguments(video_dir):
