@@ -201,12 +201,19 @@ def frames_loaded_in(dtype: torch.dtype, device: torch.device) -> Iterator[None]
     """Within the block, `SAM2VideoPredictor.init_state` loads the frames in `dtype` on
     `device` (the state's `offload_video_to_cpu` flag stays the caller's). The block swaps
     the name `load_video_frames` in `sam2.sam2_video_predictor`, under a lock: one block at a
-    time, and other code calling that name meanwhile gets such frames too."""
+    time, and only the thread that entered it gets such frames (another thread's predictor,
+    a reference one say, calling that name meanwhile gets sam2's loader, its fp32 frames)."""
     with _PATCH_LOCK:
         reference_load = sam2_video_predictor.load_video_frames
+        owner = threading.get_ident()
 
-        def load(video_path, image_size, offload_video_to_cpu, img_mean=IMG_MEAN,
-                 img_std=IMG_STD, async_loading_frames=False, compute_device=None):
+        def load(*args, **kwargs):
+            if threading.get_ident() != owner:
+                return reference_load(*args, **kwargs)
+            return own_load(*args, **kwargs)
+
+        def own_load(video_path, image_size, offload_video_to_cpu, img_mean=IMG_MEAN,
+                     img_std=IMG_STD, async_loading_frames=False, compute_device=None):
             if (img_mean, img_std) == (IMG_MEAN, IMG_STD):  # sam2's tests, in its order
                 if is_video_file(video_path):
                     return load_video_file_frames(video_path, image_size, dtype, device)

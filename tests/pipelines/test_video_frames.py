@@ -4,9 +4,11 @@ rounded, and loaded without an fp32 copy of the video in memory."""
 from __future__ import annotations
 
 import sys
+import threading
 
 import numpy as np
 import pytest
+import sam2.sam2_video_predictor as sam2_video_predictor
 import torch
 from PIL import Image
 from sam2.utils.misc import load_video_frames
@@ -16,6 +18,7 @@ from fastsam_core.pipelines.video_frames import (
     IMG_STD,
     AsyncJpegFrames,
     frames_in,
+    frames_loaded_in,
     load_jpeg_frames,
     load_video_file_frames,
 )
@@ -174,6 +177,29 @@ def test_video_file_without_decord_names_the_argument(monkeypatch):
 def test_missing_frames_are_named(tmp_path):
     with pytest.raises(RuntimeError, match="no images found in"):
         load_jpeg_frames(str(tmp_path), 64, torch.bfloat16, torch.device("cpu"))
+
+
+def test_other_threads_keep_the_reference_loader_meanwhile(jpeg_video):
+    """While a fast init_state loads its frames in bf16 (the swapped loader), a predictor in
+    another thread (a reference one, say) starting a session meanwhile gets sam2's fp32
+    frames, not bf16 ones."""
+    cpu = torch.device("cpu")
+    other = {}
+
+    def other_init_state():  # the call SAM2VideoPredictor.init_state makes
+        other["frames"] = sam2_video_predictor.load_video_frames(
+            video_path=jpeg_video, image_size=96, offload_video_to_cpu=True,
+            async_loading_frames=False, compute_device=cpu)[0]
+
+    with frames_loaded_in(torch.bfloat16, cpu):
+        own = sam2_video_predictor.load_video_frames(jpeg_video, 96, True)[0]
+        thread = threading.Thread(target=other_init_state)
+        thread.start()
+        thread.join()
+    reference = load_video_frames(jpeg_video, 96, True)[0]
+    assert own.dtype == torch.bfloat16 and torch.equal(own, reference.bfloat16())
+    assert other["frames"].dtype == torch.float32 and torch.equal(other["frames"], reference)
+    assert sam2_video_predictor.load_video_frames is load_video_frames  # swapped back
 
 
 @pytest.mark.cuda
