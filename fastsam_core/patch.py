@@ -24,7 +24,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from fastsam_core.config import FastConfig
-from fastsam_core.models.convert import dtype_name, module_device, module_dtype
+from fastsam_core.models.convert import dtype_name, module_device, module_dtype, off_device
 from fastsam_core.models.fallback import hooks_left_behind, shown_paths
 from fastsam_core.models.quant import quantize_linears
 from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
@@ -223,7 +223,7 @@ def restore(model: Optimizable) -> Optimizable:
                 "(FastConfig.originals='drop'): outputs are not bit-identical to before",
                 stacklevel=2,
             )
-        elif module_device(r.original) != device:
+        elif off_device(r.original, device):  # also one moved in part: shared tensors
             r.original.to(device)
         if model_cast is not None:  # the model was cast (.half(), .to(dtype)), also to the
             r.original.to(model_cast)  # dtype its fast modules already had

@@ -229,6 +229,33 @@ def test_checkpoint_loads_into_a_quantized_model(mode):
 
 
 @pytest.mark.parametrize("mode", ["int8", "2:4"])
+def test_a_checkpoint_loaded_with_assign_is_not_written(mode):
+    """`load_state_dict(..., assign=True)` takes the checkpoint's tensors as the model's own:
+    a 2:4 layer pruned its weight in place after loading, which pruned the tensor of the
+    model the checkpoint came from. The layers quantize or prune a copy, as optimize()
+    does."""
+    from tests.models.sam2.test_image_encoder import images, small_encoder, small_sam2
+
+    def quantized(seed):
+        model = small_sam2(seed)
+        model.image_encoder = small_encoder(seed)
+        return fastsam_core.optimize(model, FastConfig(quantize=mode))
+
+    source = small_sam2(seed=3)
+    source.image_encoder = small_encoder(seed=3)
+    before = {name: t.clone() for name, t in source.state_dict().items()}
+    model = quantized(0)
+    model.load_state_dict(source.state_dict(), assign=True)
+    for name, t in source.state_dict().items():
+        assert torch.equal(t, before[name]), name
+    x = images(batch=1)
+    expected = quantized(3)
+    with torch.inference_mode():
+        assert torch.equal(model.image_encoder(x)["vision_features"],
+                           expected.image_encoder(x)["vision_features"])
+
+
+@pytest.mark.parametrize("mode", ["int8", "2:4"])
 def test_quantized_linears_share_their_bias_with_the_original(mode):
     """fp32: in-place edits of model.parameters() reach the originals, biases of the
     quantized linears included (only their weights are the fast module's own)."""
@@ -306,6 +333,58 @@ def test_sam2_encoder_quantized():
     assert sqnr_db(before, out) > tol.INT8_ENCODER_MIN_SQNR_DB
     fastsam_core.restore(model)
     assert torch.equal(model.image_encoder(x)["vision_features"], before)
+
+
+@pytest.mark.parametrize("mode", ["int8", "2:4"])
+def test_a_quantized_model_moved_after_optimize_restores_on_one_device(mode):
+    """fp32: the kept originals share every tensor with the fast encoder but the quantized
+    linears' weights, and `.cuda()` moves shared parameters in place (`param.data`), so it
+    moves the originals in part. The reference fallback and restore() must move the rest:
+    they looked at the first parameter only, and the linears stayed behind (51 of hiera_t's
+    162 parameters). Here the in-place move is torch's swap-on-conversion to "meta"."""
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    model = small_sam2()
+    fastsam_core.optimize(model, FastConfig(quantize=mode))
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    original = model.image_encoder._reference
+    assert {p.device.type for p in original.parameters()} == {"cpu", "meta"}  # in part
+    model.train()
+    with torch.no_grad(), pytest.warns(UserWarning, match="training mode"):
+        out = model.image_encoder(torch.zeros(1, 3, 64, 64, device="meta"))
+    assert out["vision_features"].device.type == "meta"
+    assert {p.device.type for p in original.parameters()} == {"meta"}  # moved whole
+    model.eval()
+    fastsam_core.restore(model)
+    assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
+
+
+@pytest.mark.parametrize("mode", ["int8", "2:4"])
+def test_a_quantized_model_cast_after_optimize_falls_back_in_the_cast_dtype(mode):
+    """fp32, then `.half()`: the cast reaches the originals' shared tensors but not the
+    quantized linears' float weights; the reference fallback (autograd recording) ran that
+    half-cast original and failed on a dtype mismatch, where an fp32 model optimized
+    without quantize falls back fine. It runs the original cast throughout, as restore()
+    gives it back."""
+    from tests.models.sam2.test_image_encoder import images, small_encoder, small_sam2
+
+    model = small_sam2()
+    model.image_encoder = small_encoder()
+    fastsam_core.optimize(model, FastConfig(quantize=mode))
+    model.half()
+    x = images(batch=1).half()
+    with pytest.warns(UserWarning, match="autograd is recording"):
+        got = model.image_encoder(x)["vision_features"]  # parameters require grad
+    expected = small_encoder().half()(x)["vision_features"]
+    assert torch.equal(got.detach(), expected.detach())
+    fastsam_core.restore(model)
+    with torch.inference_mode():
+        assert torch.equal(model.image_encoder(x)["vision_features"], expected)
 
 
 def test_quantize_config_validation():

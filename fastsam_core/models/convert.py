@@ -69,6 +69,14 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def off_device(module: nn.Module, device: torch.device) -> bool:
+    """True if any parameter or buffer of `module` is not on `device`. A kept original that
+    shares only some tensors with its fast module (the quantized linears' weights are the
+    fast module's own) has moved in part after `.cuda()` / `.to(device)`, which move shared
+    parameters in place: its first tensor alone does not say where the rest is."""
+    return any(t.device != device for t in (*module.parameters(), *module.buffers()))
+
+
 def module_dtype(module: nn.Module) -> torch.dtype:
     """Dtype of a module's first floating-point parameter (float32 if it has none)."""
     for p in module.parameters():

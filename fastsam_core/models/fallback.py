@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from fastsam_core.config import FastConfig
-from fastsam_core.models.convert import module_device, module_dtype
+from fastsam_core.models.convert import module_device, module_dtype, off_device
 
 
 class ReferenceFallback(nn.Module):
@@ -23,11 +23,13 @@ class ReferenceFallback(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.__dict__["_reference"] = None
+        self.__dict__["_reference_set_dtype"] = None  # this module's dtype at set_reference
         self.fallbacks: dict[str, int] = {}
 
     def set_reference(self, ref: nn.Module | None) -> None:
         """The reference module to fall back to (None: no fallback)."""
         self.__dict__["_reference"] = ref
+        self.__dict__["_reference_set_dtype"] = None if ref is None else module_dtype(self)
 
     def inference_only_reason(self, *inputs: torch.Tensor) -> str | None:
         """Why the fast path must not run now (training mode, autograd recording), or None.
@@ -61,8 +63,15 @@ class ReferenceFallback(nn.Module):
         if ref.training != self.training:
             ref.train(self.training)
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        if device is not None and module_device(ref) != device:
+        if device is not None and off_device(ref, device):
             ref.to(device)  # the model was moved after optimize(): move the original too
+        dtype = module_dtype(self)
+        if dtype != self.__dict__.get("_reference_set_dtype", dtype) and \
+                len({t.dtype for t in ref.parameters() if t.is_floating_point()}) > 1:
+            # cast after optimize() (.half(), ...) while sharing only some tensors with this
+            # module (the quantized linears' weights are its own): the original was cast in
+            # part, so it runs in the cast dtype throughout, as restore() puts it back
+            ref.to(dtype)
         return ref(*args)
 
     def _separate_weights_note(self, ref: nn.Module) -> str:

@@ -158,12 +158,19 @@ class Sparse24Linear(nn.Module):
         self.weight = nn.Parameter(prune_2_4(linear.weight.detach()), requires_grad=False)
         self.bias = linear.bias  # shared: in-place edits of it reach the original too
         self._sparse: tuple | None = None  # (weight's identity, semi-structured weight)
-        self.register_load_state_dict_post_hook(self._prune_loaded_weight)
+        self.register_load_state_dict_pre_hook(self._prune_float_weight)
 
     @staticmethod
-    def _prune_loaded_weight(module: Sparse24Linear, incompatible_keys: object) -> None:
-        with torch.no_grad():
-            module.weight.copy_(prune_2_4(module.weight))
+    def _prune_float_weight(module: Sparse24Linear, state_dict: dict, prefix: str,
+                            *args: object) -> None:
+        """A checkpoint's weight loads pruned, as `optimize()` prunes: in this layer's dtype.
+        A pruned copy: the checkpoint's own tensor is not written (with
+        `load_state_dict(assign=True)` it would become this weight, and pruning it in place
+        pruned the model it came from)."""
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, torch.Tensor) and weight.shape == module.weight.shape:
+            state_dict[prefix + "weight"] = prune_2_4(
+                weight.detach().to(module.weight.device, module.weight.dtype))
         module._sparse = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
