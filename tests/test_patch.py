@@ -415,6 +415,22 @@ def test_casting_the_model_after_optimize_casts_restore_too():
     assert torch.equal(encode(sam, x), encode(small_sam().half(), x))
 
 
+def test_a_model_cast_after_optimize_falls_back_in_the_cast_dtype():
+    """bf16 optimize, then `.half()`: the reference fallback (autograd recording) runs the
+    kept fp32 original cast to fp16, as restore() gives it back and as the model cast
+    without optimizing runs (it ran the fp32 original and failed on the fp16 input)."""
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    sam.half()
+    x = image_batch(batch=1).half()
+    with pytest.warns(UserWarning, match="autograd is recording"):
+        got = sam.image_encoder(x)
+    expected = encode(small_sam().half(), x)
+    assert got.dtype == torch.float16 and torch.equal(got.detach(), expected)
+    fastsam_core.restore(sam)
+    assert torch.equal(encode(sam, x), expected)
+
+
 @pytest.mark.parametrize("kind", ["sam", "sam2"])
 def test_casting_the_model_to_the_fast_dtype_casts_restore_too(kind):
     """A cast to the dtype the fast modules already have (bf16 here, CUDA's default) changes

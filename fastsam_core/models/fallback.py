@@ -66,11 +66,12 @@ class ReferenceFallback(nn.Module):
         if device is not None and off_device(ref, device):
             ref.to(device)  # the model was moved after optimize(): move the original too
         dtype = module_dtype(self)
-        if dtype != self.__dict__.get("_reference_set_dtype", dtype) and \
-                len({t.dtype for t in ref.parameters() if t.is_floating_point()}) > 1:
-            # cast after optimize() (.half(), ...) while sharing only some tensors with this
-            # module (the quantized linears' weights are its own): the original was cast in
-            # part, so it runs in the cast dtype throughout, as restore() puts it back
+        if dtype != self.__dict__.get("_reference_set_dtype", dtype) and any(
+                t.dtype != dtype for t in ref.parameters() if t.is_floating_point()):
+            # this module was cast since (.half(), ...): the cast reached the original only
+            # through the tensors they share (none for a compute-dtype copy, all but the
+            # quantized linears' weights for an fp32 int8 one), so it runs cast throughout,
+            # as restore() puts it back
             ref.to(dtype)
         return ref(*args)
 
