@@ -75,8 +75,8 @@ class FastConfig:
         _check_choice("quantize_layers", self.quantize_layers, QUANTIZE_LAYERS)
         if self.quantize is None and self.quantize_layers != "all":
             raise ValueError(f"FastConfig.quantize_layers={self.quantize_layers!r} needs "
-                             "FastConfig.quantize ('int8' or '2:4'): without it nothing is "
-                             "quantized")
+                             f"FastConfig.quantize, one of {QUANTIZE_MODES}: without it "
+                             "nothing is quantized")
         if self.quantize is not None and self.originals == "drop":
             raise ValueError("FastConfig.originals='drop' cannot be combined with "
                              "FastConfig.quantize: the float weights could not be restored")

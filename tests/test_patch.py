@@ -417,18 +417,38 @@ def test_casting_the_model_after_optimize_casts_restore_too():
 
 def test_a_model_cast_after_optimize_falls_back_in_the_cast_dtype():
     """bf16 optimize, then `.half()`: the reference fallback (autograd recording) runs the
-    kept fp32 original cast to fp16, as restore() gives it back and as the model cast
-    without optimizing runs (it ran the fp32 original and failed on the fp16 input)."""
+    kept fp32 original cast to fp16, as the model cast without optimizing runs (it ran the
+    fp32 original and failed on the fp16 input); cast back to bf16, the fallback and
+    restore() follow (the original had stayed fp16)."""
     sam = small_sam()
     fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
-    sam.half()
-    x = image_batch(batch=1).half()
-    with pytest.warns(UserWarning, match="autograd is recording"):
-        got = sam.image_encoder(x)
-    expected = encode(small_sam().half(), x)
-    assert got.dtype == torch.float16 and torch.equal(got.detach(), expected)
+    plain = small_sam()
+    x = image_batch(batch=1)
+    for cast in (torch.float16, torch.bfloat16):
+        sam.to(cast)
+        plain.to(cast)
+        with warnings.catch_warnings():  # "autograd is recording": warned once
+            warnings.simplefilter("ignore")
+            got = sam.image_encoder(x.to(cast))
+        expected = encode(plain, x.to(cast))
+        assert got.dtype == cast and torch.equal(got.detach(), expected)
+    assert list(sam.image_encoder.fallbacks.values()) == [2]
     fastsam_core.restore(sam)
-    assert torch.equal(encode(sam, x), expected)
+    assert {p.dtype for p in sam.parameters()} == {torch.bfloat16}
+    assert torch.equal(encode(sam, x.bfloat16()), expected)
+
+
+def test_a_fallback_in_inference_mode_leaves_the_original_trainable():
+    """A fallback that moves or casts the kept original (here: after `.half()`) from
+    inside `torch.inference_mode()`, as sam2's predictors call the model: the original's
+    tensors are not inference tensors (after restore(), backward failed on them)."""
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    sam.half().train()
+    with torch.inference_mode(), pytest.warns(UserWarning, match="training mode"):
+        sam.image_encoder(image_batch(batch=1).half())
+    fastsam_core.restore(sam.eval())
+    assert not any(t.is_inference() for t in (*sam.parameters(), *sam.buffers()))
 
 
 @pytest.mark.parametrize("kind", ["sam", "sam2"])

@@ -232,8 +232,8 @@ def test_checkpoint_loads_into_a_quantized_model(mode):
 def test_a_checkpoint_loaded_with_assign_is_not_written(mode):
     """`load_state_dict(..., assign=True)` takes the checkpoint's tensors as the model's own:
     a 2:4 layer pruned its weight in place after loading, which pruned the tensor of the
-    model the checkpoint came from. The layers quantize or prune a copy, as optimize()
-    does."""
+    model the checkpoint came from; it prunes a copy, as optimize() does (int8 layers, which
+    quantize into their own tensors, checked alike)."""
     from tests.models.sam2.test_image_encoder import images, small_encoder, small_sam2
 
     def quantized(seed):
@@ -250,6 +250,27 @@ def test_a_checkpoint_loaded_with_assign_is_not_written(mode):
         assert torch.equal(t, before[name]), name
     x = images(batch=1)
     expected = quantized(3)
+    with torch.inference_mode():
+        assert torch.equal(model.image_encoder(x)["vision_features"],
+                           expected.image_encoder(x)["vision_features"])
+
+
+def test_a_2_4_model_assigned_a_checkpoint_takes_its_dtype():
+    """`load_state_dict(..., assign=True)` of an fp16 checkpoint into an fp32 2:4 model:
+    every tensor takes the checkpoint's dtype, the pruned weights too (they were converted
+    to the layer's fp32 beside fp16 biases, and the forward failed)."""
+    from tests.models.sam2.test_image_encoder import images, small_encoder, small_sam2
+
+    def small(seed):
+        model = small_sam2(seed)
+        model.image_encoder = small_encoder(seed)
+        return model
+
+    model = fastsam_core.optimize(small(0), FastConfig(quantize="2:4"))
+    model.load_state_dict(small(3).half().state_dict(), assign=True)
+    assert {p.dtype for p in model.image_encoder.parameters()} == {torch.float16}
+    expected = fastsam_core.optimize(small(3).half(), FastConfig(quantize="2:4"))
+    x = images(batch=1).half()
     with torch.inference_mode():
         assert torch.equal(model.image_encoder(x)["vision_features"],
                            expected.image_encoder(x)["vision_features"])
@@ -370,7 +391,8 @@ def test_a_quantized_model_cast_after_optimize_falls_back_in_the_cast_dtype(mode
     quantized linears' float weights; the reference fallback (autograd recording) ran that
     half-cast original and failed on a dtype mismatch, where an fp32 model optimized
     without quantize falls back fine. It runs the original cast throughout, as restore()
-    gives it back."""
+    gives it back; cast back with `.float()`, the fallback and restore() have the original
+    in fp32 throughout again (not the fallback's fp16 linears beside fp32 shared tensors)."""
     from tests.models.sam2.test_image_encoder import images, small_encoder, small_sam2
 
     model = small_sam2()
@@ -382,9 +404,14 @@ def test_a_quantized_model_cast_after_optimize_falls_back_in_the_cast_dtype(mode
         got = model.image_encoder(x)["vision_features"]  # parameters require grad
     expected = small_encoder().half()(x)["vision_features"]
     assert torch.equal(got.detach(), expected.detach())
+    model.float()
+    got = model.image_encoder(x.float())["vision_features"]
+    expected = small_encoder().half().float()(x.float())["vision_features"]
+    assert torch.equal(got.detach(), expected.detach())
     fastsam_core.restore(model)
+    assert {p.dtype for p in model.image_encoder.parameters()} == {torch.float32}
     with torch.inference_mode():
-        assert torch.equal(model.image_encoder(x)["vision_features"], expected)
+        assert torch.equal(model.image_encoder(x.float())["vision_features"], expected)
 
 
 def test_quantize_config_validation():

@@ -23,13 +23,32 @@ class ReferenceFallback(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.__dict__["_reference"] = None
-        self.__dict__["_reference_set_dtype"] = None  # this module's dtype at set_reference
+        # this module's dtype when its reference was last aligned to it (align_reference)
+        self.__dict__["_reference_dtype"] = None
         self.fallbacks: dict[str, int] = {}
 
     def set_reference(self, ref: nn.Module | None) -> None:
         """The reference module to fall back to (None: no fallback)."""
         self.__dict__["_reference"] = ref
-        self.__dict__["_reference_set_dtype"] = None if ref is None else module_dtype(self)
+        self.__dict__["_reference_dtype"] = None if ref is None else module_dtype(self)
+
+    def align_reference(self, device: torch.device | None = None) -> None:
+        """Move the kept reference to `device` if any of its tensors is elsewhere, and cast it
+        to this module's dtype if this module was cast since the two were last aligned
+        (`.half()` after optimize()). Moves and casts reach the reference only through the
+        tensors they share (none for a compute-dtype copy; all but the quantized linears'
+        weights for an fp32 int8 one), so it may have moved or been cast in part. Outside
+        inference mode: the reference's tensors must stay trainable and editable."""
+        ref = self.__dict__["_reference"]
+        if ref is None:
+            return
+        dtype = module_dtype(self)
+        with torch.inference_mode(False), torch.no_grad():
+            if device is not None and off_device(ref, device):
+                ref.to(device)  # the model was moved after optimize()
+            if dtype != self.__dict__.get("_reference_dtype", dtype):
+                ref.to(dtype)
+                self.__dict__["_reference_dtype"] = dtype
 
     def inference_only_reason(self, *inputs: torch.Tensor) -> str | None:
         """Why the fast path must not run now (training mode, autograd recording), or None.
@@ -62,17 +81,8 @@ class ReferenceFallback(nn.Module):
         self.fallbacks[why] = self.fallbacks.get(why, 0) + 1
         if ref.training != self.training:
             ref.train(self.training)
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        if device is not None and off_device(ref, device):
-            ref.to(device)  # the model was moved after optimize(): move the original too
-        dtype = module_dtype(self)
-        if dtype != self.__dict__.get("_reference_set_dtype", dtype) and any(
-                t.dtype != dtype for t in ref.parameters() if t.is_floating_point()):
-            # this module was cast since (.half(), ...): the cast reached the original only
-            # through the tensors they share (none for a compute-dtype copy, all but the
-            # quantized linears' weights for an fp32 int8 one), so it runs cast throughout,
-            # as restore() puts it back
-            ref.to(dtype)
+        self.align_reference(next((a.device for a in args if isinstance(a, torch.Tensor)),
+                                  None))
         return ref(*args)
 
     def _separate_weights_note(self, ref: nn.Module) -> str:

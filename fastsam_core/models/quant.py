@@ -162,15 +162,17 @@ class Sparse24Linear(nn.Module):
 
     @staticmethod
     def _prune_float_weight(module: Sparse24Linear, state_dict: dict, prefix: str,
-                            *args: object) -> None:
-        """A checkpoint's weight loads pruned, as `optimize()` prunes: in this layer's dtype.
-        A pruned copy: the checkpoint's own tensor is not written (with
-        `load_state_dict(assign=True)` it would become this weight, and pruning it in place
-        pruned the model it came from)."""
+                            local_metadata: dict, *args: object) -> None:
+        """A checkpoint's weight loads pruned, as `optimize()` prunes (in this layer's dtype;
+        with `load_state_dict(assign=True)` in the checkpoint's, as every other tensor). A
+        pruned copy: the checkpoint's own tensor is not written (with assign=True it would
+        become this weight, and pruning it in place pruned the model it came from)."""
         weight = state_dict.get(prefix + "weight")
         if isinstance(weight, torch.Tensor) and weight.shape == module.weight.shape:
-            state_dict[prefix + "weight"] = prune_2_4(
-                weight.detach().to(module.weight.device, module.weight.dtype))
+            weight = weight.detach()
+            if not local_metadata.get("assign_to_params_buffers", False):
+                weight = weight.to(module.weight.device, module.weight.dtype)
+            state_dict[prefix + "weight"] = prune_2_4(weight)
         module._sparse = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

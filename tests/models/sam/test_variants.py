@@ -139,6 +139,7 @@ def test_encoder_variants_other_backends_fp32(variant, attention, kernel_launche
         fastsam_core.optimize(sam, FastConfig(dtype=torch.float32, attention=attention))
         got = sam.image_encoder(x)
     assert_close_fp32(got, expected, tol.FP32_STAGE_REL_L2)
+    assert fastsam_core.report(sam).path_of("image_encoder") == "fast"
     assert bool(kernel_launches) == (attention == "triton")
 
 
