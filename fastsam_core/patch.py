@@ -213,9 +213,8 @@ def restore(model: Optimizable) -> Optimizable:
         sam.__class__ = sam.__dict__.pop(_SWAPPED)
     own_dtype = _own_dtype(sam)
     model_cast = own_dtype if own_dtype != state.own_dtype else None
-    with torch.inference_mode(False), torch.no_grad():  # the originals stay trainable
-        for r in reversed(state.replacements):
-            _put_back(r, state, model_cast)
+    for r in reversed(state.replacements):
+        _put_back(r, state, model_cast)
     del sam.__dict__[_STATE]
     return model
 
@@ -224,21 +223,25 @@ def _put_back(r: _Replacement, state: _State, model_cast: torch.dtype | None) ->
     """restore() of one replacement: the original, on the fast module's device and in the
     dtype the model was cast to since, back in its owner."""
     device = module_device(r.fast)
-    r.fast.align_reference()  # undoes or redoes a cast a fallback made since
-    if not r.shared and state.config.originals == "drop":
-        r.original.to_empty(device=device)
-        r.original.load_state_dict(r.fast.state_dict())
-        warnings.warn(
-            f"fastsam_core: {r.name} restored from its {state.dtype} weights "
-            "(FastConfig.originals='drop'): outputs are not bit-identical to before",
-            stacklevel=3,
-        )
-    elif off_device(r.original, device):  # also one moved in part: shared tensors
-        r.original.to(device)
-    if model_cast is not None:  # the model was cast (.half(), .to(dtype)), also to the
-        r.original.to(model_cast)  # dtype its fast modules already had
-    elif module_dtype(r.fast) != r.fast_dtype:  # this stage was cast
-        r.original.to(module_dtype(r.fast))
+    stage_dtype = module_dtype(r.fast)
+    # new tensors outside inference mode: the originals stay trainable and editable
+    with torch.inference_mode(False), torch.no_grad():
+        if not r.shared and state.config.originals == "drop":
+            r.original.to_empty(device=device)
+            r.original.load_state_dict(r.fast.state_dict())
+            warnings.warn(
+                f"fastsam_core: {r.name} restored from its {state.dtype} weights "
+                "(FastConfig.originals='drop'): outputs are not bit-identical to before",
+                stacklevel=3,
+            )
+        elif off_device(r.original, device):  # also one moved in part: shared tensors
+            r.original.to(device)
+        if model_cast is not None:  # the model was cast (.half(), .to(dtype)), also to the
+            r.original.to(model_cast)  # dtype its fast modules already had
+        elif stage_dtype != r.fast_dtype:  # this stage was cast
+            r.original.to(stage_dtype)
+        else:  # a cast a reference fallback made since, undone (the stage was cast back)
+            r.fast.align_reference()
     if r.load_hook is not None:
         r.load_hook.remove()
     # outside the module tree, the originals missed train()/eval() and requires_grad_()

@@ -451,6 +451,22 @@ def test_a_fallback_in_inference_mode_leaves_the_original_trainable():
     assert not any(t.is_inference() for t in (*sam.parameters(), *sam.buffers()))
 
 
+def test_restore_in_inference_mode_of_a_model_made_there():
+    """A model built inside `torch.inference_mode()` (inference tensors), frozen, optimized,
+    its encoder unfrozen, restored inside inference mode: the flags reach the originals as
+    the caller's mode allows (only the moves and casts leave inference mode)."""
+    with torch.inference_mode():
+        sam = small_sam()
+    sam.requires_grad_(False)
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    sam.image_encoder.requires_grad_(True)
+    with torch.inference_mode():
+        fastsam_core.restore(sam)
+    assert not fastsam_core.is_optimized(sam)
+    assert {p.requires_grad for p in sam.image_encoder.parameters()} == {True}
+    assert {p.requires_grad for p in sam.mask_decoder.parameters()} == {False}
+
+
 @pytest.mark.parametrize("kind", ["sam", "sam2"])
 def test_casting_the_model_to_the_fast_dtype_casts_restore_too(kind):
     """A cast to the dtype the fast modules already have (bf16 here, CUDA's default) changes
