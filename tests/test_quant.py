@@ -361,8 +361,8 @@ def test_a_quantized_model_moved_after_optimize_restores_on_one_device(mode):
     """fp32: the kept originals share every tensor with the fast encoder but the quantized
     linears' weights, and `.cuda()` moves shared parameters in place (`param.data`), so it
     moves the originals in part. The reference fallback and restore() must move the rest:
-    they looked at the first parameter only, and the linears stayed behind (51 of hiera_t's
-    162 parameters). Here the in-place move is torch's swap-on-conversion to "meta"."""
+    they looked at the first parameter only, and the linears stayed behind. Here the
+    in-place move is torch's swap-on-conversion to "meta"."""
     from tests.models.sam2.test_image_encoder import small_sam2
 
     model = small_sam2()
