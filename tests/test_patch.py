@@ -438,6 +438,35 @@ def test_a_model_cast_after_optimize_falls_back_in_the_cast_dtype():
     assert torch.equal(encode(sam, x.bfloat16()), expected)
 
 
+def test_a_model_cast_to_its_fast_dtype_falls_back_in_it():
+    """bf16 optimize, then `.to(torch.bfloat16)`, a cast the fast modules' tensors do not
+    show (they were bf16 already): the fallback runs the original cast to bf16, as the model
+    cast without optimizing runs (it ran the fp32 original and failed on the bf16 input).
+    The same for one stage cast on its own (the cast after optimize() decides its dtype, as
+    without optimizing), with or without a fallback in between; the model stays fp32."""
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    sam.to(torch.bfloat16)
+    x = image_batch(batch=1).bfloat16()
+    with pytest.warns(UserWarning, match="autograd is recording"):
+        got = sam.image_encoder(x)
+    expected = encode(small_sam().bfloat16(), x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got.detach(), expected)
+
+    for fallback_between in (False, True):
+        sam = small_sam()
+        fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+        sam.image_encoder.half()
+        if fallback_between:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sam.image_encoder(x.half())
+        sam.image_encoder.bfloat16()
+        fastsam_core.restore(sam)
+        assert {p.dtype for p in sam.image_encoder.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in sam.mask_decoder.parameters()} == {torch.float32}
+
+
 def test_a_fallback_in_inference_mode_leaves_the_original_trainable():
     """A fallback that moves or casts the kept original (here: after `.half()`) from
     inside `torch.inference_mode()`, as sam2's predictors call the model: the original's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -16,7 +17,8 @@ from fastsam_core.models.convert import module_device, module_dtype, off_device
 
 class ReferenceFallback(nn.Module):
     """Base of the fast modules: holds the reference module outside the module tree (not in
-    `state_dict()`, not moved by `.to()`) and counts the calls that ran it, per reason."""
+    `state_dict()`, not moved by `.to()`: it follows on its next call, `align_reference`) and
+    counts the calls that ran it, per reason."""
 
     stage = "module"  # name used in messages and reports
 
@@ -25,17 +27,30 @@ class ReferenceFallback(nn.Module):
         self.__dict__["_reference"] = None
         # this module's dtype when its reference was last aligned to it (align_reference)
         self.__dict__["_reference_dtype"] = None
+        # the dtype of the last cast applied to this module since then (`_apply`), or None
+        self.__dict__["_pending_cast"] = None
         self.fallbacks: dict[str, int] = {}
 
     def set_reference(self, ref: nn.Module | None) -> None:
         """The reference module to fall back to (None: no fallback)."""
         self.__dict__["_reference"] = ref
         self.__dict__["_reference_dtype"] = None if ref is None else module_dtype(self)
+        self.__dict__["_pending_cast"] = None
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> ReferenceFallback:
+        """`.to()`, `.half()`, ...: a cast is noted for the kept reference, also one to the
+        dtype this module already has (bf16-optimized, then `.to(torch.bfloat16)`), which
+        its tensors do not show."""
+        super()._apply(fn, recurse)
+        cast = cast_dtype_of(fn)
+        if cast is not None:
+            self.__dict__["_pending_cast"] = cast
+        return self
 
     def align_reference(self, device: torch.device | None = None) -> None:
         """Move the kept reference to `device` if any of its tensors is elsewhere, and cast it
-        to this module's dtype if this module was cast since the two were last aligned
-        (`.half()` after optimize()). Moves and casts reach the reference only through the
+        as this module was cast since the two were last aligned (`.half()` after optimize():
+        to the dtype of the last cast, else to this module's dtype if that changed). Moves and casts reach the reference only through the
         tensors they share (none for a compute-dtype copy; all but the quantized linears'
         weights for an fp32 int8 one), so it may have moved or been cast in part. Outside
         inference mode: the reference's tensors must stay trainable and editable."""
@@ -43,12 +58,16 @@ class ReferenceFallback(nn.Module):
         if ref is None:
             return
         dtype = module_dtype(self)
+        cast = self.__dict__.get("_pending_cast")
+        if cast is None and dtype != self.__dict__.get("_reference_dtype", dtype):
+            cast = dtype
         with torch.inference_mode(False), torch.no_grad():
             if device is not None and off_device(ref, device):
                 ref.to(device)  # the model was moved after optimize()
-            if dtype != self.__dict__.get("_reference_dtype", dtype):
-                ref.to(dtype)
-                self.__dict__["_reference_dtype"] = dtype
+            if cast is not None:
+                ref.to(cast)
+        self.__dict__["_reference_dtype"] = dtype
+        self.__dict__["_pending_cast"] = None
 
     def inference_only_reason(self, *inputs: torch.Tensor) -> str | None:
         """Why the fast path must not run now (training mode, autograd recording), or None.
@@ -101,6 +120,17 @@ class ReferenceFallback(nn.Module):
             return ""
         return "; reference fallbacks: " + ", ".join(
             f"{why}: {n}x" for why, n in self.fallbacks.items())
+
+
+def cast_dtype_of(fn: Callable) -> torch.dtype | None:
+    """The dtype a `Module._apply` function casts every floating tensor to (`.half()`,
+    `.to(dtype)`), or None where it keeps their dtypes (`.cuda()`, `.to(device)`): found by
+    applying it to two empty tensors of different dtypes."""
+    try:
+        dtypes = {fn(torch.empty(0, dtype=d)).dtype for d in (torch.float32, torch.float16)}
+    except Exception:  # not a tensor-to-tensor function: no cast known
+        return None
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def fallbacks_of(model: nn.Module) -> dict[str, dict[str, int]]:
