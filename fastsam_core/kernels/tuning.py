@@ -73,8 +73,10 @@ class Tuner:
     def cached(self, device: str, key: str, names: list[str]) -> str | None:
         """A choice made earlier (this process, the shipped table, the user cache), if it is
         still one of `names`; else None."""
-        known = self.choices.get((device, key)) or self._lookup(device, key)
+        known = self.choices.get((device, key))
         if known not in names:
+            known = self._lookup(device, key, names)
+        if known is None:
             return None
         self.choices[(device, key)] = known
         return known
@@ -130,10 +132,12 @@ class Tuner:
         self._store(device, key, best, timings)
         return best
 
-    def _lookup(self, device: str, key: str) -> str | None:
+    def _lookup(self, device: str, key: str, names: list[str]) -> str | None:
+        """The shipped table's choice, else the user cache's, skipping one that is no longer
+        among `names` (a stale shipped entry must not hide a newer measurement)."""
         for path in (SHIPPED_DIR / f"{self.name}.json", self.cache_file()):
             entry = _read(path).get(device, {}).get(key)
-            if entry:
+            if isinstance(entry, dict) and entry.get("choice") in names:
                 return entry["choice"]
         return None
 

@@ -354,7 +354,13 @@ class TestTuner:
         (shipped / "k.json").write_text(json.dumps({"H200": {"s": {"choice": "a"}}}))
         monkeypatch.setattr(tuning, "SHIPPED_DIR", shipped)
         monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path / "user"))
+        (tmp_path / "user").mkdir()
+        (tmp_path / "user" / "k.json").write_text(json.dumps({"H200": {"s": {"choice": "b"}}}))
         assert Tuner("k").cached("H200", "s", ["a", "b"]) == "a"
+        # a shipped choice no longer offered (a candidate renamed since) does not hide the
+        # user's own measurement, which tuning stored (it had tuned again in every process)
+        assert Tuner("k").cached("H200", "s", ["b", "c"]) == "b"
+        assert Tuner("k").cached("H200", "s", ["c"]) is None
 
     def test_no_matching_candidate_raises(self, tmp_path, monkeypatch):
         monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
