@@ -4,7 +4,10 @@ specializes the same arguments the way Triton's JIT does)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -15,4 +18,15 @@ class Launch:
     meta: dict  # constexpr arguments by name and compile options (num_warps, ...)
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.meta)
+        with on_device_of(self.args):
+            self.kernel[self.grid](*self.args, **self.meta)
+
+
+def on_device_of(args: tuple | list) -> object:
+    """A context making the first CUDA tensor in `args` its device's current one: Triton
+    launches on the current device's context and stream, wherever the pointers are (a model
+    on cuda:1 in a process whose current device is cuda:0)."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if device is None or device.type != "cuda":
+        return nullcontext()
+    return torch.cuda.device(device)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fastsam_core.kernels.launch import on_device_of
 from fastsam_core.numerics import rel_l2
 from fastsam_core.progress import note
 
@@ -110,13 +111,14 @@ class Tuner:
         timings: dict[str, float] = {}
         _nesting[0] += 1
         try:
-            for name, run in candidates.items():
-                try:
-                    out = run()
-                except Exception:  # noqa: BLE001 - e.g. out of shared memory: not a candidate
-                    continue
-                if rel_l2(out, reference) <= tolerance:  # NaN fails this comparison too
-                    timings[name] = self.timer(run)
+            with on_device_of([reference]):  # the timer's events on the kernels' device
+                for name, run in candidates.items():
+                    try:
+                        out = run()
+                    except Exception:  # noqa: BLE001 - out of shared memory, ...: not a candidate
+                        continue
+                    if rel_l2(out, reference) <= tolerance:  # NaN fails this comparison too
+                        timings[name] = self.timer(run)
         finally:
             _nesting[0] -= 1
         seconds = time.perf_counter() - start

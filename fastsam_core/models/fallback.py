@@ -50,10 +50,11 @@ class ReferenceFallback(nn.Module):
     def align_reference(self, device: torch.device | None = None) -> None:
         """Move the kept reference to `device` if any of its tensors is elsewhere, and cast it
         as this module was cast since the two were last aligned (`.half()` after optimize():
-        to the dtype of the last cast, else to this module's dtype if that changed). Moves and casts reach the reference only through the
-        tensors they share (none for a compute-dtype copy; all but the quantized linears'
-        weights for an fp32 int8 one), so it may have moved or been cast in part. Outside
-        inference mode: the reference's tensors must stay trainable and editable."""
+        to the dtype of the last cast, else to this module's dtype if that changed). Moves
+        and casts reach the reference only through the tensors they share (none for a
+        compute-dtype copy; all but the quantized linears' weights for an fp32 int8 one), so
+        it may have moved or been cast in part. Outside inference mode: the reference's
+        tensors must stay trainable and editable."""
         ref = self.__dict__["_reference"]
         if ref is None:
             return
