@@ -82,13 +82,19 @@ def _int8_matmul_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = tl.program_id(0) * BLOCK_N
+    rn = row0 + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
+    # the block's rows addressed from its first row, that one 64-bit: rows x row stride can
+    # pass 2^31 elements (over 400k tokens of a 5120-wide layer), offsets within a block do not
+    XQ += row0.to(tl.int64) * stride_xn
+    Out += row0.to(tl.int64) * stride_on
+    local = tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     for k0 in range(0, n_in, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(XQ + rn[:, None] * stride_xn + kk[None, :] * stride_xk,
+        x = tl.load(XQ + local[:, None] * stride_xn + kk[None, :] * stride_xk,
                     mask=(rn[:, None] < n_rows) & (kk[None, :] < n_in), other=0)
         # the weight tile transposed on load: BLOCK_K x BLOCK_M
         w = tl.load(WQ + rm[None, :] * stride_wm + kk[:, None] * stride_wk,
@@ -101,7 +107,7 @@ def _int8_matmul_fwd(
         y += tl.load(Bias + rm, mask=rm < n_out, other=0.0).to(tl.float32)[None, :]
     if GELU:
         y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
-    tl.store(Out + rn[:, None] * stride_on + rm[None, :] * stride_om,
+    tl.store(Out + local[:, None] * stride_on + rm[None, :] * stride_om,
              y.to(Out.dtype.element_ty), mask=(rn[:, None] < n_rows) & (rm[None, :] < n_out))
 
 

@@ -41,7 +41,7 @@ def _layer_norm_quant_fwd(
     eps,  # LayerNorm epsilon
     BLOCK: tl.constexpr,  # K rounded up to a power of two: one block holds a row
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row x K can pass 2^31 elements
     cols = tl.arange(0, BLOCK)
     valid = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=valid, other=0.0).to(tl.float32)
