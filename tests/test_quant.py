@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -274,6 +275,65 @@ def test_a_2_4_model_assigned_a_checkpoint_takes_its_dtype():
     with torch.inference_mode():
         assert torch.equal(model.image_encoder(x)["vision_features"],
                            expected.image_encoder(x)["vision_features"])
+
+
+@pytest.mark.parametrize("kind", ["sam", "sam2"])
+@torch.inference_mode()
+def test_compiled_2_4_encoder_uses_sparse_weights_built_before_the_call(kind, monkeypatch):
+    """Under torch.compile the 2:4 layers use semi-structured weights built before the
+    compiled call, once per weight (built in the traced forward, `tensor_identity` broke the
+    trace and the whole encoder ran eager, with a warning). CUDA stands in: every layer runs
+    "sparse", its semi-structured weight standing in as the pruned weight doubled, so that
+    its use shows."""
+    import fastsam_core.models.quant as quant
+    from fastsam_core.models.compiled import LazyCompiled
+    from tests.models.sam2.test_image_encoder import images, small_encoder, small_sam2
+
+    built = []
+    monkeypatch.setattr(Sparse24Linear, "runs_sparse", lambda self, x: True)
+    monkeypatch.setattr(quant, "semi_structured", lambda w: built.append(w) or w * 2)
+    if kind == "sam":
+        model, x = small_sam(), image_batch(batch=1)
+    else:
+        model, x = small_sam2(), images(batch=1)
+        model.image_encoder = small_encoder()
+    fastsam_core.optimize(model, FastConfig(quantize="2:4"))
+    encoder = model.image_encoder
+
+    def features():
+        out = encoder(x)
+        return out if kind == "sam" else out["vision_features"]
+
+    eager = features()
+    layers = [m for m in encoder.modules() if isinstance(m, Sparse24Linear)]
+    assert len(built) == len(layers) > 0
+    encoder._run_fast = LazyCompiled(encoder._forward_fast, "default", "image encoder",
+                                     backend="eager", fullgraph=True, dynamic=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a compile failure warns and runs eager
+        compiled = features()
+    assert encoder._run_fast.status == "compiled"
+    assert torch.equal(compiled, eager) and len(built) == len(layers)
+    monkeypatch.setattr(Sparse24Linear, "runs_sparse", lambda self, x: False)
+    encoder._run_fast.compiled = None  # eager again
+    assert not torch.equal(features(), eager)  # the doubled weights made `eager`
+
+
+@torch.no_grad()  # inference mode would make `.to("cuda")` a real copy, even in fake mode
+def test_2_4_layer_of_a_shape_the_sparse_kernels_refuse_runs_dense():
+    """A CUDA fp16 2:4 layer of 24 input features (SAM 2 tiny's first stage): torch's
+    sparse backends take multiples of 16 x 16 or more only; the layer multiplies by its
+    pruned weight densely, with a warning (it raised). Fake CUDA tensors: no GPU needed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = Sparse24Linear(nn.Linear(24, 72).half())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        layer.to("cuda")
+        x = torch.randn(2, 64, 24, dtype=torch.float16, device="cuda")
+        with pytest.warns(UserWarning, match=r"\(72, 24\) weight runs as a dense product"):
+            y = layer(x)
+    assert y.shape == (2, 64, 72) and y.device.type == "cuda"
+    assert layer._sparse[1] is None  # remembered: not tried again on every call
 
 
 @pytest.mark.parametrize("mode", ["int8", "2:4"])

@@ -31,6 +31,7 @@ shape. State_dict keys are unchanged by this (same child names).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -175,26 +176,59 @@ class Sparse24Linear(nn.Module):
             state_dict[prefix + "weight"] = prune_2_4(weight)
         module._sparse = None
 
+    def runs_sparse(self, x: torch.Tensor) -> bool:
+        """Whether a forward on `x` takes the sparse tensor cores (CUDA, fp16 / bf16)."""
+        return x.is_cuda and self.weight.dtype in (torch.float16, torch.bfloat16)
+
+    def sparse_weight(self) -> torch.Tensor | None:
+        """The weight as a semi-structured sparse tensor, built again when the weight changed
+        (`tensor_identity`); None for a weight the sparse kernels do not take (dense then)."""
+        key = tensor_identity(self.weight)
+        if self._sparse is None or self._sparse[0] != key:
+            self._sparse = (key, semi_structured(self.weight))
+        return self._sparse[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
-            key = tensor_identity(weight)
-            if self._sparse is None or self._sparse[0] != key:
-                self._sparse = (key, semi_structured(weight))
-            weight = self._sparse[1]
+        if self.runs_sparse(x):
+            if torch.compiler.is_compiling():  # built before the call (build_sparse_weights)
+                sparse = None if self._sparse is None else self._sparse[1]
+            else:
+                sparse = self.sparse_weight()
+            if sparse is not None:
+                weight = sparse
         y = F.linear(x, weight, self.bias)
         # row-major, as nn.Linear returns it: attention's views and SDPA's fused kernels
         # want a unit last stride
         return y if y.stride(-1) == 1 else y.contiguous()
 
 
-def semi_structured(weight: torch.Tensor) -> torch.Tensor:
+def build_sparse_weights(module: nn.Module, x: torch.Tensor) -> None:
+    """Build the semi-structured weights of the 2:4 layers in `module` that a forward on `x`
+    runs sparse, before a compiled forward, whose trace uses them but cannot build them
+    (`tensor_identity` does not trace: the whole encoder would fall back to eager)."""
+    for m in module.modules():
+        if isinstance(m, Sparse24Linear) and m.runs_sparse(x):
+            m.sparse_weight()
+
+
+def semi_structured(weight: torch.Tensor) -> torch.Tensor | None:
     """A 2:4 CUDA weight as torch's semi-structured sparse tensor. With cuSPARSELt (the
     default backend) the product is written transposed unless the transpose is fused into
-    the matmul, which makes `F.linear`'s output row-major at no cost."""
+    the matmul, which makes `F.linear`'s output row-major at no cost.
+
+    None, with a warning, where torch's sparse backend does not take the weight: each
+    dimension must be a multiple of its tile (16 x 16 with cuSPARSELt, 32 x 64 with CUTLASS
+    in fp16 / bf16; SAM 2 tiny's 24-wide first stage is not), or the GPU has no sparse
+    tensor cores. The layer then multiplies by its pruned weight densely."""
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, to_sparse_semi_structured
 
-    sparse = to_sparse_semi_structured(weight)
+    try:
+        sparse = to_sparse_semi_structured(weight)
+    except RuntimeError as err:
+        warnings.warn(f"fastsam_core: a 2:4 layer's {tuple(weight.shape)} weight runs as a "
+                      f"dense product (the sparse kernels do not take it: {err})", stacklevel=2)
+        return None
     if isinstance(sparse, SparseSemiStructuredTensorCUSPARSELT):
         sparse.fuse_transpose_cusparselt = True
     return sparse

@@ -31,7 +31,7 @@ from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, adopt_parameter, dtype_name, module_device
 from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, hooks_note
-from fastsam_core.models.quant import Int8Tokens, PendingLayerNorm
+from fastsam_core.models.quant import Int8Tokens, PendingLayerNorm, build_sparse_weights
 from fastsam_core.models.sam.common import layer_norm_2d
 from fastsam_core.ops.attention import (
     KERNEL_FALLBACKS,
@@ -248,6 +248,8 @@ class FastImageEncoderViT(ReferenceFallback):
         fallback = self._check_input(x) or self.inference_only_reason(x)
         if fallback is not None:
             return self.run_reference(fallback, x)
+        if self._run_fast.compiled is not None:
+            build_sparse_weights(self, x)
         with torch.autocast(x.device.type, enabled=False):
             y = self._run_fast(x.to(self.patch_embed.proj.weight.dtype),
                                eager=has_forward_hooks(self.neck))

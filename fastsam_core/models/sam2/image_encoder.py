@@ -33,7 +33,7 @@ from fastsam_core.config import FastConfig
 from fastsam_core.models.compiled import LazyCompiled
 from fastsam_core.models.convert import adopt_module, adopt_parameter, dtype_name, tensor_identity
 from fastsam_core.models.fallback import ReferenceFallback, has_forward_hooks, hooks_note
-from fastsam_core.models.quant import PendingLayerNorm
+from fastsam_core.models.quant import PendingLayerNorm, build_sparse_weights
 from fastsam_core.report import StageReport, UnsupportedModule
 
 
@@ -239,6 +239,8 @@ class FastSam2ImageEncoder(ReferenceFallback):
         trunk_pos = self.trunk.pos_embed_for(hw)
         hooked = has_forward_hooks(self.neck.position_encoding)
         neck_pos = [] if hooked else self._neck_pos(hw, sample.device)
+        if self._run_fast.compiled is not None:
+            build_sparse_weights(self, sample)
         with torch.autocast(sample.device.type, enabled=False):
             features, pos = self._run_fast(sample.to(self.dtype), trunk_pos, neck_pos,
                                            eager=hooked)
