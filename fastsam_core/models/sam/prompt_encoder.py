@@ -74,7 +74,8 @@ class FastPromptEncoder(ReferenceFallback):
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image-embedding grid: 1 x C x h x w, fp32, cached until
         the Gaussian matrix changes (the reference's `pe_layer` called instead while hooks sit
-        on it)."""
+        on it). A copy of the cache, as the reference returns a new tensor per call: a caller
+        writing to it in place changed every later result."""
         if has_forward_hooks(self.pe_layer):
             return self.pe_layer(self.image_embedding_size).unsqueeze(0)
         gauss = self.pe_layer.positional_encoding_gaussian_matrix
@@ -83,7 +84,7 @@ class FastPromptEncoder(ReferenceFallback):
         key = tensor_identity(gauss)
         if self._dense_pe is None or self._dense_pe[0] != key:
             self._dense_pe = (key, self._compute_dense_pe(gauss))
-        return self._dense_pe[1]
+        return self._dense_pe[1].clone()
 
     def _compute_dense_pe(self, gauss: torch.Tensor) -> torch.Tensor:
         h, w = self.image_embedding_size
@@ -118,7 +119,10 @@ class FastPromptEncoder(ReferenceFallback):
         """
         if pad:
             coords = F.pad(coords, (0, 0, 0, 1))  # the padding point at (0, 0)
-            labels = F.pad(labels, (0, 1), value=-1)
+            # in a signed dtype: bool labels padded with True, uint8 ones failed (the
+            # reference's float padding label promotes them)
+            labels = F.pad(labels if labels.is_floating_point() else labels.long(), (0, 1),
+                           value=-1)
         labels = labels[..., None]
         # where, not a product: the reference zeroes padding points, whatever their coords
         pe = torch.where(labels != -1, self.pixel_pe(coords), 0.0)

@@ -73,6 +73,31 @@ def test_prompt_encoder_fp32(kind):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int32, torch.float32])
+@pytest.mark.parametrize("boxes", [False, True], ids=["padded", "with-boxes"])
+def test_point_labels_of_any_dtype(dtype, boxes):
+    """Labels as bool / uint8 / int32 / float, as `predict_torch` and `Sam.forward` pass them
+    on: without boxes the padding point got label True (a foreground click at (0, 0)) or
+    failed to convert -1 to uint8; the reference's float padding label promotes them."""
+    sam = small_sam()
+    pe, _ = fast_parts(sam)
+    coords, _, box, _ = prompts()
+    labels = torch.tensor([[1, 0, 1]] * len(coords)).to(dtype)
+    args = ((coords, labels), box if boxes else None, None)
+    assert_close_fp32(pe(*args)[0], sam.prompt_encoder(*args)[0], tol.FP32_OP_REL_L2)
+
+
+@torch.inference_mode()
+def test_dense_pe_is_a_copy():
+    """A caller writing to `get_dense_pe()`'s result in place does not change later ones (it
+    was the cache itself; the reference computes a new tensor per call)."""
+    sam = small_sam()
+    pe, _ = fast_parts(sam)
+    pe.get_dense_pe().mul_(0)
+    assert_close_fp32(pe.get_dense_pe(), sam.prompt_encoder.get_dense_pe(), tol.FP32_OP_REL_L2)
+
+
+@torch.inference_mode()
 def test_prompt_encoder_mask_embedding_low_precision():
     sam = small_sam()
     pe, _ = fast_parts(sam, torch.bfloat16)

@@ -44,6 +44,21 @@ def test_prompt_encoder_fp32(model, kind):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8])
+def test_point_labels_bool_and_uint8(model, dtype):
+    """The padding point of bool / uint8 labels gets label -1 (True, or a failed conversion,
+    before), as the reference's float padding label promotes them; the dense PE is a copy."""
+    ref = model.sam_prompt_encoder
+    fast = FastPromptEncoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    coords = prompts()[0]
+    labels = torch.tensor([[1, 0, 1]] * len(coords)).to(dtype)
+    expected, _ = ref((coords, labels), None, None)
+    assert_close_fp32(fast((coords, labels), None, None)[0], expected, tol.FP32_OP_REL_L2)
+    fast.get_dense_pe().mul_(0)
+    assert_close_fp32(fast.get_dense_pe(), ref.get_dense_pe(), tol.FP32_OP_REL_L2)
+
+
+@torch.inference_mode()
 def test_padding_points_ignore_their_coordinates(model):
     """sam2 zeroes the positional encoding of label -1: NaN coordinates there change nothing."""
     ref = model.sam_prompt_encoder
