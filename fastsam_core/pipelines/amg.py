@@ -100,7 +100,14 @@ class _FastGeneration:
         data["rles"] = self._encode_rles(data, crop_boxes, upsampling, crops, orig_size)
         del data["low_res"], data["crop_index"]
         self._to_numpy(data)
+        self._reset_predictor()
         return data
+
+    def _reset_predictor(self) -> None:
+        """No image set on the predictor after generating, as the reference leaves it (it
+        sets each crop on the predictor and resets it): a predict() on an image set before
+        raises there, where it would silently use that image."""
+        raise NotImplementedError
 
     def _to_numpy(self, data: MaskData) -> None:
         data.to_numpy()
@@ -224,6 +231,9 @@ class FastAutomaticMaskGenerator(_FastGeneration, SamAutomaticMaskGenerator):
     def _threshold(self) -> float:
         return self.predictor.model.mask_threshold
 
+    def _reset_predictor(self) -> None:
+        self.predictor.reset_image()
+
     def _upsampling_bytes(self, crop_size: tuple[int, int]) -> int:
         size = self.predictor.model.image_encoder.img_size  # Sam.postprocess_masks goes
         return 4 * size * size  # through the padded input size in fp32 first
@@ -275,6 +285,9 @@ class FastSam2AutomaticMaskGenerator(_FastGeneration, SAM2AutomaticMaskGenerator
 
     def _threshold(self) -> float:
         return self.mask_threshold
+
+    def _reset_predictor(self) -> None:
+        self.predictor.reset_predictor()
 
     def _upsampling_bytes(self, crop_size: tuple[int, int]) -> int:
         return 0  # SAM2Transforms.postprocess_masks interpolates straight to the crop size

@@ -292,6 +292,37 @@ def test_optimize_a_sam2_generator_in_place():
 
 
 @pytest.mark.parametrize("kind", ["sam", "sam2"])
+def test_generate_leaves_the_predictor_without_an_image(kind):
+    """The reference generators set each crop on their predictor and reset it: an image set
+    before is gone after generate() (a predict() then raises). The fast ones left it set, so
+    that predict() silently used it."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    image = smooth_image(100, 120, 1)
+    settings = dict(points_per_side=4)
+    if kind == "sam":
+        model, is_set = small_sam(), lambda p: p.is_image_set
+        generators = (SamAutomaticMaskGenerator(model, **settings),
+                      FastAutomaticMaskGenerator(model, **settings))
+    else:
+        model, is_set = small_sam2(seed=3), lambda p: p._is_image_set
+        generators = (sam2_reference_generator(model, **settings),
+                      FastSam2AutomaticMaskGenerator(model, **settings))
+        generators[1].predictor._bb_feat_sizes = generators[0].predictor._bb_feat_sizes
+    for generator in generators:
+        generator.predictor.set_image(image)
+        assert is_set(generator.predictor)
+        generator.generate(image)
+        assert not is_set(generator.predictor), type(generator).__name__
+    with pytest.raises(RuntimeError):
+        generators[1].predictor.predict(point_coords=np.array([[10.0, 10.0]]),
+                                        point_labels=np.array([1]))
+
+
+@pytest.mark.parametrize("kind", ["sam", "sam2"])
 def test_positional_arguments_are_the_references(kind):
     """(model, points_per_side, points_per_batch, pred_iou_thresh, ...) in the reference's
     order: 4 is points_per_side (16 points), not points_per_batch."""
