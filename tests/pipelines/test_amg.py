@@ -296,8 +296,6 @@ def test_generate_leaves_the_predictor_without_an_image(kind):
     """The reference generators set each crop on their predictor and reset it: an image set
     before is gone after generate() (a predict() then raises). The fast ones left it set, so
     that predict() silently used it."""
-    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
-
     from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
     from tests.models.sam2.test_image_encoder import small_sam2
 
