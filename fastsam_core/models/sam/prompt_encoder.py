@@ -119,8 +119,8 @@ class FastPromptEncoder(ReferenceFallback):
         """
         if pad:
             coords = F.pad(coords, (0, 0, 0, 1))  # the padding point at (0, 0)
-            # in a signed dtype: bool labels padded with True, uint8 ones failed (the
-            # reference's float padding label promotes them)
+            # in a signed dtype (-1 is True as a bool, out of range as a uint8), as the
+            # reference's float padding label promotes bool / uint8 labels
             labels = F.pad(labels if labels.is_floating_point() else labels.long(), (0, 1),
                            value=-1)
         labels = labels[..., None]
