@@ -61,6 +61,8 @@ class LaunchRecorder:
         run = Launch.__call__
 
         def recorded(launch: Launch) -> None:
+            if not hasattr(launch.kernel, "arg_names"):  # a test's stand-in, not a kernel
+                return run(launch)
             spec = specialization(launch)
             key = json.dumps(spec, sort_keys=True)
             if key not in self.launches:
