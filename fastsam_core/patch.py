@@ -240,8 +240,8 @@ def _put_back(r: _Replacement, state: _State, model_cast: torch.dtype | None) ->
             r.original.to(model_cast)  # dtype its fast modules already had
         elif stage_dtype != r.fast_dtype:  # this stage was cast
             r.original.to(stage_dtype)
-        else:  # a cast a reference fallback made since, undone (the stage was cast back)
-            r.fast.align_reference()
+        else:  # no cast its tensors show; the original follows one they do not (a cast
+            r.fast.align_reference()  # back after a fallback, one to the fast dtype)
     if r.load_hook is not None:
         r.load_hook.remove()
     # outside the module tree, the originals missed train()/eval() and requires_grad_()

@@ -280,11 +280,12 @@ def test_a_2_4_model_assigned_a_checkpoint_takes_its_dtype():
 @pytest.mark.parametrize("kind", ["sam", "sam2"])
 @torch.inference_mode()
 def test_compiled_2_4_encoder_uses_sparse_weights_built_before_the_call(kind, monkeypatch):
-    """Under torch.compile the 2:4 layers use semi-structured weights built before the
-    compiled call, once per weight (built in the traced forward, `tensor_identity` broke the
-    trace and the whole encoder ran eager, with a warning). CUDA stands in: every layer runs
-    "sparse", its semi-structured weight standing in as the pruned weight doubled, so that
-    its use shows."""
+    """FastConfig.compile: the 2:4 layers' semi-structured weights are built before the
+    compiled call, once per weight, and the trace uses them (built in the traced forward,
+    `tensor_identity` broke the fullgraph trace and the whole encoder ran eager, with a
+    warning). A caller's own torch.compile builds them too, in a graph break (it had taken
+    the dense weight of a fresh layer). CUDA stands in: every layer runs "sparse", its
+    semi-structured weight standing in as the pruned weight doubled, so that its use shows."""
     import fastsam_core.models.quant as quant
     from fastsam_core.models.compiled import LazyCompiled
     from tests.models.sam2.test_image_encoder import images, small_encoder, small_sam2
@@ -292,36 +293,47 @@ def test_compiled_2_4_encoder_uses_sparse_weights_built_before_the_call(kind, mo
     built = []
     monkeypatch.setattr(Sparse24Linear, "runs_sparse", lambda self, x: True)
     monkeypatch.setattr(quant, "semi_structured", lambda w: built.append(w) or w * 2)
-    if kind == "sam":
-        model, x = small_sam(), image_batch(batch=1)
-    else:
-        model, x = small_sam2(), images(batch=1)
-        model.image_encoder = small_encoder()
-    fastsam_core.optimize(model, FastConfig(quantize="2:4"))
-    encoder = model.image_encoder
 
-    def features():
+    def fresh_encoder():
+        if kind == "sam":
+            model, x = small_sam(), image_batch(batch=1)
+        else:
+            model, x = small_sam2(), images(batch=1)
+            model.image_encoder = small_encoder()
+        fastsam_core.optimize(model, FastConfig(quantize="2:4"))
+        return model.image_encoder, x
+
+    def features(encoder, x):
         out = encoder(x)
         return out if kind == "sam" else out["vision_features"]
 
-    eager = features()
+    encoder, x = fresh_encoder()
     layers = [m for m in encoder.modules() if isinstance(m, Sparse24Linear)]
+    eager = features(encoder, x)
     assert len(built) == len(layers) > 0
+    encoder, x = fresh_encoder()  # not built yet
+    built.clear()
     encoder._run_fast = LazyCompiled(encoder._forward_fast, "default", "image encoder",
                                      backend="eager", fullgraph=True, dynamic=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a compile failure warns and runs eager
-        compiled = features()
+        compiled = features(encoder, x)
+        assert torch.equal(features(encoder, x), compiled)
     assert encoder._run_fast.status == "compiled"
     assert torch.equal(compiled, eager) and len(built) == len(layers)
+
+    encoder, x = fresh_encoder()
+    built.clear()
+    assert torch.equal(features(torch.compile(encoder, backend="eager"), x), eager)
+    assert len(built) == len(layers)
+
     monkeypatch.setattr(Sparse24Linear, "runs_sparse", lambda self, x: False)
-    encoder._run_fast.compiled = None  # eager again
-    assert not torch.equal(features(), eager)  # the doubled weights made `eager`
+    assert not torch.equal(features(encoder, x), eager)  # the doubled weights made `eager`
 
 
 @torch.no_grad()  # inference mode would make `.to("cuda")` a real copy, even in fake mode
 def test_2_4_layer_of_a_shape_the_sparse_kernels_refuse_runs_dense():
-    """A CUDA fp16 2:4 layer of 24 input features (SAM 2 tiny's first stage): torch's
+    """A CUDA fp16 2:4 layer of 24 input features (this package's tiny SAM 2): torch's
     sparse backends take multiples of 16 x 16 or more only; the layer multiplies by its
     pruned weight densely, with a warning (it raised). Fake CUDA tensors: no GPU needed."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -26,7 +26,5 @@ def on_device_of(args: tuple | list) -> object:
     """A context making the first CUDA tensor in `args` its device's current one: Triton
     launches on the current device's context and stream, wherever the pointers are (a model
     on cuda:1 in a process whose current device is cuda:0)."""
-    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    if device is None or device.type != "cuda":
-        return nullcontext()
-    return torch.cuda.device(device)
+    device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+    return nullcontext() if device is None else torch.cuda.device(device)

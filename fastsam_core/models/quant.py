@@ -159,6 +159,7 @@ class Sparse24Linear(nn.Module):
         self.weight = nn.Parameter(prune_2_4(linear.weight.detach()), requires_grad=False)
         self.bias = linear.bias  # shared: in-place edits of it reach the original too
         self._sparse: tuple | None = None  # (weight's identity, semi-structured weight)
+        self._prebuilt = False  # _sparse made fresh before a compiled call (build_sparse_weights)
         self.register_load_state_dict_pre_hook(self._prune_float_weight)
 
     @staticmethod
@@ -191,10 +192,10 @@ class Sparse24Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if self.runs_sparse(x):
-            if torch.compiler.is_compiling():  # built before the call (build_sparse_weights)
-                sparse = None if self._sparse is None else self._sparse[1]
-            else:
-                sparse = self.sparse_weight()
+            if torch.compiler.is_compiling() and self._prebuilt:
+                sparse = self._sparse[1]
+            else:  # under a caller's own torch.compile: a graph break, the check runs eagerly
+                sparse = _sparse_weight_untraced(self)
             if sparse is not None:
                 weight = sparse
         y = F.linear(x, weight, self.bias)
@@ -203,13 +204,18 @@ class Sparse24Linear(nn.Module):
         return y if y.stride(-1) == 1 else y.contiguous()
 
 
-def build_sparse_weights(module: nn.Module, x: torch.Tensor) -> None:
-    """Build the semi-structured weights of the 2:4 layers in `module` that a forward on `x`
-    runs sparse, before a compiled forward, whose trace uses them but cannot build them
-    (`tensor_identity` does not trace: the whole encoder would fall back to eager)."""
-    for m in module.modules():
-        if isinstance(m, Sparse24Linear) and m.runs_sparse(x):
-            m.sparse_weight()
+_sparse_weight_untraced = torch.compiler.disable(Sparse24Linear.sparse_weight)
+
+
+def build_sparse_weights(encoder: nn.Module, x: torch.Tensor) -> None:
+    """Make the semi-structured weights of the encoder's 2:4 layers (`quantize_linears`)
+    that a forward on `x` runs sparse fresh, before a compiled forward: its trace takes them
+    as they are, as a fullgraph trace cannot check them (`tensor_identity` does not trace:
+    the whole encoder would run eager)."""
+    for layer in encoder.__dict__.get("_sparse_layers", ()):
+        if layer.runs_sparse(x):
+            layer.sparse_weight()
+            layer._prebuilt = True
 
 
 def semi_structured(weight: torch.Tensor) -> torch.Tensor | None:
@@ -219,8 +225,9 @@ def semi_structured(weight: torch.Tensor) -> torch.Tensor | None:
 
     None, with a warning, where torch's sparse backend does not take the weight: each
     dimension must be a multiple of its tile (16 x 16 with cuSPARSELt, 32 x 64 with CUTLASS
-    in fp16 / bf16; SAM 2 tiny's 24-wide first stage is not), or the GPU has no sparse
-    tensor cores. The layer then multiplies by its pruned weight densely."""
+    in fp16 / bf16; the 24-wide first stage of this package's tiny SAM 2, `models/tiny.py`,
+    is neither), or the GPU has no sparse tensor cores. The layer then multiplies by its
+    pruned weight densely."""
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, to_sparse_semi_structured
 
     try:
@@ -499,26 +506,30 @@ def quantize_linears(encoder: nn.Module, mode: str, layers: str) -> StageReport:
     Returns:
         What was done, for `report()`.
     """
-    swapped = 0
+    swapped = []
     for path in target_linears(encoder, layers):
         linear = encoder.get_submodule(path)
         if mode == "2:4" and linear.in_features % 4:
             continue  # 2:4 needs groups of 4 input features: this layer stays dense
-        _replace(encoder, path, MODES[mode](linear))
-        swapped += 1
+        swapped.append(MODES[mode](linear))
+        _replace(encoder, path, swapped[-1])
+    if mode == "2:4":  # for build_sparse_weights, without a walk of the modules per call
+        encoder.__dict__["_sparse_layers"] = swapped
     fused, norms = fuse_int8_layers(encoder) if mode == "int8" else (0, 0)
     how = {"int8": "int8 weights per channel, int8 activations per token (on CUDA int_mm or "
                    "the fused Triton kernel, chosen per shape by measurement; dequantized "
                    "fp32 products elsewhere)",
            "2:4": "2:4 magnitude-pruned weights (sparse tensor cores on CUDA in bf16 / "
-                  "fp16, dense products with the zeros elsewhere)"}[mode]
+                  "fp16 where torch's sparse kernels take the shape, dense products with "
+                  "the zeros elsewhere)"}[mode]
     if fused:
         how += (f"; {fused} MLPs can run as fused kernels (LayerNorm + quantization, GELU in "
                 "fc1's epilogue), on CUDA where measured faster per shape")
     if norms:
         how += (f"; {norms} norm1 LayerNorms can feed their int8 qkv as one LayerNorm + "
                 "quantization kernel, on CUDA where measured faster per shape")
-    return StageReport("image_encoder.linears", mode, f"{swapped} layers ({layers}): {how}")
+    return StageReport("image_encoder.linears", mode,
+                       f"{len(swapped)} layers ({layers}): {how}")
 
 
 def fuse_int8_layers(encoder: nn.Module) -> tuple[int, int]:

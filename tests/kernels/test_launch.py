@@ -37,11 +37,12 @@ def test_launches_and_tuning_make_their_tensors_device_current(monkeypatch):
     kernel = RecordingKernel(current)
     Launch(kernel, (1,), (x, 4), {})()
     Launch(kernel, (1,), (torch.empty(4), 4), {})()  # a CPU tensor (interpreter): no switch
-    assert kernel.launched_on == ["cuda:1", "cuda:0"]
+    Launch(kernel, (1,), (torch.empty(4), x), {})()  # the first CUDA tensor decides
+    assert kernel.launched_on == ["cuda:1", "cuda:0", "cuda:1"]
 
     monkeypatch.setattr(tuning, "rel_l2", lambda out, ref: 0.0)  # fake tensors hold no values
     timed_on = []
     tuner = Tuner("k", timer=lambda fn: timed_on.append(current[-1]) or 1.0)
     tuner._store = lambda *args: None
-    tuner.tune("gpu", "s", {"a": lambda: x}, x, tolerance=0.0)
+    tuner.tune("gpu", "s", {"a": lambda: x}, x)
     assert timed_on == ["cuda:1"]  # the timer's events on the kernel's device

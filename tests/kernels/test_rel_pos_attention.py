@@ -361,6 +361,9 @@ class TestTuner:
         # user's own measurement, which tuning stored (it had tuned again in every process)
         assert Tuner("k").cached("H200", "s", ["b", "c"]) == "b"
         assert Tuner("k").cached("H200", "s", ["c"]) is None
+        stale = Tuner("k")
+        stale.choices[("H200", "s")] = "z"  # chosen earlier in this process, since renamed
+        assert stale.cached("H200", "s", ["b", "c"]) == "b"
 
     def test_no_matching_candidate_raises(self, tmp_path, monkeypatch):
         monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))

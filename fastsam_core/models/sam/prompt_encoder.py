@@ -75,7 +75,7 @@ class FastPromptEncoder(ReferenceFallback):
         """Positional encoding of the image-embedding grid: 1 x C x h x w, fp32, cached until
         the Gaussian matrix changes (the reference's `pe_layer` called instead while hooks sit
         on it). A copy of the cache, as the reference returns a new tensor per call: a caller
-        writing to it in place changed every later result."""
+        writing to it in place would change every later result."""
         if has_forward_hooks(self.pe_layer):
             return self.pe_layer(self.image_embedding_size).unsqueeze(0)
         gauss = self.pe_layer.positional_encoding_gaussian_matrix
