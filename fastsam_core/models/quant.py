@@ -192,7 +192,7 @@ class Sparse24Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if self.runs_sparse(x):
-            if torch.compiler.is_compiling() and self._prebuilt:
+            if torch.compiler.is_compiling() and self._prebuilt and self._sparse is not None:
                 sparse = self._sparse[1]
             else:  # under a caller's own torch.compile: a graph break, the check runs eagerly
                 sparse = _sparse_weight_untraced(self)
