@@ -52,7 +52,8 @@ ENCODER_BATCH = 8  # crops per image-encoder call
 
 class _FastGeneration:
     """The model-independent core; the model families supply `_encode`, `_decode`,
-    `_upsampling_of`, `_upsample` and `_threshold` (see the two generators below)."""
+    `_upsampling_of`, `_upsample`, `_threshold` and `_reset_predictor` (see the two
+    generators below)."""
 
     max_chunk_bytes: int
 
