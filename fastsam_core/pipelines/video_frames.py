@@ -202,9 +202,13 @@ def frames_loaded_in(dtype: torch.dtype, device: torch.device) -> Iterator[None]
     `device` (the state's `offload_video_to_cpu` flag stays the caller's). The block swaps
     the name `load_video_frames` in `sam2.sam2_video_predictor`, under a lock: one block at a
     time, and only the thread that entered it gets such frames (another thread's predictor,
-    a reference one say, calling that name meanwhile gets sam2's loader, its fp32 frames)."""
+    a reference one say, calling that name meanwhile gets sam2's loader, its fp32 frames).
+    Where the caller has put a loader of their own under that name, theirs runs, unchanged."""
     with _PATCH_LOCK:
         reference_load = sam2_video_predictor.load_video_frames
+        if reference_load is not load_video_frames:
+            yield
+            return
         owner = threading.get_ident()
 
         def load(*args, **kwargs):

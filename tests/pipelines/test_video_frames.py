@@ -202,6 +202,24 @@ def test_other_threads_keep_the_reference_loader_meanwhile(jpeg_video):
     assert sam2_video_predictor.load_video_frames is load_video_frames  # swapped back
 
 
+def test_a_callers_own_frame_loader_runs_unchanged(jpeg_video, monkeypatch):
+    """A pipeline that put its own loader under the name init_state calls keeps it: the
+    block neither bypasses it nor changes what it returns."""
+    calls = []
+
+    def own_loader(*args, **kwargs):
+        calls.append(args)
+        return load_video_frames(*args, **kwargs)
+
+    monkeypatch.setattr(sam2_video_predictor, "load_video_frames", own_loader)
+    with frames_loaded_in(torch.bfloat16, torch.device("cpu")):
+        frames = sam2_video_predictor.load_video_frames(jpeg_video, 96, True)[0]
+    assert calls == [(jpeg_video, 96, True)]
+    assert frames.dtype == torch.float32
+    assert torch.equal(frames, load_video_frames(jpeg_video, 96, True)[0])
+    assert sam2_video_predictor.load_video_frames is own_loader
+
+
 @pytest.mark.cuda
 def test_async_jpeg_frames_on_the_gpu(jpeg_video):
     """Frames written to the GPU from the background thread equal the CPU ones."""
