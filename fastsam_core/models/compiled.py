@@ -20,7 +20,9 @@ class LazyCompiled:
     (`fastsam_core.progress`; `first_call_s`). If that first call fails (no C++ compiler, an
     unsupported op, ...), `fn` runs eagerly from then on and the failure is reported once, by
     warning and in `status`. Under modes that use CUDA graphs, outputs are copied out of the
-    graph's memory pool, which the next replay overwrites.
+    graph's memory pool, which the next replay overwrites. A copy (`copy.deepcopy`, pickle)
+    compiles again on its first call: a compiled function is bound to the `fn` it was made
+    from, a method of the original object.
 
     Args:
         fn: the function to compile.
@@ -33,10 +35,20 @@ class LazyCompiled:
         self.fn = fn
         self.mode = mode
         self.what = what
+        self.options = options
         self.status = "pending first call" if mode else "eager"
         self.compiled = torch.compile(fn, mode=mode, **options) if mode else None
         self.cudagraphs = mode in CUDAGRAPH_MODES
         self.first_call_s: float | None = None  # seconds of the compiling call, once made
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "compiled": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)  # `fn` is the copy's own method
+        if self.mode and not self.status.startswith("failed"):
+            self.compiled = torch.compile(self.fn, mode=self.mode, **self.options)
+            self.status, self.first_call_s = "pending first call", None
 
     def __call__(self, *args: object, eager: bool = False) -> object:
         """`fn(*args)`, compiled; `eager`: `fn` itself this time (for forward hooks, which a

@@ -5,6 +5,9 @@ torch.compile costs ~30 s here (Inductor on 2 cores), so only this file compiles
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -70,3 +73,43 @@ def test_mask_decoder_compiles_once_for_all_prompt_counts():
                 assert masks.shape == (k, 3, 64, 64)
     assert decoder._decode_dense.status == "compiled"
     assert counter.frame_count <= 2, counter.frame_count
+
+
+class Scaled(torch.nn.Module):
+    """A module whose compiled method reads its own weight (module level: picklable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+        self.run = LazyCompiled(self.scale, "default", "scaled", backend="eager")
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("called", [False, True], ids=["before-first-call", "compiled"])
+def test_a_copy_compiles_its_own_method(how, called):
+    """A copy runs its own weights (a compiled function is bound to the original's method:
+    a deepcopy ran the original's, and pickling failed); it compiles on its first call."""
+    original = Scaled()
+    x = torch.ones(3)
+    if called:
+        original.run(x)
+    copy_ = copy.deepcopy(original) if how == "deepcopy" else pickle.loads(pickle.dumps(original))
+    assert copy_.run.status == "pending first call"
+    copy_.weight.fill_(2.0)
+    assert torch.equal(copy_.run(x), torch.full((3,), 2.0))
+    assert copy_.run.status == "compiled"
+    assert torch.equal(original.run(x), torch.ones(3))
+
+
+def test_an_encoder_optimized_with_compile_pickles_and_copies_bound_to_itself():
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(compile="default"))
+    for copy_ in (copy.deepcopy(sam), pickle.loads(pickle.dumps(sam))):
+        for module, run in ((copy_.image_encoder, copy_.image_encoder._run_fast),
+                            (copy_.mask_decoder, copy_.mask_decoder._decode_dense)):
+            assert run.fn.__self__ is module
+            assert run.compiled._torchdynamo_orig_callable.__self__ is module
