@@ -54,7 +54,9 @@ class FastAttention(nn.Module):
         num_heads: number of heads; head dim d = C / num_heads.
         grid: (h, w) token grid the attention runs on (a window, or the whole image).
         rel_pos_h, rel_pos_w: (2h - 1) x d and (2w - 1) x d tables, or None.
-        backend: one of `fastsam_core.ops.attention.BACKENDS`.
+        backend: `FastConfig.attention`, one of `fastsam_core.ops.attention.BACKENDS`:
+            "auto" is resolved on each call by the inputs' device (`choose_backend`), so a
+            model built on the CPU and moved to CUDA takes the kernel there.
     """
 
     def __init__(
@@ -119,7 +121,8 @@ class FastAttention(nn.Module):
         if self.use_rel_pos:
             pos_h = self.rel_pos_h[self.rel_index_h]  # h x h x d
             pos_w = self.rel_pos_w[self.rel_index_w]  # w x w x d
-        out = rel_pos_attention(q, k, v, pos_h, pos_w, (h, w), self.scale, self.backend)
+        backend = self.backend if q.is_cuda or self.backend != "auto" else "sdpa"
+        out = rel_pos_attention(q, k, v, pos_h, pos_w, (h, w), self.scale, backend)
         # B x heads x N x d -> B x h x w x C
         out = out.transpose(1, 2).reshape(b, h, w, c)
         return self.proj(out)
@@ -198,7 +201,6 @@ class FastImageEncoderViT(ReferenceFallback):
         pos_embed: nn.Parameter | None,
         blocks: list[FastBlock],
         neck: nn.Sequential,
-        attention_reason: str = "",
         compile_mode: str | None = None,
     ) -> None:
         super().__init__()
@@ -209,7 +211,6 @@ class FastImageEncoderViT(ReferenceFallback):
         self.blocks = nn.ModuleList(blocks)
         self.neck = neck
         self.fused_neck = _is_reference_neck(neck)
-        self.attention_reason = attention_reason
         self._run_fast = LazyCompiled(self._forward_fast, compile_mode, "image encoder",
                                       fullgraph=True, dynamic=False)
 
@@ -230,16 +231,16 @@ class FastImageEncoderViT(ReferenceFallback):
         for i, blk in enumerate(ref.blocks):
             if type(blk) is not Block or type(blk.attn) is not Attention:
                 raise UnsupportedModule(f"blocks[{i}] is {type(blk).__qualname__}, not a Block")
-        backend, reason = choose_backend(config.attention, module_device(ref))
+        choose_backend(config.attention, module_device(ref))  # checks the name
         stride = ref.patch_embed.proj.stride
         token_grid = (ref.img_size // stride[0], ref.img_size // stride[1])
         return cls(
             img_size=ref.img_size,
             patch_embed=adopt_module(ref.patch_embed, dtype),
             pos_embed=None if ref.pos_embed is None else adopt_parameter(ref.pos_embed, dtype),
-            blocks=[FastBlock.from_reference(b, token_grid, dtype, backend) for b in ref.blocks],
+            blocks=[FastBlock.from_reference(b, token_grid, dtype, config.attention)
+                    for b in ref.blocks],
             neck=adopt_module(ref.neck, dtype),
-            attention_reason=reason,
             compile_mode=config.compile,
         )
 
@@ -320,18 +321,19 @@ class FastImageEncoderViT(ReferenceFallback):
             f"ViT, {len(self.blocks)} blocks, {dtype}, compile: {self._run_fast.summary}"
             + self.fallback_summary(),
         )]
+        device = module_device(self)  # where it runs now, maybe not where it was built
         for kind, blocks in (("windowed", [b for b in self.blocks if b.window_size > 0]),
                              ("global", [b for b in self.blocks if b.window_size == 0])):
             if blocks:
                 attn = blocks[0].attn
+                backend, reason = choose_backend(attn.backend, device)
                 bias = "rel-pos bias" if attn.use_rel_pos else "no rel-pos bias"
                 detail = (f"{len(blocks)} blocks on {attn.grid[0]}x{attn.grid[1]} tokens, {bias}; "
-                          f"{self.attention_reason}")
-                if attn.backend in ("auto", "triton") and KERNEL_FALLBACKS:
+                          f"{reason}")
+                if backend in ("auto", "triton") and KERNEL_FALLBACKS:
                     detail += ("; kernel fell back to SDPA (this process): "
                                + ", ".join(KERNEL_FALLBACKS))
-                stages.append(StageReport(f"image_encoder.attention[{kind}]", attn.backend,
-                                          detail))
+                stages.append(StageReport(f"image_encoder.attention[{kind}]", backend, detail))
         if not self.fused_neck:
             neck = ("reference", "not the reference neck layout")
         elif has_forward_hooks(self.neck):

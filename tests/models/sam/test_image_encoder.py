@@ -10,12 +10,14 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import Block
 
+import fastsam_core
 from fastsam_core import FastConfig
+from fastsam_core.models.sam import image_encoder as image_encoder_module
 from fastsam_core.benchmark import rel_l2
 from fastsam_core.models.sam.image_encoder import FastBlock, FastImageEncoderViT
 from fastsam_core.models.sam.reference import fill_zero_init_tables
 from tests import tolerances as tol
-from tests.conftest import SMALL_CONFIGS, image_batch, small_sam
+from tests.conftest import DEVICES, SMALL_CONFIGS, image_batch, small_sam
 from tests.parity import assert_close_fp32, assert_lowp_parity, in_dtype
 
 LOW_DTYPES = [torch.bfloat16, torch.float16]
@@ -42,6 +44,37 @@ def test_encoder_fp32(name, attention):
     x = image_batch()
     fast = fast_encoder(ref, attention=attention)
     assert_close_fp32(fast(x), ref(x), tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_attention_is_resolved_where_the_encoder_runs(device, monkeypatch):
+    """A model optimized on the CPU (where patched() gets segment_anything's models) and
+    moved to CUDA afterwards may take the kernel there: "auto" stays "auto" in the blocks,
+    each call passes the kernel-or-SDPA choice on CUDA and SDPA elsewhere, and report() says
+    what the model's device gets now."""
+    sam = small_sam("win4")
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.float32))
+    sam.to(device)
+    backends = []
+
+    def spy(*args):
+        backends.append(args[-1])
+        return rel_pos_attention(*args)
+
+    rel_pos_attention = image_encoder_module.rel_pos_attention
+    monkeypatch.setattr(image_encoder_module, "rel_pos_attention", spy)
+    sam.image_encoder(image_batch(batch=1).to(device))
+    on_cuda = device == "cuda"
+    assert set(backends) == {"auto" if on_cuda else "sdpa"}
+    assert {b.attn.backend for b in sam.image_encoder.blocks} == {"auto"}
+    path = fastsam_core.report(sam).path_of("image_encoder.attention[global]")
+    assert path == ("auto" if on_cuda else "sdpa")
+    if not on_cuda:  # the report follows the device the encoder is on now
+        monkeypatch.setattr(image_encoder_module, "module_device",
+                            lambda module: torch.device("cuda"))
+        monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
+        assert fastsam_core.report(sam).path_of("image_encoder.attention[global]") == "auto"
 
 
 @torch.inference_mode()
