@@ -24,7 +24,13 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from fastsam_core.config import FastConfig
-from fastsam_core.models.convert import dtype_name, module_device, module_dtype, off_device
+from fastsam_core.models.convert import (
+    dtype_name,
+    follow_order,
+    module_device,
+    module_dtype,
+    off_device,
+)
 from fastsam_core.models.fallback import hooks_left_behind, shown_paths
 from fastsam_core.models.quant import quantize_linears
 from fastsam_core.models.sam.image_encoder import FastImageEncoderViT
@@ -443,6 +449,7 @@ def _replace(state: _State, owner: nn.Module, name: str, fast: nn.Module) -> Non
             functools.partial(_load_into_original, original)
         )
     fast.train(original.training)
+    follow_order(fast, original)
     setattr(owner, name, fast)
     state.replacements.append(_Replacement(owner, name, original, fast, shared, load_hook,
                                            module_dtype(fast)))

@@ -74,13 +74,20 @@ def test_restore_after_bf16_per_originals_mode(originals):
         assert torch.equal(encode(sam, x), before)
 
 
-def test_originals_are_outside_the_module_tree():
-    sam = small_sam()
+@pytest.mark.parametrize("kind", ["sam", "sam2"])
+def test_originals_are_outside_the_module_tree(kind):
+    """Same tensors, listed in the reference's order (SAM 2's fast decoder had registered its
+    object-score token after the upscaling layers: what pairs tensors by position, an
+    optimizer's state or `parameters_to_vector`, paired other ones)."""
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    sam = small_sam() if kind == "sam" else small_sam2()
     n_params = sum(p.numel() for p in sam.parameters())
-    keys = list(sam.state_dict())
+    keys, names = list(sam.state_dict()), [name for name, _ in sam.named_parameters()]
     fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
     assert sum(p.numel() for p in sam.parameters()) == n_params
     assert list(sam.state_dict()) == keys
+    assert [name for name, _ in sam.named_parameters()] == names
     assert not any(isinstance(m, ImageEncoderViT) for m in sam.modules())
 
 

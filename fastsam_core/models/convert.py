@@ -33,6 +33,23 @@ def adopt_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def follow_order(fast: nn.Module, reference: nn.Module) -> None:
+    """Register `fast`'s parameters, buffers and submodules in `reference`'s order, those of
+    the same name, recursively (the others after them), so that `state_dict()` and
+    `named_parameters()` list them as the reference does: anything that pairs tensors by
+    position (an optimizer's state, `parameters_to_vector`) pairs the same ones."""
+    for registry in ("_parameters", "_buffers", "_modules"):
+        own, order = getattr(fast, registry), list(getattr(reference, registry))
+        rank = {name: i for i, name in enumerate(order)}
+        ordered = sorted(own.items(), key=lambda item: rank.get(item[0], len(order)))
+        own.clear()
+        own.update(ordered)  # sorted() is stable: names not in `reference` keep their order
+    for name, child in fast._modules.items():
+        ref_child = reference._modules.get(name)
+        if child is not None and ref_child is not None and child is not ref_child:
+            follow_order(child, ref_child)
+
+
 def forward_hook_registries(module: nn.Module) -> list[dict]:
     """The dicts holding the forward hooks and pre-hooks of `module` and its submodules."""
     return [getattr(m, name) for m in module.modules() for name in _FORWARD_HOOK_DICTS
