@@ -82,7 +82,7 @@ class FastMaskDecoder(ReferenceFallback):
         """The reference contract: masks K x M x 4h x 4w and IoU predictions K x M (M = 3 with
         multimask_output, else 1), for K prompts on one image (image_embeddings 1 x C x h x w).
         """
-        why = self.inference_only_reason(image_embeddings, sparse_prompt_embeddings,
+        why = self.inference_only_reason(image_embeddings, image_pe, sparse_prompt_embeddings,
                                          dense_prompt_embeddings)
         if why is None and image_embeddings.shape[0] != 1:
             why = f"image_embeddings batch {image_embeddings.shape[0]} (not 1)"

@@ -95,8 +95,8 @@ class FastSam2MaskDecoder(FastMaskDecoder):
                              f"[s0, s1] (2 levels), got {got}")
         args = (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                 multimask_output, repeat_image, high_res_features)
-        why = self.inference_only_reason(image_embeddings, sparse_prompt_embeddings,
-                                         dense_prompt_embeddings)
+        why = self.inference_only_reason(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                         dense_prompt_embeddings, *(high_res_features or ()))
         k = sparse_prompt_embeddings.shape[0]
         if why is None and repeat_image and image_embeddings.shape[0] != 1:
             why = f"repeat_image with image_embeddings batch {image_embeddings.shape[0]}"

@@ -207,7 +207,7 @@ class FastMemoryAttention(ReferenceFallback):
                              f"(batch, memory tokens) = {(memory.shape[1], memory.shape[0])}, "
                              f"got {memory_mask.dtype} {tuple(memory_mask.shape)}")
         why = self._unsupported(curr, memory, curr_pos, memory_pos, num_obj_ptr_tokens) or \
-            self.inference_only_reason(curr, memory)
+            self.inference_only_reason(curr, memory, curr_pos, memory_pos)
         if why is not None and memory_mask is not None:
             return self._reference_per_element(why, curr, memory, curr_pos, memory_pos,
                                                num_obj_ptr_tokens, memory_mask)

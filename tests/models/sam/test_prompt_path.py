@@ -252,6 +252,10 @@ def test_decoder_falls_back_for_a_batch_of_images_and_autograd():
     with pytest.warns(UserWarning, match="autograd is recording"):
         masks, _ = dec(embedding(), image_pe, sparse, dense, True)
     assert masks.requires_grad  # the reference ran, with autograd
+    sam.requires_grad_(False)  # the positional encoding alone needs a gradient (was missed)
+    reason = next(why for why in dec.fallbacks if why.startswith("autograd"))
+    masks, _ = dec(embedding(), image_pe.clone().requires_grad_(True), sparse, dense, True)
+    assert masks.requires_grad and dec.fallbacks[reason] == 2
 
 
 MISFIT_PROMPTS = {  # prompts whose shapes do not fit together: the argument each error names

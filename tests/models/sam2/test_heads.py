@@ -132,6 +132,31 @@ def decoder_inputs(model, k, repeat_image, seed=1):
     return image, model.sam_prompt_encoder.get_dense_pe(), sparse, dense, high_res
 
 
+@pytest.mark.parametrize("needs_grad", ["image_pe", "high_res_features"])
+def test_mask_decoder_runs_the_reference_for_any_input_needing_a_gradient(needs_grad):
+    """Also the positional encoding and the high-resolution features (the check had missed
+    them: the bf16 fast path ran under autograd): the reference runs, with its gradients."""
+    model = small_sam2()
+    model.requires_grad_(False)
+    ref = model.sam_mask_decoder
+    fast = FastSam2MaskDecoder.from_reference(ref, FastConfig(), torch.bfloat16).eval()
+    fast.set_reference(ref)
+    image, pe, sparse, dense, high_res = decoder_inputs(model, 3, True)
+    grads = []
+    for decoder in (ref, fast):
+        inputs = [pe.clone(), [t.clone() for t in high_res]]
+        leaf = inputs[0] if needs_grad == "image_pe" else inputs[1][0]
+        leaf.requires_grad_(True)
+        if decoder is fast:
+            with pytest.warns(UserWarning, match="autograd is recording"):
+                masks = decoder(image, inputs[0], sparse, dense, True, True, inputs[1])[0]
+        else:
+            masks = decoder(image, inputs[0], sparse, dense, True, True, inputs[1])[0]
+        masks.square().mean().backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[1], grads[0])
+
+
 @torch.inference_mode()
 @pytest.mark.parametrize("repeat_image", [True, False])
 @pytest.mark.parametrize("multimask", [True, False])

@@ -239,17 +239,21 @@ def test_memory_encoder_low_precision(dtype):
                              naive["vision_features"].double(), exact["vision_features"], dtype)
 
 
-def test_memory_modules_fall_back_under_autograd():
+@pytest.mark.parametrize("needs_grad", ["curr", "curr_pos", "memory_pos"])
+def test_memory_modules_fall_back_under_autograd(needs_grad):
+    """Whichever input needs a gradient (the position encodings had been missed)."""
     model = _model()
+    model.requires_grad_(False)
     _normal_rope_tables(model.memory_attention)
     attn = fast_attention()
+    attn.requires_grad_(False)
     attn.set_reference(model.memory_attention)
     kwargs = attention_inputs(frames=1, pointers=0)
-    kwargs["curr"].requires_grad_(True)
+    kwargs[needs_grad].requires_grad_(True)
     with pytest.warns(UserWarning, match="autograd"):
         out = attn(**kwargs)
     out.sum().backward()
-    assert kwargs["curr"].grad is not None
+    assert kwargs[needs_grad].grad is not None
 
 
 def counted_fast_attention():
