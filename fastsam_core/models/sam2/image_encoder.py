@@ -191,7 +191,8 @@ class FastFpnNeck(nn.Module):
             else:
                 prev = lateral
             out[i] = prev
-            enc[i] = (pos[i].to(prev.dtype).expand(prev.shape[0], -1, -1, -1) if pos
+            # a copy, not the cache: the caller may write to what it gets, as the reference's
+            enc[i] = (pos[i].to(prev.dtype, copy=True).expand(prev.shape[0], -1, -1, -1) if pos
                       else self.position_encoding(prev).to(prev.dtype))
         return out, enc
 

@@ -109,6 +109,17 @@ def test_cached_position_embedding_is_the_references_and_follows_loaded_weights(
 
 
 @torch.no_grad()
+def test_a_write_to_the_returned_position_encoding_changes_no_later_call():
+    """What the encoder returns is the caller's (the fp32 encoder returned its cache)."""
+    ref = small_encoder()
+    encoder, x = fast(ref), images(batch=1)
+    for pos in encoder(x)["vision_pos_enc"]:
+        pos.zero_()
+    for a, b in zip(outputs(encoder(x)), outputs(ref(x)), strict=True):
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+@torch.no_grad()
 def test_position_embedding_traces_into_a_users_compiled_function():
     ref = small_encoder()
     expected = ref.trunk._get_pos_embed((16, 16))  # the reference's, 1 x h x w x C
