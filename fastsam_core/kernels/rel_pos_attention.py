@@ -35,7 +35,8 @@ Head dims are split into a power-of-two part and a remainder instead of being pa
 next power of two (vit_h's 80 = 64 + 16, not 128: 37.5% fewer multiply-adds, accumulator
 registers and K/V tile bytes; compiled for sm_90 in bf16, the padded kernel spilled 556-676
 bytes of registers per thread on vit_h's windows at 64-key tiles, this one spills at none of
-its candidates, scripts/runs/compile_check-sm90-*.txt),
+its candidates, scripts/runs/compile_check-sm90-*.txt; the padded one:
+scripts/runs/compile_check_f3a00d3-sm90-*.txt),
 the d axis masked where the remainder is partial; q/k/v are never padded in memory.
 """
 

@@ -1,9 +1,11 @@
-"""The comparison lines at the end of compile_check-sm90-triton*.txt: the rel-pos kernel as it
-was at commit f3a00d3 (head dim padded to a power of two, bias gathered per element), bf16,
-compiled for sm_90 the way scripts/compile_check.py compiles today's, from the arguments its
-rel_pos_attention_fwd passed at the encoder's shapes.
+"""For comparison with compile_check-sm90-triton*.txt: the rel-pos kernel as it was at commit
+f3a00d3 (head dim padded to a power of two, bias gathered per element), bf16, compiled for
+sm_90 the way scripts/compile_check.py compiles today's, from the arguments its
+rel_pos_attention_fwd passed at the encoder's shapes. Output committed as
+compile_check_f3a00d3-sm90-triton<version>.txt beside this file:
 
-    PYTHONPATH=. python scripts/runs/compile_check_f3a00d3.py
+    PYTHONPATH=. python scripts/runs/compile_check_f3a00d3.py            # this machine's Triton
+    scripts/device_stack.sh python scripts/runs/compile_check_f3a00d3.py  # the H200's 3.6
 """
 
 import importlib.util
@@ -20,7 +22,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 import compile_check  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from fastsam_core.kernels.launch import Launch  # noqa: E402
 from fastsam_core.ops.attention import rel_pos_terms  # noqa: E402
@@ -42,6 +43,7 @@ def main():
     old = old_kernel_module()
     tiles = [old.LaunchConfig(64, 64, 4, 2), old.LaunchConfig(128, 64, 8, 2),
              old.LaunchConfig(128, 32, 8, 3)]
+    variants = []
     for shape, heads, d, grid in compile_check.ATTENTION_SHAPES:
         n = grid[0] * grid[1]
         qkv = torch.empty(1, n, 3, heads, d, dtype=torch.bfloat16)
@@ -56,13 +58,11 @@ def main():
                         BLOCK_M=config.block_m, BLOCK_N=config.block_n, HAS_BIAS=True,
                         DOT_PRECISION="tf32", UPCAST_DOT=False, num_warps=config.num_warps,
                         num_stages=config.num_stages)
-            source, options = compile_check.specialized(
-                Launch(old._rel_pos_attention_fwd, (1,), args, meta))
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-            usage = compile_check.resource_usage(compiled.asm["ptx"], 90)
-            print(f"rel_pos_attention (f3a00d3) {shape} {config.as_key()} shared "
-                  f"{compiled.metadata.shared} {usage} async "
-                  f"{compiled.asm['ttgir'].count('async_copy_global_to_local')}", flush=True)
+            launch = Launch(old._rel_pos_attention_fwd, (1,), args, meta)
+            variants.append((f"rel_pos_attention (f3a00d3) bf16 {shape} {config.as_key()}",
+                             compile_check.specialization(launch)))
+    print(f"# triton {triton.__version__}, sm_90", flush=True)
+    compile_check.compile_all(90, variants)
 
 
 if __name__ == "__main__":

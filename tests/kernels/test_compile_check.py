@@ -3,8 +3,8 @@ with this machine's Triton and its ptxas (scripts/compile_check.py), no GPU need
 launch configuration the tuners may pick at vit_h's shapes, in bf16, compiles from the
 arguments the encoder passes, fits the shared memory, uses Hopper's wgmma with
 software-pipelined loads, and spills no registers (the attention kernel padding the head dim
-80 to 128 spilled 556-676 bytes per thread on the windows at 64-key tiles;
-scripts/runs/compile_check-sm90-*.txt)."""
+80 to 128 spilled 556-676 bytes per thread on the windows at 64-key tiles,
+scripts/runs/compile_check_f3a00d3-sm90-*.txt; today's: scripts/runs/compile_check-sm90-*.txt)."""
 
 from __future__ import annotations
 
