@@ -276,13 +276,15 @@ def report(model: Optimizable) -> Report:
     order = list(_stages(sam))
     stages.sort(key=lambda s: order.index(s.stage.split(".")[0]))
     dtype = dtype_name(state.dtype)
-    now = {module_dtype(r.fast) for r in state.replacements
-           if module_dtype(r.fast) != r.fast_dtype}
+    cast = {r.name: module_dtype(r.fast) for r in state.replacements
+            if module_dtype(r.fast) != r.fast_dtype}
     own_dtype = _own_dtype(sam)
-    if own_dtype != state.own_dtype:
-        now.add(own_dtype)
-    if now:  # the model was cast after optimize() (.half(), .to(dtype))
-        dtype = f"{', '.join(sorted(map(dtype_name, now)))} (optimized as {dtype}, cast since)"
+    if own_dtype != state.own_dtype:  # the model was cast after optimize() (.half(), .to())
+        now = sorted(map(dtype_name, {own_dtype, *cast.values()}))
+        dtype = f"{', '.join(now)} (optimized as {dtype}, cast since)"
+    elif cast:  # some stages only (sam.mask_decoder.half())
+        dtype += " (cast since: " + ", ".join(
+            f"{name} {dtype_name(d)}" for name, d in cast.items()) + ")"
     return Report(model=f"{type(sam).__name__}, {dtype}, {state.config}", stages=stages)
 
 
