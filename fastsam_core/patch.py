@@ -475,6 +475,11 @@ def _load_into_original(original: nn.Module, fast: nn.Module, state_dict: dict, 
         if name not in own and scale is not None:
             own[name] = own[key].float() * scale.float()[:, None]
             dequantized.append(name)
+    current = original.state_dict(keep_vars=True)
+    misfits = [k for k, v in own.items() if k in current and isinstance(v, torch.Tensor)
+               and v.shape != current[k].shape]
+    for key in misfits:  # the model's own load reports them, under the model's key names
+        del own[key]
     original.load_state_dict(own, strict=False)
     if dequantized:
         warnings.warn(f"fastsam_core: the checkpoint holds int8 weights ({len(dequantized)} "

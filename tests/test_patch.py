@@ -229,6 +229,22 @@ def test_checkpoint_round_trip_load_optimize_restore(tmp_path):
     assert torch.equal(encode(sam, x), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_misfit_checkpoint_raises_the_references_error(dtype):
+    """Every size mismatch, named by the model's keys (the load into the kept original had
+    raised first, for its own stage and keys)."""
+    misfit = small_sam(seed=3).state_dict()
+    misfit["image_encoder.blocks.0.attn.qkv.weight"] = torch.zeros(10, 10)
+    misfit["mask_decoder.iou_token.weight"] = torch.zeros(2, 2)
+    with pytest.raises(RuntimeError) as expected:
+        small_sam().load_state_dict(misfit)
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(dtype=dtype))
+    with pytest.raises(RuntimeError) as got:
+        sam.load_state_dict(misfit)
+    assert str(got.value) == str(expected.value)
+
+
 @pytest.mark.parametrize("originals", ["keep", "offload"])
 def test_checkpoint_loaded_after_optimize_reaches_the_originals(tmp_path, originals):
     torch.save(small_sam(seed=3).state_dict(), tmp_path / "sam.pt")
