@@ -230,6 +230,28 @@ def test_checkpoint_round_trip_load_optimize_restore(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_built_on_meta_then_materialized_and_loaded(dtype):
+    """Empty-weights loading (accelerate's way): built on the meta device, optimized,
+    `to_empty()`, `load_state_dict`. The attention's index tables are rebuilt (to_empty left
+    them uninitialized: out-of-range indices) and the kept originals are materialized and
+    loaded too (they stayed on meta, and restore() failed)."""
+    checkpoint = small_sam(seed=3).state_dict()
+    x = image_batch(batch=1)
+    expected = encode(small_sam(seed=3), x)
+    with torch.device("meta"):
+        sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(dtype=dtype))
+    sam.to_empty(device="cpu")
+    sam.load_state_dict(checkpoint)
+    if dtype == torch.float32:
+        assert_close_fp32(encode(sam, x), expected, tol.FP32_STAGE_REL_L2)
+    else:
+        assert_bf16_encoder(encode(sam, x), small_sam(seed=3).image_encoder, x)
+    fastsam_core.restore(sam)
+    assert torch.equal(encode(sam, x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_misfit_checkpoint_raises_the_references_error(dtype):
     """Every size mismatch, named by the model's keys (the load into the kept original had
     raised first, for its own stage and keys)."""

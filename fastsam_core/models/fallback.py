@@ -40,11 +40,19 @@ class ReferenceFallback(nn.Module):
     def _apply(self, fn: Callable, recurse: bool = True) -> ReferenceFallback:
         """`.to()`, `.half()`, ...: a cast is noted for the kept reference, also one to the
         dtype this module already has (bf16-optimized, then `.to(torch.bfloat16)`), which
-        its tensors do not show."""
+        its tensors do not show. A model built on the meta device and materialized since
+        (`to_empty()`, then `load_state_dict`) materializes the reference too, where the
+        checkpoint then reaches it (meta tensors are not shared past `to_empty`: each
+        module gets its own)."""
+        ref = self.__dict__["_reference"]
+        ref_on_meta = ref is not None and on_meta(ref)
         super()._apply(fn, recurse)
         cast = cast_dtype_of(fn)
         if cast is not None:
             self.__dict__["_pending_cast"] = cast
+        if ref_on_meta and not on_meta(self):
+            with torch.inference_mode(False), torch.no_grad():
+                ref.to_empty(device=module_device(self))
         return self
 
     def align_reference(self, device: torch.device | None = None) -> None:
@@ -121,6 +129,11 @@ class ReferenceFallback(nn.Module):
             return ""
         return "; reference fallbacks: " + ", ".join(
             f"{why}: {n}x" for why, n in self.fallbacks.items())
+
+
+def on_meta(module: nn.Module) -> bool:
+    """Whether any parameter or buffer of `module` is on the meta device (no data)."""
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
 def cast_dtype_of(fn: Callable) -> torch.dtype | None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import sam2.sam2_video_predictor as sam2_video_predictor
+import sam2.utils.misc as sam2_misc
 import torch
 from PIL import Image
 from sam2.build_sam import build_sam2_video_predictor
-from sam2.utils.misc import load_video_frames
 
 import fastsam_core
 from fastsam_core import FastConfig
@@ -525,18 +524,22 @@ def test_frames_reach_the_device_in_the_encoder_dtype(source, offload, async_loa
     fastsam_core.optimize(predictor, FastConfig(dtype=torch.bfloat16))
     whole_video_loads = []
 
-    def counting_load(*args, **kwargs):
-        whole_video_loads.append(args or kwargs)
-        return load_video_frames(*args, **kwargs)
+    def counting(load):
+        def counted(*args, **kwargs):
+            whole_video_loads.append(args or kwargs)
+            return load(*args, **kwargs)
+        return counted
 
     with torch.inference_mode():
-        monkeypatch.setattr(sam2_video_predictor, "load_video_frames", counting_load)
+        for name in ("load_video_frames_from_jpg_images", "load_video_frames_from_video_file"):
+            # the readers of sam2's loader (a loader put in its place would run instead)
+            monkeypatch.setattr(sam2_misc, name, counting(getattr(sam2_misc, name)))
         state = predictor.init_state(video, offload_video_to_cpu=offload,
                                      async_loading_frames=async_loading)
         assert not whole_video_loads
         full = video_predictor().init_state(video, offload_video_to_cpu=offload,
                                             async_loading_frames=async_loading)["images"]
-        assert len(whole_video_loads) == 1  # the reference's, through the same name
+        assert len(whole_video_loads) == 1  # the reference's
     assert state["num_frames"] == FRAMES and (state["video_height"], state["video_width"]) == (H, W)
     assert state["offload_video_to_cpu"] is offload
     lazy = async_loading and source == "video_dir"  # sam2 loads a video file whole

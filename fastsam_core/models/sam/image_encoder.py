@@ -15,6 +15,8 @@ output dtype, and differ in how they compute:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
@@ -83,6 +85,16 @@ class FastAttention(nn.Module):
             device = rel_pos_h.device
             self.register_buffer("rel_index_h", rel_pos_index(grid[0], device), persistent=False)
             self.register_buffer("rel_index_w", rel_pos_index(grid[1], device), persistent=False)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> FastAttention:
+        """`.to()`, `.to_empty()`, ...: the index tables follow from the grid, not from what
+        `fn` makes of them (`to_empty` leaves them uninitialized, and no checkpoint holds
+        them: they are not persistent)."""
+        super()._apply(fn, recurse)
+        if self.use_rel_pos:
+            self.rel_index_h = rel_pos_index(self.grid[0], self.rel_index_h.device)
+            self.rel_index_w = rel_pos_index(self.grid[1], self.rel_index_w.device)
+        return self
 
     @classmethod
     def from_reference(

@@ -12,8 +12,8 @@ from segment_anything.modeling.image_encoder import Block
 
 import fastsam_core
 from fastsam_core import FastConfig
-from fastsam_core.models.sam import image_encoder as image_encoder_module
 from fastsam_core.benchmark import rel_l2
+from fastsam_core.models.sam import image_encoder as image_encoder_module
 from fastsam_core.models.sam.image_encoder import FastBlock, FastImageEncoderViT
 from fastsam_core.models.sam.reference import fill_zero_init_tables
 from tests import tolerances as tol
