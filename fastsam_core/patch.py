@@ -462,8 +462,15 @@ def _shares_tensors(a: nn.Module, b: nn.Module) -> bool:
     return any(id(t) in ids for t in (*b.parameters(), *b.buffers()))
 
 
+def _misfit(loaded: object, current: object) -> bool:
+    """Whether torch's load refuses `loaded` for the tensor `current` for its shape (it takes
+    a 1-D tensor for a 0-D one)."""
+    return (isinstance(loaded, torch.Tensor) and isinstance(current, torch.Tensor)
+            and loaded.shape != current.shape and not (current.dim() == 0 and loaded.dim() == 1))
+
+
 def _load_into_original(original: nn.Module, fast: nn.Module, state_dict: dict, prefix: str,
-                        *args: object) -> None:
+                        local_metadata: dict, *args: object) -> None:
     """Weights loaded into an optimized model reach the kept original, at full precision; an
     int8 checkpoint's linears (weight_int8, weight_scale: an optimized model's) reach it
     dequantized, with a warning."""
@@ -476,11 +483,10 @@ def _load_into_original(original: nn.Module, fast: nn.Module, state_dict: dict, 
             own[name] = own[key].float() * scale.float()[:, None]
             dequantized.append(name)
     current = original.state_dict(keep_vars=True)
-    misfits = [k for k, v in own.items() if k in current and isinstance(v, torch.Tensor)
-               and v.shape != current[k].shape]
-    for key in misfits:  # the model's own load reports them, under the model's key names
-        del own[key]
-    original.load_state_dict(own, strict=False)
+    for key in [k for k, v in own.items() if _misfit(v, current.get(k))]:
+        del own[key]  # the model's own load reports it, under the model's key name
+    assign = local_metadata.get("assign_to_params_buffers", False)
+    original.load_state_dict(own, strict=False, assign=assign)
     if dequantized:
         warnings.warn(f"fastsam_core: the checkpoint holds int8 weights ({len(dequantized)} "
                       "linears): the kept originals, which the fallbacks run and restore() "

@@ -230,38 +230,51 @@ def test_checkpoint_round_trip_load_optimize_restore(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_model_built_on_meta_then_materialized_and_loaded(dtype):
-    """Empty-weights loading (accelerate's way): built on the meta device, optimized,
-    `to_empty()`, `load_state_dict`. The attention's index tables are rebuilt (to_empty left
-    them uninitialized: out-of-range indices) and the kept originals are materialized and
-    loaded too (they stayed on meta, and restore() failed)."""
+@pytest.mark.parametrize("how", ["to_empty", "assign"])
+def test_a_model_built_on_meta_then_materialized_and_loaded(dtype, how):
+    """Empty-weights loading (accelerate's ways): built on the meta device, optimized, then
+    `to_empty()` and `load_state_dict`, or `load_state_dict(assign=True)`. The attention's
+    index tables are rebuilt (uninitialized, or left on meta: no checkpoint holds them) and
+    the kept originals are materialized and loaded too (they stayed on meta; restore()
+    failed), sharing what they shared with the fast modules."""
     checkpoint = small_sam(seed=3).state_dict()
     x = image_batch(batch=1)
     expected = encode(small_sam(seed=3), x)
     with torch.device("meta"):
         sam = small_sam()
     fastsam_core.optimize(sam, FastConfig(dtype=dtype))
-    sam.to_empty(device="cpu")
-    sam.load_state_dict(checkpoint)
-    if dtype == torch.float32:
-        assert_close_fp32(encode(sam, x), expected, tol.FP32_STAGE_REL_L2)
-    else:
+    if how == "to_empty":
+        sam.to_empty(device="cpu")
+    sam.load_state_dict(checkpoint, assign=how == "assign")
+    encoder = sam.image_encoder
+    original = encoder.__dict__["_reference"]
+    if dtype == torch.bfloat16 and how == "to_empty":
         assert_bf16_encoder(encode(sam, x), small_sam(seed=3).image_encoder, x)
+    else:  # fp32, or fp32 weights assigned
+        assert_close_fp32(encode(sam, x), expected, tol.FP32_STAGE_REL_L2)
+    if dtype == torch.float32 and how == "to_empty":
+        assert {id(p) for p in encoder.parameters()} == {id(p) for p in original.parameters()}
     fastsam_core.restore(sam)
+    assert sam.image_encoder is original
     assert torch.equal(encode(sam, x), expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_misfit_checkpoint_raises_the_references_error(dtype):
+@pytest.mark.parametrize("config", [FastConfig(dtype=torch.float32),
+                                    FastConfig(dtype=torch.bfloat16),
+                                    FastConfig(dtype=torch.float32, quantize="int8")],
+                         ids=["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("misfit_qkv", [torch.zeros(10, 10), torch.zeros(10)], ids=["2d", "1d"])
+def test_a_misfit_checkpoint_raises_the_references_error(config, misfit_qkv):
     """Every size mismatch, named by the model's keys (the load into the kept original had
-    raised first, for its own stage and keys)."""
+    raised first, for its own stage and keys; an int8 linear quantized the misfit weight and
+    named its own keys, or failed on a 1-D one)."""
     misfit = small_sam(seed=3).state_dict()
-    misfit["image_encoder.blocks.0.attn.qkv.weight"] = torch.zeros(10, 10)
+    misfit["image_encoder.blocks.0.attn.qkv.weight"] = misfit_qkv
     misfit["mask_decoder.iou_token.weight"] = torch.zeros(2, 2)
     with pytest.raises(RuntimeError) as expected:
         small_sam().load_state_dict(misfit)
     sam = small_sam()
-    fastsam_core.optimize(sam, FastConfig(dtype=dtype))
+    fastsam_core.optimize(sam, config)
     with pytest.raises(RuntimeError) as got:
         sam.load_state_dict(misfit)
     assert str(got.value) == str(expected.value)

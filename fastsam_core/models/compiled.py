@@ -21,8 +21,8 @@ class LazyCompiled:
     unsupported op, ...), `fn` runs eagerly from then on and the failure is reported once, by
     warning and in `status`. Under modes that use CUDA graphs, outputs are copied out of the
     graph's memory pool, which the next replay overwrites. A copy (`copy.deepcopy`, pickle)
-    compiles again on its first call: a compiled function is bound to the `fn` it was made
-    from, a method of the original object.
+    compiles again on its first call (one whose compilation failed stays eager): a compiled
+    function is bound to the `fn` it was made from, a method of the original object.
 
     Args:
         fn: the function to compile.

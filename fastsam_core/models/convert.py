@@ -38,7 +38,10 @@ def follow_order(fast: nn.Module, reference: nn.Module) -> None:
     the same name, recursively (the others after them), so that `state_dict()` and
     `named_parameters()` list them as the reference does: anything that pairs tensors by
     position (an optimizer's state, `parameters_to_vector`) pairs the same ones."""
-    for registry in ("_parameters", "_buffers", "_modules"):
+    containers = (nn.Sequential, nn.ModuleList)  # their order is what they compute
+    registries = ("_parameters", "_buffers") if isinstance(fast, containers) else (
+        "_parameters", "_buffers", "_modules")
+    for registry in registries:
         own, order = getattr(fast, registry), list(getattr(reference, registry))
         rank = {name: i for i, name in enumerate(order)}
         ordered = sorted(own.items(), key=lambda item: rank.get(item[0], len(order)))

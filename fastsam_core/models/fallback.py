@@ -40,19 +40,24 @@ class ReferenceFallback(nn.Module):
     def _apply(self, fn: Callable, recurse: bool = True) -> ReferenceFallback:
         """`.to()`, `.half()`, ...: a cast is noted for the kept reference, also one to the
         dtype this module already has (bf16-optimized, then `.to(torch.bfloat16)`), which
-        its tensors do not show. A model built on the meta device and materialized since
-        (`to_empty()`, then `load_state_dict`) materializes the reference too, where the
-        checkpoint then reaches it (meta tensors are not shared past `to_empty`: each
-        module gets its own)."""
+        its tensors do not show. Where this call materializes a module built on the meta
+        device (`to_empty()`, before `load_state_dict`), the reference is materialized with
+        it: the tensors the two shared stay shared (`to_empty` gives a meta parameter a new
+        object), the reference's own ones are allocated for the checkpoint to reach."""
         ref = self.__dict__["_reference"]
-        ref_on_meta = ref is not None and on_meta(ref)
+        materializing = ref is not None and on_meta(self) and on_meta(ref)
+        shared = shared_slots(ref, self) if materializing else []
         super()._apply(fn, recurse)
         cast = cast_dtype_of(fn)
         if cast is not None:
             self.__dict__["_pending_cast"] = cast
-        if ref_on_meta and not on_meta(self):
-            with torch.inference_mode(False), torch.no_grad():
-                ref.to_empty(device=module_device(self))
+        if materializing and not on_meta(self):
+            for ref_owner, ref_name, owner, name in shared:
+                registry = "_parameters" if ref_name in ref_owner._parameters else "_buffers"
+                getattr(ref_owner, registry)[ref_name] = getattr(owner, name)
+            device = module_device(self)
+            with torch.inference_mode(False), torch.no_grad():  # what is still on meta
+                ref._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
         return self
 
     def align_reference(self, device: torch.device | None = None) -> None:
@@ -129,6 +134,21 @@ class ReferenceFallback(nn.Module):
             return ""
         return "; reference fallbacks: " + ", ".join(
             f"{why}: {n}x" for why, n in self.fallbacks.items())
+
+
+def shared_slots(ref: nn.Module, fast: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    """(module of `ref`, name, module of `fast`, name) of each parameter or buffer held by
+    both, where they are held by different modules."""
+    def slots(root: nn.Module):
+        for module in root.modules():
+            for registry in (module._parameters, module._buffers):
+                for name, t in registry.items():
+                    if t is not None:
+                        yield module, name, t
+
+    in_fast = {id(t): (module, name) for module, name, t in slots(fast)}
+    return [(module, name, *in_fast[id(t)]) for module, name, t in slots(ref)
+            if id(t) in in_fast and in_fast[id(t)][0] is not module]
 
 
 def on_meta(module: nn.Module) -> bool:

@@ -93,11 +93,22 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias  # shared: in-place edits of it reach the original too
         self._register_load_state_dict_pre_hook(self._quantize_float_weight)
 
-    def _quantize_float_weight(self, state_dict: dict, prefix: str, *args: object) -> None:
+    def _quantize_float_weight(self, state_dict: dict, prefix: str, local_metadata: dict,
+                               strict: bool, missing_keys: list, unexpected_keys: list,
+                               error_msgs: list) -> None:
         """A float checkpoint (the reference's `weight` key) loads quantized, as `optimize()`
-        quantizes: rounded to the source dtype, then to int8 per output channel."""
+        quantizes: rounded to the source dtype, then to int8 per output channel. A weight of
+        another shape is reported as torch reports it for the reference's `weight`."""
         weight = state_dict.pop(prefix + "weight", None)
         if weight is None or prefix + "weight_int8" in state_dict:
+            return
+        shape = torch.Size((self.out_features, self.in_features))
+        if weight.shape != shape:
+            error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape "
+                              f"{weight.shape} from checkpoint, the shape in current model is "
+                              f"{shape}.")
+            state_dict[prefix + "weight_int8"] = self.weight_int8  # loaded as they are:
+            state_dict[prefix + "weight_scale"] = self.weight_scale  # not missing keys
             return
         weight_q, scale = quantize_per_row(weight.to(self.weight_int8.device,
                                                      self.source_dtype))

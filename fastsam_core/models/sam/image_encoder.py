@@ -57,8 +57,9 @@ class FastAttention(nn.Module):
         grid: (h, w) token grid the attention runs on (a window, or the whole image).
         rel_pos_h, rel_pos_w: (2h - 1) x d and (2w - 1) x d tables, or None.
         backend: `FastConfig.attention`, one of `fastsam_core.ops.attention.BACKENDS`:
-            "auto" is resolved on each call by the inputs' device (`choose_backend`), so a
-            model built on the CPU and moved to CUDA takes the kernel there.
+            "auto" is resolved on each call by the inputs' device (SDPA off CUDA, as
+            `choose_backend` reports it), so a model built on the CPU and moved to CUDA may
+            take the kernel there.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class FastAttention(nn.Module):
             device = rel_pos_h.device
             self.register_buffer("rel_index_h", rel_pos_index(grid[0], device), persistent=False)
             self.register_buffer("rel_index_w", rel_pos_index(grid[1], device), persistent=False)
+            self.register_load_state_dict_post_hook(FastAttention._index_where_the_tables_are)
 
     def _apply(self, fn: Callable, recurse: bool = True) -> FastAttention:
         """`.to()`, `.to_empty()`, ...: the index tables follow from the grid, not from what
@@ -92,9 +94,18 @@ class FastAttention(nn.Module):
         them: they are not persistent)."""
         super()._apply(fn, recurse)
         if self.use_rel_pos:
-            self.rel_index_h = rel_pos_index(self.grid[0], self.rel_index_h.device)
-            self.rel_index_w = rel_pos_index(self.grid[1], self.rel_index_w.device)
+            self._build_index(self.rel_index_h.device)
         return self
+
+    def _index_where_the_tables_are(self, incompatible_keys: object) -> None:
+        """After a load: a model built on the meta device and loaded with `assign=True` has
+        its position tables, not yet its index tables (no checkpoint holds them)."""
+        if self.use_rel_pos and self.rel_index_h.device != self.rel_pos_h.device:
+            self._build_index(self.rel_pos_h.device)
+
+    def _build_index(self, device: torch.device) -> None:
+        self.rel_index_h = rel_pos_index(self.grid[0], device)
+        self.rel_index_w = rel_pos_index(self.grid[1], device)
 
     @classmethod
     def from_reference(
@@ -243,7 +254,6 @@ class FastImageEncoderViT(ReferenceFallback):
         for i, blk in enumerate(ref.blocks):
             if type(blk) is not Block or type(blk.attn) is not Attention:
                 raise UnsupportedModule(f"blocks[{i}] is {type(blk).__qualname__}, not a Block")
-        choose_backend(config.attention, module_device(ref))  # checks the name
         stride = ref.patch_embed.proj.stride
         token_grid = (ref.img_size // stride[0], ref.img_size // stride[1])
         return cls(

@@ -191,7 +191,8 @@ class FastFpnNeck(nn.Module):
             else:
                 prev = lateral
             out[i] = prev
-            # a copy, not the cache: the caller may write to what it gets, as the reference's
+            # a copy of the cache, expanded over the batch (the reference repeats it): a
+            # caller's write changes no later call (one into a B > 1 expansion raises)
             enc[i] = (pos[i].to(prev.dtype, copy=True).expand(prev.shape[0], -1, -1, -1) if pos
                       else self.position_encoding(prev).to(prev.dtype))
         return out, enc

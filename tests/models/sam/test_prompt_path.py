@@ -254,7 +254,8 @@ def test_decoder_falls_back_for_a_batch_of_images_and_autograd():
     assert masks.requires_grad  # the reference ran, with autograd
     sam.requires_grad_(False)  # the positional encoding alone needs a gradient (was missed)
     reason = next(why for why in dec.fallbacks if why.startswith("autograd"))
-    masks, _ = dec(embedding(), image_pe.clone().requires_grad_(True), sparse, dense, True)
+    masks, _ = dec(embedding(), image_pe.clone().requires_grad_(True), sparse.detach(),
+                   dense.detach(), True)
     assert masks.requires_grad and dec.fallbacks[reason] == 2
 
 
