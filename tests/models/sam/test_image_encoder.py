@@ -153,6 +153,16 @@ def test_neck(dtype):
 
 
 @torch.inference_mode()
+def test_neck_where_the_layer_norm_eps_matters():
+    """Small tokens: the variance the neck's first LayerNorm2d sees is then of the order of its
+    eps (1e-6), so the fused layer_norm must take the reference's eps, not a default."""
+    ref = small_sam().image_encoder
+    x = tokens(ref) * 0.01
+    out = fast_encoder(ref).neck_forward(x)
+    assert_close_fp32(out, ref.neck(x.permute(0, 3, 1, 2)), tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
 def test_real_size_global_block_fp32():
     """One vit_b global block at SAM's real token grid: 64 x 64 tokens, dim 768, 12 heads."""
     torch.manual_seed(0)

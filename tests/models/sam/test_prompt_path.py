@@ -147,6 +147,22 @@ def test_mask_decoder_fp32(kind, multimask):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_mask_decoder_per_prompt_mask_inputs_any_prompt_count(k):
+    """A mask input per prompt makes the image side per prompt: whatever the prompt count
+    (one prompt reads the image either way, two is the smallest batch)."""
+    sam = small_sam()
+    _, dec = fast_parts(sam)
+    sparse, dense = sam.prompt_encoder(*KINDS["points+masks"](*prompts(k=k)))
+    assert dense.shape[0] == k
+    image_pe = sam.prompt_encoder.get_dense_pe()
+    masks_ref, iou_ref = sam.mask_decoder(embedding(), image_pe, sparse, dense, True)
+    masks, iou = dec(embedding(), image_pe, sparse, dense, True)
+    assert_close_fp32(masks, masks_ref, tol.FP32_STAGE_REL_L2)
+    assert_close_fp32(iou, iou_ref, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("kind", ["points+boxes", "points+masks"])
 def test_mask_decoder_bf16(kind):
     sam = small_sam()

@@ -196,6 +196,50 @@ def test_dynamic_multimask_takes_both_branches(model):
 
 
 @torch.inference_mode()
+def test_stability_selection_is_the_references(model):
+    """The single-mask choice against the reference's, on logits made to test its edges: an
+    empty single mask (the reference counts it stable), pixels between 0 and +delta or
+    -delta (each counts in one of the two areas only), a mask just stable, a clean one."""
+    ref = model.sam_mask_decoder
+    fast = FastSam2MaskDecoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    delta = ref.dynamic_multimask_stability_delta
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.randn(5, 4, 16, 16, generator=gen) * 10
+    single = torch.full((5, 256), -10.0)
+    single[1:, :100] = 10.0
+    single[1, 100:150] = delta / 2
+    single[2, 100:150] = -delta / 2
+    single[3, 100:102] = delta / 2  # stability 100 / 102, just above sam2.1's 0.98
+    masks[:, 0] = single.view(5, 16, 16)
+    iou = torch.rand(5, 4, generator=gen)
+    expected = ref._dynamic_multimask_via_stability(masks, iou)
+    stable = [torch.equal(expected[0][i], masks[i, :1]) for i in range(5)]
+    assert stable == [True, False, False, True, True]  # both branches taken
+    got = fast.stable_or_best(masks, iou)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)
+
+
+@torch.inference_mode()
+def test_object_pointer_tokens_follow_use_multimask_token_for_obj_ptr(model):
+    """Off (SAM2Base's default), the object pointer is the single-mask token's output even
+    with multimask output."""
+    ref = model.sam_mask_decoder
+    image, pe, sparse, dense, high_res = decoder_inputs(model, 3, True)
+    kept = ref.use_multimask_token_for_obj_ptr
+    ref.use_multimask_token_for_obj_ptr = False
+    try:
+        fast = FastSam2MaskDecoder.from_reference(ref, FastConfig(), torch.float32).eval()
+        expected = ref(image, pe, sparse, dense, True, True, high_res)
+    finally:
+        ref.use_multimask_token_for_obj_ptr = kept
+    got = fast(image, pe, sparse, dense, True, True, high_res)
+    assert got[2].shape == expected[2].shape == (3, 1, 256)
+    for a, b in zip(got, expected, strict=True):
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
 def test_mask_decoder_bf16(model):
     ref = model.sam_mask_decoder
     fast = FastSam2MaskDecoder.from_reference(ref, FastConfig(), torch.bfloat16).eval()

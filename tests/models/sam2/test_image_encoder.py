@@ -108,6 +108,17 @@ def test_cached_position_embedding_is_the_references_and_follows_loaded_weights(
                       tol.FP32_OP_REL_L2)
 
 
+@torch.inference_mode()
+def test_cached_position_embedding_follows_the_input_size():
+    """One encoder on inputs of two sizes and back: each size gets its own embedding."""
+    ref = small_encoder()
+    encoder = fast(ref)
+    for size in (128, 64, 128):
+        x = images(size=size)
+        for a, b in zip(outputs(encoder(x)), outputs(ref(x)), strict=True):
+            assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
 @torch.no_grad()
 def test_a_write_to_the_returned_position_encoding_changes_no_later_call():
     """What the encoder returns is the caller's (the fp32 encoder returned its cache)."""

@@ -227,6 +227,21 @@ def test_memory_encoder_fp32(skip_mask_sigmoid):
 
 
 @torch.inference_mode()
+def test_memory_encoder_other_grid_size():
+    """An 8 x 8 grid after the 16 x 16 one: the cached position encoding follows the size."""
+    ref = _model().memory_encoder
+    fast = FastMemoryEncoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    for grid in (GRID, GRID // 2):
+        pix = _randn(2, 256, grid, grid, seed=0)
+        masks = 4 * _randn(2, 1, grid * 16, grid * 16, seed=1)
+        got, expected = fast(pix, masks), ref(pix, masks)
+        assert_close_fp32(got["vision_features"], expected["vision_features"],
+                          tol.FP32_STAGE_REL_L2)
+        assert_close_fp32(got["vision_pos_enc"][0], expected["vision_pos_enc"][0],
+                          tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_memory_encoder_low_precision(dtype):
     ref = _model().memory_encoder
