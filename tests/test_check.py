@@ -65,6 +65,33 @@ def test_cli_loads_checkpoint_and_images(tmp_path, monkeypatch, capsys):
     assert "2 image(s), 4 point prompts" in out and "float32" in out and " ok " in out
 
 
+@pytest.mark.parametrize("mean_iou, status", [(1.0, 0), (0.5, 1)])
+def test_cli_passes_grid_and_dtypes_on_and_exits_1_on_a_failed_check(tmp_path, monkeypatch,
+                                                                      capsys, mean_iou,
+                                                                      status):
+    torch.save(small_sam(seed=4).state_dict(), tmp_path / "weights.pth")
+    Image.fromarray(smooth_image(64, 80, 0)).save(tmp_path / "img.png")
+
+    def build(checkpoint):
+        sam = small_sam()
+        sam.load_state_dict(torch.load(checkpoint))
+        return sam
+
+    seen = {}
+
+    def fake_run_check(sam, images, dtypes, grid, log):  # stand-in agreement
+        seen.update(dtypes=dtypes, grid=grid, images=len(images))
+        return [check.CheckRow(d, mean_iou, mean_iou, 0.0, 2.0, 1.0) for d in dtypes]
+
+    monkeypatch.setitem(sam_model_registry, "vit_b", build)
+    monkeypatch.setattr(check, "run_check", fake_run_check)
+    assert main(["check", "--model", "vit_b", "--checkpoint", str(tmp_path / "weights.pth"),
+                 "--grid", "3", "--dtype", "float16", "--dtype", "bfloat16", "--device", "cpu",
+                 str(tmp_path / "img.png")]) == status
+    assert seen == dict(dtypes=[torch.float16, torch.bfloat16], grid=3, images=1)
+    assert ("FAIL" in capsys.readouterr().out) == (status == 1)
+
+
 def test_cli_rejects_unreadable_image(tmp_path, capsys):
     (tmp_path / "bad.png").write_text("not an image")
     (tmp_path / "x.pth").write_bytes(b"")  # read only after the images

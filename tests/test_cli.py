@@ -41,6 +41,44 @@ def test_bench_cpu_default_size_is_announced(capsys, monkeypatch):
     assert "CPU default: 512 px" in capsys.readouterr().out
 
 
+def test_bench_passes_every_option_on(monkeypatch):
+    import fastsam_core.benchmark as benchmark
+
+    seen = {}
+
+    def fake_bench(**kwargs):  # only the argument handling is under test here
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(benchmark, "bench_image_encoder", fake_bench)
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cpu", "--model", "vit_l", "--image-size", "128",
+              "--batch", "3", "--dtype", "bfloat16", "--attention", "math", "--compile",
+              "default", "--warmup", "2", "--runs", "5", "--seed", "7"])
+    config = seen.pop("config")
+    assert config.attention == "math" and config.compile == "default"
+    assert config.dtype == torch.bfloat16
+    seen.pop("log")
+    assert seen == dict(variant="vit_l", image_size=128, batch=3, dtype=torch.bfloat16,
+                        device=torch.device("cpu"), warmup=2, runs=5, seed=7)
+
+
+def test_bench_result_is_computed_from_the_medians(monkeypatch):
+    """Speedup (reference over fast), img/s and TFLOP/s of the measured medians, FLOPs per
+    image: stand-in timings of 0.5 s (reference) and 0.25 s (fast) per batch of 2."""
+    import fastsam_core.benchmark as benchmark
+
+    medians = iter([0.5, 0.25])
+    monkeypatch.setattr(benchmark, "time_call",
+                        lambda fn, device, warmup, runs: [next(medians)] * runs)
+    r = benchmark.bench_image_encoder("vit_b", 64, batch=2, warmup=0, runs=1)
+    flops = benchmark.encoder_flops("vit_b", 64, 2)
+    assert (r.reference_ms, r.fast_ms, r.speedup) == (500.0, 250.0, 2.0)
+    assert (r.reference_img_s, r.fast_img_s) == (4.0, 8.0)
+    assert r.gflop_per_image == flops / 2 / 1e9
+    assert (r.reference_tflop_s, r.fast_tflop_s) == (flops * 2 / 1e12, flops * 4 / 1e12)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

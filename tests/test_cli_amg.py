@@ -59,3 +59,27 @@ def test_amg_images_of_the_same_name_get_their_own_outputs(tmp_path, monkeypatch
     assert json.loads((out / "scene.json").read_text())["image"] == str(paths[0])
     assert json.loads((out / "scene_2.json").read_text())["image"] == str(paths[1])
     assert "(written as scene_2.json / .png)" in capsys.readouterr().out
+
+
+def test_amg_passes_the_generator_options_on(tmp_path, monkeypatch):
+    import fastsam_core.pipelines as pipelines
+
+    seen = {}
+
+    class FakeGenerator:  # only the argument handling is under test here
+        def __init__(self, sam, **kwargs):
+            seen.update(kwargs)
+
+        def generate(self, image):
+            return []
+
+    monkeypatch.setattr(cli, "_tiny_sam", lambda parser: small_sam(seed=3))
+    monkeypatch.setattr(pipelines, "FastAutomaticMaskGenerator", FakeGenerator)
+    Image.fromarray(smooth_image(64, 80, 0)).save(tmp_path / "img.png")
+    assert main(["amg", str(tmp_path / "img.png"), "--out", str(tmp_path / "out"),
+                 "--points-per-side", "5", "--points-per-batch", "7", "--pred-iou-thresh", "0.5",
+                 "--stability-score-thresh", "0.25", "--box-nms-thresh", "0.125",
+                 "--crop-n-layers", "1", "--min-mask-region-area", "9"]) == 0
+    assert seen == dict(points_per_side=5, points_per_batch=7, pred_iou_thresh=0.5,
+                        stability_score_thresh=0.25, box_nms_thresh=0.125, crop_n_layers=1,
+                        min_mask_region_area=9, output_mode="coco_rle")

@@ -188,6 +188,13 @@ def test_report_names_each_stage_path_and_reason(sam):
     assert "forward hooks" not in text
 
 
+def test_report_path_of_a_stage_the_model_does_not_have_raises(sam):
+    rep = fastsam_core.report(sam)
+    assert rep.path_of("image_encoder") == "reference"
+    with pytest.raises(KeyError):
+        rep.path_of("image_encoder.attention[window]")  # a misspelt stage is no answer
+
+
 def test_state_dict_of_optimized_model_loads_into_reference(tmp_path):
     sam = small_sam()
     fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
@@ -445,6 +452,42 @@ def test_grad_mode_and_train_mode_fall_back_to_reference(sam):
     assert "reference fallbacks" in str(fastsam_core.report(sam))
 
 
+def test_a_fallback_warns_once_per_reason(sam):
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.float32))
+    x = image_batch(batch=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # not Python's once-per-location filter
+        for _ in range(2):
+            sam.image_encoder(x)  # parameters require grad, grad mode on: the reference
+    assert [str(w.message) for w in caught if "fastsam_core" in str(w.message)] == [
+        "fastsam_core: autograd is recording (use torch.inference_mode() or no_grad()): "
+        "running the reference image encoder"]
+    assert list(sam.image_encoder.fallbacks.values()) == [2]
+
+
+def test_a_training_mode_fallback_runs_the_reference_in_training_mode():
+    """sam2.1's memory attention has dropout: in training mode the fallback computes what
+    the reference model in training mode does, dropout included (the kept reference had
+    been put in eval mode by optimize())."""
+    from tests.models.sam2.test_image_encoder import small_sam2
+    from tests.models.sam2.test_memory import attention_inputs
+
+    model, plain = small_sam2(), small_sam2()
+    fastsam_core.optimize(model, FastConfig())
+    model.train()
+    plain.train()
+    kwargs = attention_inputs(frames=1, pointers=0)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        with pytest.warns(UserWarning, match="training mode"):
+            got = model.memory_attention(**kwargs)
+        torch.manual_seed(0)
+        expected = plain.memory_attention(**kwargs)
+        in_eval = plain.eval().memory_attention(**kwargs)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, in_eval)  # dropout ran
+
+
 def test_fallback_without_kept_original_raises(sam):
     fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16, originals="offload"))
     with pytest.raises(RuntimeError, match="was not kept"):
@@ -591,6 +634,20 @@ def test_requires_grad_set_while_optimized_reaches_the_originals(config):
     assert trainable == {name for name, _ in
                          sam.mask_decoder.iou_prediction_head.named_parameters(
                              prefix="mask_decoder.iou_prediction_head")}
+
+
+def test_adopt_module_converts_floating_buffers_and_keeps_requires_grad():
+    from fastsam_core.models.convert import adopt_module
+
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    ref[0].bias.requires_grad_(False)
+    assert adopt_module(ref, torch.float32) is ref
+    copy = adopt_module(ref, torch.bfloat16)
+    assert {t.dtype for t in (*copy.parameters(), copy[1].running_mean, copy[1].running_var)} \
+        == {torch.bfloat16}
+    assert copy[1].num_batches_tracked.dtype == torch.int64
+    assert [p.requires_grad for p in copy.parameters()] == [True, False, True, True]
+    assert ref[0].weight.dtype == torch.float32  # a copy
 
 
 def test_dtype_default_follows_device_and_model_dtype():

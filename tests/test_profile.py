@@ -62,3 +62,45 @@ def test_cli_profile(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "# Profile: predictor" in out and "wrote" in out
+
+
+def test_profile_summary_rates_from_the_median_step(tmp_path, monkeypatch):
+    """img/s and TFLOP/s of the median step (a stand-in 0.5 s), the FLOPs of the stage; the
+    command line that reproduces it names the dtype."""
+    import torch
+
+    import fastsam_core.profiling as profiling
+    from fastsam_core import FastConfig
+    from fastsam_core.benchmark import encoder_flops
+
+    monkeypatch.setattr(profiling, "time_call", lambda fn, device, warmup, runs: [0.5] * runs)
+    result = profile_stage("image_encoder", "vit_b", 64, batch=2, device="cpu",
+                           out_dir=tmp_path, active=1, config=FastConfig(dtype=torch.float32))
+    text = result.summary.read_text()
+    flops = encoder_flops("vit_b", 64, 2)
+    assert (f"- step: 500.00 ms (median of 1); 4.00 images/s; {flops / 1e9:.1f} GFLOP per "
+            f"step (torch.utils.flop_counter, reference); {flops / 0.5 / 1e12:.2f} TFLOP/s"
+            ) in text
+    assert "--dtype float32" in text and result.step_ms == 500.0
+
+
+def test_cli_profile_passes_its_options_on(tmp_path, monkeypatch):
+    import torch
+
+    import fastsam_core.profiling as profiling
+
+    seen = {}
+
+    def fake_profile(*args, **kwargs):  # only the argument handling is under test here
+        seen.update(args=args)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(profiling, "profile_stage", fake_profile)
+    with pytest.raises(SystemExit):
+        main(["profile", "--model", "vit_l", "--stage", "prompt", "--batch", "5",
+              "--image-size", "128", "--dtype", "bfloat16", "--device", "cpu", "--attention",
+              "math", "--active", "2", "--out", str(tmp_path)])
+    stage, model, size, batch, device, config, out, active = seen["args"]
+    assert (stage, model, size, batch, device, out, active) == (
+        "prompt", "vit_l", 128, 5, torch.device("cpu"), str(tmp_path), 2)
+    assert config.dtype == torch.bfloat16 and config.attention == "math"

@@ -8,6 +8,7 @@ import torch
 
 from fastsam_core.kernels.tuning import Tuner
 from fastsam_core.models.compiled import LazyCompiled
+from fastsam_core.progress import note
 
 
 @pytest.mark.parametrize("quiet", [False, True])
@@ -47,3 +48,16 @@ def test_compilation_says_it_compiles_once(monkeypatch, capsys, quiet):
     assert err.splitlines() == [
         "[fastsam] compiling the test function (torch.compile mode='default') on its first call",
         f"[fastsam] compiled the test function: first call {compiled.first_call_s:.1f} s"]
+
+
+@pytest.mark.parametrize("value, silent", [(None, False), ("", False), ("0", False),
+                                           ("1", True), ("yes", True)])
+def test_only_a_value_but_empty_or_zero_silences(monkeypatch, capsys, value, silent):
+    if value is None:
+        monkeypatch.delenv("FASTSAM_QUIET", raising=False)
+    else:
+        monkeypatch.setenv("FASTSAM_QUIET", value)
+    note("hello")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("" if silent else "[fastsam] hello\n")

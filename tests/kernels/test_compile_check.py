@@ -93,3 +93,26 @@ def test_recorded_test_launches_compile_for_sm90(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [r["name"] for r in results] == [r["name"] for r in records]
     assert all(r["ok"] for r in results)
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no bundled ptxas")
+@pytest.mark.skipif(not specializes_like_the_jit(),
+                    reason="this Triton has no native_specialize_impl (Triton 3.6 and 3.8 do)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA run compiles these itself")
+def test_a_launch_over_the_targets_shared_memory_fails_the_check(tmp_path):
+    """A variant asking for more shared memory than the target's per-block limit (here a
+    limit of 1 KiB stands in) is reported failed, and the exit status says so."""
+    out = tmp_path / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "scripts"), str(REPO),
+                                                      env.get("PYTHONPATH")]))
+    driver = ("import sys, compile_check; compile_check.SHARED_LIMIT[90] = 1024; "
+              "sys.exit(compile_check.main(sys.argv[1:]))")
+    done = subprocess.run(
+        [sys.executable, "-c", driver, "--arch", "90", "--json", str(out), "--only",
+         f"int8_matmul bf16 fc2 {TILE_CANDIDATES[0].as_key()}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1, done.stdout + done.stderr
+    [row] = json.loads(out.read_text())["results"]
+    assert not row["ok"] and row["error"] == f"shared memory {row['shared']} > 1024 bytes"
+    assert "FAILED shared memory" in done.stdout

@@ -311,6 +311,13 @@ def test_disable_env_and_unsupported_inputs_fall_back_to_sdpa(monkeypatch):
     assert "multiple of the grid width" in kernel.supports(q, 5)
 
 
+def test_disable_env_set_to_zero_or_empty_leaves_the_kernel_on(monkeypatch):
+    for value in ("0", ""):
+        monkeypatch.setenv(ops.DISABLE_ENV, value)
+        assert not ops.kernel_disabled()
+        assert ops.choose_backend("auto", torch.device("cuda"))[0] == "auto"
+
+
 class TestTuner:
     """The measured choice, with fake timings (timing the interpreter would measure numpy)."""
 
@@ -372,6 +379,15 @@ class TestTuner:
         with pytest.raises(RuntimeError, match="no candidate matched"):
             tuner.tune("gpu", "s", {"zero": lambda: torch.zeros_like(q)}, q)
 
+    def test_an_exact_candidate_for_an_all_zero_reference_is_chosen(self, tmp_path,
+                                                                     monkeypatch):
+        """A linear without bias fed zeros: its relative distance is 0 / 0 (it was NaN and the
+        int8 tuners raised "no candidate matched" to the user)."""
+        monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+        zeros = torch.zeros(4)
+        tuner = Tuner("zero", timer=lambda fn: 1.0)
+        assert tuner.tune("gpu", "s", {"exact": lambda: torch.zeros(4)}, zeros) == "exact"
+
     def test_tuning_nested_in_a_candidate_counts_once(self, tmp_path, monkeypatch):
         import fastsam_core.kernels.tuning as tuning
 
@@ -419,6 +435,63 @@ class TestTuner:
         assert len(launched) == len(ops.distinct_launches((4, 4), torch.float32))
         assert list(ops.KERNEL_FALLBACKS.values()) == [2]
 
+    def test_the_match_tolerance_is_that_of_the_reference_dtype(self, tmp_path, monkeypatch):
+        """A candidate off by more than fp32's rounding is no fp32 candidate, however fast,
+        though it passes as a bf16 one (MATCH_REL_L2 of the reference's dtype)."""
+        import fastsam_core.kernels.tuning as tuning
+
+        monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+        x = torch.randn(64, generator=torch.Generator().manual_seed(0))
+        off = (tuning.MATCH_REL_L2[torch.float32] * tuning.MATCH_REL_L2[torch.bfloat16]) ** 0.5
+        for dtype, expected in ((torch.float32, "exact"), (torch.bfloat16, "approximate")):
+            ref = x.to(dtype)
+            cands = {"exact": lambda ref=ref: ref.clone(),
+                     "approximate": lambda dtype=dtype: (x * (1 + off)).to(dtype)}  # faster
+            tuner = Tuner("tolerance", timer=lambda fn, c=cands: 1.0 if fn is c["approximate"]
+                          else 2.0)
+            assert tuner.tune("gpu0", f"s_{dtype}", cands, ref) == expected
+
+    def test_a_choice_stays_in_memory_where_the_cache_cannot_be_written(self, tmp_path,
+                                                                        monkeypatch):
+        blocker = tmp_path / "a_file"
+        blocker.write_text("")
+        monkeypatch.setenv("FASTSAM_CACHE_DIR", str(blocker / "cache"))  # mkdir fails
+        x = torch.ones(4)
+        timed = []
+        tuner = Tuner("unwritable", timer=lambda fn: timed.append(fn) or 1.0)
+        assert tuner.tune("gpu0", "s", {"a": lambda: x}, x) == "a"
+        assert tuner.cached("gpu0", "s", ["a"]) == "a"  # not measured again in this process
+        assert tuner.cache_entries() == 0 and len(timed) == 1
+
+    def test_a_corrupt_cache_file_is_ignored_and_replaced(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+        (tmp_path / "corrupt.json").write_text('{"gpu0": {"s": {"choi')  # cut off
+        x = torch.ones(4)
+        tuner = Tuner("corrupt", timer=lambda fn: 1.0)
+        assert tuner.cached("gpu0", "s", ["a"]) is None and tuner.cache_entries() == 0
+        assert tuner.tune("gpu0", "s", {"a": lambda: x}, x) == "a"
+        assert json.loads((tmp_path / "corrupt.json").read_text())["gpu0"]["s"]["choice"] == "a"
+
+    def test_cache_dir_is_fastsam_cache_dir_else_xdg_else_home(self, tmp_path, monkeypatch):
+        import fastsam_core.kernels.tuning as tuning
+
+        monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path / "own"))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        assert tuning.cache_dir() == tmp_path / "own"
+        monkeypatch.delenv("FASTSAM_CACHE_DIR")
+        assert tuning.cache_dir() == tmp_path / "xdg" / "fastsam_core"
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        assert tuning.cache_dir() == tmp_path / "home" / ".cache" / "fastsam_core"
+
+    def test_launch_choices_are_kept_per_dtype(self):
+        """A choice measured in fp32 is not taken for bf16 or fp16 unmeasured (their tiles,
+        and whether SDPA wins, differ)."""
+        q = problem(1, 2, (4, 4), 16, torch.float32)[0]
+        keys = {ops.tuning_key(q.to(dtype), 4, True, True)
+                for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+        assert len(keys) == 3
+
     def test_tests_tune_into_a_cache_of_their_own(self):
         import fastsam_core.kernels.tuning as tuning
 
@@ -427,7 +500,9 @@ class TestTuner:
     def test_shipped_table_is_valid_json(self):
         import fastsam_core.kernels.tuning as tuning
 
-        for path in tuning.SHIPPED_DIR.glob("*.json"):
+        paths = list(tuning.SHIPPED_DIR.glob("*.json"))
+        assert tuning.SHIPPED_DIR / "rel_pos_attention.json" in paths  # the package's tables
+        for path in paths:
             json.loads(path.read_text())
 
 
