@@ -162,13 +162,17 @@ def summarize(result_file: Path) -> str:
                          "(no 'benchmarks' list of entries with group, name and stats; "
                          "`fastsam bench --json` and `fastsam accuracy --out` files are "
                          "printed by their own commands)")
-    lines = [f"{'group':<34} {'impl':<18} {'ms':>9} {'img/s':>8} {'TFLOP/s':>8} {'speedup':>8}"]
+    # as wide as the longest group (up to 48): cut at a fixed width, groups that differ only
+    # at their end ("... 1 obj", "... 8 obj") printed alike
+    width = min(48, max([34, *(len(b["group"] or "") for b in benchmarks)]))
+    lines = [f"{'group':<{width}} {'impl':<18} {'ms':>9} {'img/s':>8} {'TFLOP/s':>8} "
+             f"{'speedup':>8}"]
     for b in sorted(data["benchmarks"], key=lambda b: (b["group"] or "", b["name"])):
         info = b.get("extra_info", {})
         img_s, tflop_s, speedup = (format(info[k], spec) if k in info else "-" for k, spec in
                                    (("img_s", ".2f"), ("tflop_s", ".3g"), ("speedup", ".2f")))
         impl = str(info.get("impl", b["name"]))[:18]
-        lines.append(f"{(b['group'] or '')[:34]:<34} {impl:<18} "
+        lines.append(f"{(b['group'] or '')[:width]:<{width}} {impl:<18} "
                      f"{b['stats']['median'] * 1e3:>9.3f} {img_s:>8} {tflop_s:>8} {speedup:>8}")
     device = next((b["extra_info"].get("device") for b in data["benchmarks"]
                    if "device" in b.get("extra_info", {})), "unknown device")

@@ -165,3 +165,50 @@ def test_gate_says_when_the_selection_matches_nothing(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 5, done.stdout + done.stderr
     assert "matched no benchmarks" in done.stdout and "regressed" not in done.stdout
+
+
+def test_summarize_keeps_groups_apart_that_differ_at_their_end(tmp_path):
+    """The video groups end in their object count; the group column was cut at 34 characters,
+    which printed "... hiera_b+-1024 1 obj" and "... 8 obj" alike."""
+    from fastsam_core.gate import summarize
+
+    groups = [f"sam2 memory_attention hiera_b+-1024 {n} obj" for n in (1, 8)]
+    result = tmp_path / "bench.json"
+    result.write_text(json.dumps({"benchmarks": [
+        {"group": g, "name": "f[fast]", "stats": {"median": 0.001}} for g in groups]}))
+    rows = summarize(result).splitlines()
+    assert [r for r in rows if r.startswith("sam2 ")] == [
+        f"{g} {'f[fast]':<18} {1.0:>9.3f} {'-':>8} {'-':>8} {'-':>8}" for g in groups]
+
+
+def test_bench_record_fills_speedups_and_rates(monkeypatch):
+    """bench/common.py's `record`: what the gate compares. Speedup = the group's reference
+    median over the case's; a "fast_*" variant also over the group's "fast" case; img/s and
+    TFLOP/s per call from `items` and `flops`."""
+    import types
+
+    import bench.common as common
+
+    monkeypatch.setattr(common, "_median_s", {})
+
+    def case(median):
+        stats = types.SimpleNamespace(stats=types.SimpleNamespace(median=median))
+        return types.SimpleNamespace(stats=stats, extra_info={})
+
+    ref, fast, variant = case(0.5), case(0.25), case(0.125)
+    for bench, impl in ((ref, "reference"), (fast, "fast"), (variant, "fast_int8")):
+        common.record(bench, "g", impl, items=2, flops=1e12, batch=2)
+    assert "speedup" not in ref.extra_info and ref.extra_info["batch"] == 2
+    assert (fast.extra_info["ms"], fast.extra_info["speedup"]) == (250.0, 2.0)
+    assert (fast.extra_info["img_s"], fast.extra_info["tflop_s"]) == (8.0, 4.0)
+    assert (variant.extra_info["speedup"], variant.extra_info["speedup_vs_fast"]) == (4.0, 2.0)
+    assert "speedup_vs_fast" not in fast.extra_info
+
+
+def test_bench_fast_repeat_slows_only_the_fast_cases(monkeypatch):
+    import bench.common as common
+
+    monkeypatch.delenv("FASTSAM_BENCH_FAST_REPEAT", raising=False)
+    assert [common.repeats(i) for i in ("reference", "fast", "fast_int8")] == [1, 1, 1]
+    monkeypatch.setenv("FASTSAM_BENCH_FAST_REPEAT", "3")
+    assert [common.repeats(i) for i in ("reference", "fast", "fast_int8")] == [1, 3, 3]
