@@ -25,36 +25,33 @@ def test_bench_prints_times_speedup_and_parity(capsys, tmp_path):
     assert result["gflop_per_image"] > 0 and result["speedup"] > 0
 
 
-def test_bench_cpu_default_size_is_announced(capsys, monkeypatch):
+def bench_arguments(monkeypatch, argv):
+    """What `fastsam bench ARGV` hands to bench_image_encoder (which is not run)."""
     import fastsam_core.benchmark as benchmark
 
     seen = {}
 
-    def fake_bench(**kwargs):  # only the argument handling is under test here
+    def fake_bench(**kwargs):
         seen.update(kwargs)
         raise SystemExit(0)
 
     monkeypatch.setattr(benchmark, "bench_image_encoder", fake_bench)
     with pytest.raises(SystemExit):
-        main(["bench", "--device", "cpu"])
+        main(["bench", *argv])
+    return seen
+
+
+def test_bench_cpu_default_size_is_announced(capsys, monkeypatch):
+    seen = bench_arguments(monkeypatch, ["--device", "cpu"])
     assert seen["image_size"] == 512 and str(seen["dtype"]) == "torch.float32"
     assert "CPU default: 512 px" in capsys.readouterr().out
 
 
 def test_bench_passes_every_option_on(monkeypatch):
-    import fastsam_core.benchmark as benchmark
-
-    seen = {}
-
-    def fake_bench(**kwargs):  # only the argument handling is under test here
-        seen.update(kwargs)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(benchmark, "bench_image_encoder", fake_bench)
-    with pytest.raises(SystemExit):
-        main(["bench", "--device", "cpu", "--model", "vit_l", "--image-size", "128",
-              "--batch", "3", "--dtype", "bfloat16", "--attention", "math", "--compile",
-              "default", "--warmup", "2", "--runs", "5", "--seed", "7"])
+    seen = bench_arguments(monkeypatch, [
+        "--device", "cpu", "--model", "vit_l", "--image-size", "128", "--batch", "3", "--dtype",
+        "bfloat16", "--attention", "math", "--compile", "default", "--warmup", "2", "--runs",
+        "5", "--seed", "7"])
     config = seen.pop("config")
     assert config.attention == "math" and config.compile == "default"
     assert config.dtype == torch.bfloat16
