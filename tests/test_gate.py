@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastsam_core.gate import compare_ratios, device_slug, latest_baseline, speedups
 
@@ -24,6 +25,20 @@ def test_compare_ratios_flags_only_drops_beyond_tolerance():
     rows = compare_ratios({"a": 1.9, "b": 1.0, "new": 3.0}, {"a": 2.0, "b": 2.0, "gone": 1.0},
                           tolerance=0.15)
     assert [(name, ok) for name, _, _, ok in rows] == [("a", True), ("b", False)]
+    # a drop of exactly the tolerance is within it; an unchanged speedup passes a zero one
+    rows = compare_ratios({"a": 1.5, "b": 2.0}, {"a": 2.0, "b": 2.0}, tolerance=0.25)
+    assert [ok for *_, ok in rows] == [True, True]
+    assert [ok for *_, ok in compare_ratios({"a": 2.0}, {"a": 2.0}, tolerance=0.0)] == [True]
+
+
+def test_device_slug_does_not_depend_on_the_thread_count(monkeypatch):
+    """One baseline folder per device: a CPU's slug names its architecture, not the number
+    of threads torch happens to use in this run."""
+    slugs = set()
+    for threads in (1, 2, 16):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        slugs.add(device_slug("cpu"))
+    assert len(slugs) == 1 and "thread" not in slugs.pop()
 
 
 def test_speedups_and_latest_baseline(tmp_path):

@@ -519,6 +519,38 @@ def test_casting_the_model_after_optimize_casts_restore_too():
     assert torch.equal(encode(sam, x), encode(small_sam().half(), x))
 
 
+@pytest.mark.parametrize("originals", ["offload", "drop"])
+def test_one_stage_cast_after_optimize_casts_restore_too_without_a_kept_original(originals):
+    """bf16 optimize with the originals offloaded or dropped (no kept reference to align),
+    then one stage cast on its own: restore() gives that stage's original the cast dtype (as
+    with "keep"), the other stages keep theirs."""
+    sam = small_sam()
+    with warnings.catch_warnings():  # "drop": restored from the bf16 weights, warned
+        warnings.simplefilter("ignore")
+        fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16, originals=originals))
+        sam.mask_decoder.half()
+        fastsam_core.restore(sam)
+    assert {p.dtype for p in sam.mask_decoder.parameters()} == {torch.float16}
+    assert {p.dtype for p in sam.image_encoder.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("originals", ["offload", "drop"])
+def test_originals_sharing_the_fast_modules_tensors_are_kept_whatever_the_mode(originals):
+    """fp32 (the CPU default): the fast modules share the originals' tensors, so "offload"
+    and "drop" must leave the originals in place (dropping them freed the fast encoder's own
+    weights): the fast path, its reference fallback and an exact restore() all work."""
+    sam = small_sam()
+    x = image_batch(batch=1)
+    before = encode(sam, x)
+    fastsam_core.optimize(sam, FastConfig(originals=originals))
+    assert_close_fp32(encode(sam, x), before, tol.FP32_STAGE_REL_L2)
+    with pytest.warns(UserWarning, match="autograd is recording"):
+        fallback = sam.image_encoder(x)
+    assert torch.equal(fallback.detach(), before)
+    fastsam_core.restore(sam)
+    assert torch.equal(encode(sam, x), before)
+
+
 def test_a_model_cast_after_optimize_falls_back_in_the_cast_dtype():
     """bf16 optimize, then `.half()`: the reference fallback (autograd recording) runs the
     kept fp32 original cast to fp16, as the model cast without optimizing runs (it ran the
@@ -677,10 +709,19 @@ def test_config_validation_names_the_field(kwargs, error, match):
         FastConfig(**kwargs)
 
 
+def test_dtype_default_is_fp32_off_cuda():
+    """bfloat16 only for a model on a CUDA device: float32 on any other (meta, mps, xpu)."""
+    config = FastConfig()
+    for device in ("meta", "mps", "xpu"):
+        assert config.resolve_dtype(torch.device(device), torch.float32) == torch.float32
+
+
 def test_config_is_frozen_and_normalizes_dtype_names():
     config = FastConfig(dtype="bf16")
     assert config.dtype is torch.bfloat16
     assert config == FastConfig(dtype=torch.bfloat16)
+    assert FastConfig(dtype="BF16").dtype is torch.bfloat16  # names in any case
+    assert FastConfig(dtype="Float16").dtype is torch.float16
     with pytest.raises(AttributeError):
         config.dtype = torch.float32
 

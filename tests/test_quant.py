@@ -229,6 +229,24 @@ def test_checkpoint_loads_into_a_quantized_model(mode):
     assert torch.equal(sam.image_encoder(x), small_sam(seed=3).image_encoder(x))
 
 
+@torch.inference_mode()
+def test_float_checkpoint_loads_into_a_bf16_int8_model_as_optimize_quantizes():
+    """In a bf16 int8 model a reference (fp32) checkpoint's weights are rounded to bf16, then
+    quantized, as optimize() quantizes the bf16 copies: the same codes and scales as
+    optimizing the checkpoint's model (quantized from fp32 directly, scales and codes at a
+    rounding boundary differed)."""
+    config = FastConfig(dtype=torch.bfloat16, quantize="int8")
+    expected = fastsam_core.optimize(small_sam(seed=3), config)
+    sam = fastsam_core.optimize(small_sam(seed=0), config)
+    sam.load_state_dict(small_sam(seed=3).state_dict())
+    got, want = sam.image_encoder.state_dict(), expected.image_encoder.state_dict()
+    assert got.keys() == want.keys()
+    quantized = [k for k in got if k.endswith((".weight_int8", ".weight_scale"))]
+    assert quantized
+    for key in quantized:
+        assert torch.equal(got[key], want[key]), key
+
+
 @pytest.mark.parametrize("mode", ["int8", "2:4"])
 def test_a_checkpoint_loaded_with_assign_is_not_written(mode):
     """`load_state_dict(..., assign=True)` takes the checkpoint's tensors as the model's own:

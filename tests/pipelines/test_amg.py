@@ -114,6 +114,20 @@ def test_same_masks_as_the_reference(extra, capsys):
               f"borderline (kept by one side only): {borderline_cases}")
 
 
+def test_a_threshold_of_zero_switches_the_iou_filter_off():
+    """The reference applies pred_iou_thresh only when it is positive: with 0.0 it keeps the
+    masks whose predicted IoU is negative (random weights predict IoUs around 0), and so must
+    the fast generator."""
+    sam = small_sam(seed=3)
+    image = smooth_image(160, 200, 5)
+    settings = {**SETTINGS, "pred_iou_thresh": 0.0}
+    ref = SamAutomaticMaskGenerator(sam, **settings).generate(image)
+    got = FastAutomaticMaskGenerator(sam, **settings).generate(image)
+    assert sum(a["predicted_iou"] < -tol.AMG_BORDERLINE_EPS for a in ref) \
+        > tol.AMG_MAX_BORDERLINE, "masks the filter would drop"
+    compare(ref, got, settings)
+
+
 def test_bgr_model_same_masks_as_the_reference():
     """The reference generator feeds a model whose image_format is BGR the image reversed
     (SamPredictor.set_image); so does the fast one."""
@@ -252,8 +266,10 @@ def sam2_reference_generator(model, **settings):
     return generator
 
 
-@pytest.mark.parametrize("extra", [{}, dict(use_m2m=True), dict(multimask_output=False)],
-                         ids=["default", "m2m", "single-mask"])  # crops: the shared core
+# crops: the shared core; mask_threshold: sam2's generator argument (binarization, stability)
+@pytest.mark.parametrize("extra", [{}, dict(use_m2m=True), dict(multimask_output=False),
+                                   dict(mask_threshold=0.1)],
+                         ids=["default", "m2m", "single-mask", "mask-threshold"])
 def test_sam2_same_masks_as_the_reference(extra, capsys):
     from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
     from tests.models.sam2.test_image_encoder import small_sam2

@@ -587,3 +587,102 @@ def test_video_predictor_on_cuda(video_dir, cuda_reference_run, dtype):
     assert not fallbacks_of(predictor), fallbacks_of(predictor)
     compare(first, cuda_reference_run, dtype)
     compare(again, cuda_reference_run, dtype)
+
+
+def tracked_both_ways(predictor, video_dir):
+    """Object 7 clicked on frame 2 and tracked forward; object 8 clicked on frame 2 too, and
+    both tracked in reverse (object 7 reads its forward-tracked frames 3-5 there, object 8
+    has none: the same prompted frames, different memories); then a click for object 7 on
+    frame 0, a frame tracked in reverse, which sam2 conditions on the memories in reverse
+    order (`frames_tracked_per_obj` says so). Every output, and the state's per-object
+    records."""
+    state = predictor.init_state(video_dir)
+    out = []
+    for obj_id, x in ((7, 88), (8, 30)):
+        _, ids, masks = predictor.add_new_points_or_box(
+            state, frame_idx=2, obj_id=obj_id, points=np.array([[x, 48]], np.float32),
+            labels=np.array([1], np.int32))
+        out.append((f"click {obj_id}", 2, list(ids), masks))
+        out += [("propagate", t, list(ids), m) for t, ids, m in
+                predictor.propagate_in_video(state, reverse=obj_id == 8)]
+    _, ids, masks = predictor.add_new_points_or_box(
+        state, frame_idx=0, obj_id=7, points=np.array([[100, 48]], np.float32),
+        labels=np.array([1], np.int32))
+    out.append(("click on a reverse-tracked frame", 0, list(ids), masks))
+    return out, state
+
+
+def stored_layout(state):
+    """Per object: each frame's tracked direction, and each stored output's fields with their
+    dtypes and shapes."""
+    def layout(value):
+        if isinstance(value, list):
+            return [layout(v) for v in value]
+        return None if value is None else (value.dtype, tuple(value.shape))
+
+    return [(state["frames_tracked_per_obj"][obj_idx],
+             {kind: {t: {name: layout(v) for name, v in out.items()}
+                     for t, out in outputs.items()}
+              for kind, outputs in state["output_dict_per_obj"][obj_idx].items()})
+            for obj_idx in sorted(state["output_dict_per_obj"])]
+
+
+def test_objects_tracked_both_ways_and_a_click_on_a_reverse_tracked_frame(short_video_dir):
+    """fp32, against the reference: objects with the same prompted frames but different
+    tracked frames ahead of a reverse pass (their memory layouts differ), and a click that
+    must read the reverse memory; the state keeps the reference's records (memories stored
+    in bf16, each frame's direction)."""
+    reference = video_predictor()
+    reference.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
+    predictor = video_predictor()
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    with torch.inference_mode():
+        expected, expected_state = tracked_both_ways(reference, short_video_dir)
+        got, state = tracked_both_ways(predictor, short_video_dir)
+    assert stored_layout(state) == stored_layout(expected_state)
+    assert [g[:3] for g in got] == [e[:3] for e in expected]
+    for (call, t, _, a), (_, _, _, b) in zip(got, expected, strict=True):
+        assert a.shape == b.shape, (call, t)
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+def connected_components_on_the_cpu(mask):
+    """sam2's `get_connected_components` (8-connectivity: each pixel's component label and
+    area, 0 on the background) without its CUDA extension, so that hole filling runs."""
+    import cv2
+
+    labels = torch.zeros(mask.shape, dtype=torch.int32)
+    areas = torch.zeros(mask.shape, dtype=torch.int32)
+    for i, m in enumerate(mask.cpu().numpy().astype(np.uint8)[:, 0]):
+        _, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        area = stats[:, cv2.CC_STAT_AREA].copy()
+        area[0] = 0
+        labels[i, 0] = torch.from_numpy(lab)
+        areas[i, 0] = torch.from_numpy(area[lab])
+    return labels.to(mask.device), areas.to(mask.device)
+
+
+def test_tracked_masks_get_their_small_holes_filled(short_video_dir, monkeypatch):
+    """fill_hole_area (8, as build_sam2_video_predictor sets it) fills small holes of the
+    tracked masks as the reference does. sam2 fills them only where its CUDA extension is
+    built: a CPU stand-in here, for both predictors."""
+    holes = []
+
+    def recorded(mask):
+        labels, areas = connected_components_on_the_cpu(mask)
+        holes.append(int(((labels > 0) & (areas <= 8)).sum()))
+        return labels, areas
+
+    monkeypatch.setattr(sam2_misc, "get_connected_components", recorded)
+    reference = video_predictor()
+    reference.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
+    predictor = video_predictor()
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    with torch.inference_mode():
+        expected = prompted_apart(reference, short_video_dir)
+        filled = sum(holes)
+        got = prompted_apart(predictor, short_video_dir)
+    assert filled > 0, "the reference filled holes"
+    assert [g[:2] for g in got] == [e[:2] for e in expected]
+    for (t, _, a), (_, _, b) in zip(got, expected, strict=True):
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)

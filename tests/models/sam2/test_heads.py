@@ -313,3 +313,40 @@ def test_predict_batch_matches_the_image_predictor_per_image(dtype, overrides):
             assert iou >= tol.MASK_IOU_FP32
         else:
             assert iou >= tol.MASK_IOU_BF16, iou
+
+
+def test_predict_batch_with_an_image_predictor_takes_its_threshold_and_clamps():
+    """Given a SAM2ImagePredictor, predict_batch binarizes at its mask_threshold and returns
+    low-resolution logits clamped to +-32, as its predict() does (fp32). The decoder's logits
+    are scaled up so that some pass 32 and some lie between 0 and the threshold."""
+    import numpy as np
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from fastsam_core.pipelines import predict_batch
+    from tests.models.sam.test_predictor_parity import smooth_image
+    from tests.parity import mask_iou_outside_margin
+
+    model = small_sam2()
+    with torch.no_grad():  # logits 50x: tens, not tenths
+        for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(50)
+            mlp.layers[-1].bias.mul_(50)
+    threshold = 4.0
+    predictor = SAM2ImagePredictor(model, mask_threshold=threshold)
+    predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]  # 256 px (design.md, sec. 8)
+    image = smooth_image(180, 240, 0)
+    coords = np.random.default_rng(0).uniform(0, 180, (3, 1, 2))
+    labels = np.ones((3, 1))
+    with torch.no_grad():
+        predictor.set_image(image)
+        logits, scores, low = (torch.as_tensor(a) for a in predictor.predict(
+            coords, labels, multimask_output=True, return_logits=True))
+        got, = predict_batch(predictor, [image], [dict(point_coords=coords,
+                                                       point_labels=labels)])
+    assert (low.abs() == 32).any(), "logits the clamp cuts"
+    assert ((logits > 0) & (logits < threshold)).float().mean() > 0.01, "pixels it decides"
+    assert_close_fp32(got["low_res_logits"], low, tol.FP32_STAGE_REL_L2)
+    assert_close_fp32(got["iou_predictions"], scores, tol.FP32_STAGE_REL_L2)
+    # the masks as logits around the predictor's threshold
+    iou = mask_iou_outside_margin(got["masks"].float() - 0.5, logits - threshold)
+    assert iou >= tol.MASK_IOU_FP32, iou
