@@ -26,6 +26,7 @@ from fastsam_core.models.quant import (
 from fastsam_core.numerics import rel_l2
 from fastsam_core.ops.quant import (
     int8_linear,
+    int_mm_supported,
     is_2_4_sparse,
     prune_2_4,
     quantize_per_row,
@@ -669,6 +670,60 @@ def test_int8_mlp_path_chosen_by_measurement_and_kept(tmp_path, monkeypatch):
     assert int8_mlp_path(x, 64, False, run, tuner) == "separate"  # another key
     monkeypatch.setenv("FASTSAM_DISABLE_TRITON", "1")
     assert int8_mlp_path(x, 128, True, run, tuner) == "separate"
+
+
+def test_fused_paths_are_not_measured_with_triton_disabled(tmp_path, monkeypatch):
+    """FASTSAM_DISABLE_TRITON: "separate" for MLPs and norm1 -> qkv without running either
+    path, though the fused one matches and would measure faster; nothing is kept."""
+    from fastsam_core.kernels.tuning import Tuner
+    from fastsam_core.ops.quant import int8_mlp_path, layer_norm_linear_path
+
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTSAM_DISABLE_TRITON", "1")
+    tuner = Tuner("int8_mlp_test", timer=lambda run: {"fused": 1.0, "separate": 2.0}[
+        run.args[0]])
+    x = torch.randn(40, 16)
+    ran = []
+
+    def run(path):
+        ran.append(path)
+        return x * 2
+
+    assert int8_mlp_path(x, 64, True, run, tuner) == "separate"
+    assert layer_norm_linear_path(x, 64, 14, run, tuner) == "separate"
+    assert ran == [] and tuner.cache_entries() == 0
+
+
+def test_norm_linear_choices_are_kept_per_token_count(tmp_path, monkeypatch):
+    """A norm1 -> qkv choice stands for the tokens of the B x H x W grid (rounded up to a
+    power of two), not its batch: one 8 x 8 and one 16 x 16 grid are measured apart, two
+    8 x 8 grids share the choice of one 16 x 8 grid. Fake timings."""
+    from fastsam_core.kernels.tuning import Tuner
+    from fastsam_core.ops.quant import layer_norm_linear_path
+
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
+    timed = []
+    tuner = Tuner("int8_norm_test", timer=lambda run: timed.append(run.args[0]) or 1.0)
+
+    def measured(*grid):
+        x = torch.randn(*grid, 16)
+        before = len(timed)
+        layer_norm_linear_path(x, 48, 0, lambda path: x * 2, tuner)
+        return len(timed) > before
+
+    assert measured(1, 8, 8) and measured(1, 16, 16)
+    assert measured(1, 16, 8) and not measured(2, 8, 8)
+
+
+def test_int_mm_takes_only_the_shapes_torch_int_mm_takes():
+    """torch._int_mm (CUDA only) needs more than 16 rows and K and M multiples of 8: exactly
+    16 tokens, or a K or M of 8n + 4, take the "dequant" path instead."""
+    cuda = torch.device("cuda")
+    assert int_mm_supported(17, 64, 32, cuda) and int_mm_supported(4096, 768, 2304, cuda)
+    assert not int_mm_supported(16, 64, 32, cuda)
+    assert not int_mm_supported(17, 68, 32, cuda) and not int_mm_supported(17, 64, 36, cuda)
+    assert not int_mm_supported(4096, 768, 2304, torch.device("cpu"))
 
 
 @torch.inference_mode()

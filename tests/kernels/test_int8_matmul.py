@@ -209,3 +209,66 @@ def test_tile_chosen_by_measurement_among_those_matching(tmp_path, monkeypatch):
     assert sorted(tuner.last_measurements) == sorted(t.as_key() for t in (tiles[0], *tiles[2:]))
     monkeypatch.setattr(kernel, "int8_matmul", lambda *a, **k: 1 / 0)  # kept: not run again
     assert int8_tile(*args, torch.float32, "gelu", tuner=tuner, device="test-gpu") == tiles[2]
+
+
+@pytest.mark.parametrize("backend", ["dequant", "int_mm", "triton"])
+def test_an_unknown_activation_raises_on_every_backend(backend):
+    """The op layer checks `activation` whichever backend computes the product (an epilogue
+    that skipped one it did not know returned the product without any activation)."""
+    x_q, x_scale, w_q, w_scale, b = codes(32, 24, 32)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        quant.int8_matmul(x_q, x_scale, w_q, w_scale, b, torch.float32, backend, "relu")
+
+
+@pytest.mark.parametrize("backend", ["dequant", "triton", "kernel"])
+def test_a_length_one_scale_is_not_broadcast(backend):
+    """One scale for every token or every channel is not a per-token or per-channel scale: it
+    raises naming it, as a bias of length 1 does ("dequant" broadcast it, the kernel read
+    past its end)."""
+    x_q, x_scale, w_q, w_scale, b = codes(24, 16, 32)
+    bad = {"x_scale": (x_scale[:1, 0], w_scale), "weight_scale": (x_scale, w_scale[:1])}
+    for name, (xs, ws) in bad.items():
+        with pytest.raises(ValueError, match=f"{name} must have shape"):
+            matmul(backend, x_q, xs, w_q, ws, b, torch.float32)
+
+
+def test_backend_choices_are_kept_per_k_and_token_bucket(tmp_path, monkeypatch):
+    """A measured backend stands for one K (and M) and for the token counts up to the next
+    power of two: 33 to 64 tokens share one choice, 65 tokens or another K are measured
+    anew. Fake timings."""
+    from fastsam_core.kernels.tuning import Tuner
+
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTSAM_DISABLE_TRITON", raising=False)
+    timed = []
+    tuner = Tuner("int8_matmul_test", timer=lambda run: timed.append(run.args[-1]) or 1.0)
+
+    def measured(n, m, k):
+        before = len(timed)
+        quant.int8_backend(*codes(n, m, k)[:4], None, torch.float32, tuner=tuner)
+        return len(timed) > before
+
+    assert measured(48, 32, 64)
+    assert not measured(64, 32, 64) and not measured(33, 32, 64)
+    assert measured(65, 32, 64)
+    assert measured(48, 32, 96)
+
+
+def test_tile_choices_are_kept_per_activation(tmp_path, monkeypatch):
+    """The tile measured for the plain product is not taken unmeasured for the one with the
+    GELU epilogue, nor the reverse; a second call with either is not measured again. Fake
+    timings, tuned for a named test GPU."""
+    import fastsam_core.kernels.int8_matmul as kernel
+    from fastsam_core.kernels.tuning import Tuner
+
+    monkeypatch.setenv("FASTSAM_CACHE_DIR", str(tmp_path))
+    timed = []
+    tuner = Tuner("int8_matmul_test", timer=lambda run: timed.append(run.args[-1]) or 1.0)
+    args = codes(40, 24, 48)
+    quant.int8_tile(*args, torch.float32, None, tuner=tuner, device="test-gpu")
+    assert sorted(map(str, timed)) == sorted(map(str, kernel.TILE_CANDIDATES))
+    quant.int8_tile(*args, torch.float32, "gelu", tuner=tuner, device="test-gpu")
+    assert len(timed) == 2 * len(kernel.TILE_CANDIDATES)
+    for activation in (None, "gelu"):  # both kept
+        quant.int8_tile(*args, torch.float32, activation, tuner=tuner, device="test-gpu")
+    assert len(timed) == 2 * len(kernel.TILE_CANDIDATES)

@@ -492,6 +492,31 @@ class TestTuner:
                 for dtype in (torch.float32, torch.float16, torch.bfloat16)}
         assert len(keys) == 3
 
+    def test_launch_choices_are_kept_per_mode_bias_grid_and_batch_bucket(self):
+        """A choice stands for one key: measured with SDPA among the candidates ("auto") or
+        without ("triton"), with or without the bias, per key-grid width, and for batch x heads
+        up to the next power of two (3 and 4 share a choice, 5 does not)."""
+        def key(bh=2, key_grid_w=4, has_bias=True, sdpa_allowed=True):
+            return ops.tuning_key(torch.zeros(bh, 1, 16, 16), key_grid_w, has_bias, sdpa_allowed)
+
+        assert len({key(), key(has_bias=False), key(sdpa_allowed=False), key(key_grid_w=8)}) == 4
+        assert key(bh=3) == key(bh=4) != key(bh=5) == key(bh=8)
+        assert key(bh=1) != key(bh=2)
+
+    def test_candidates_are_the_launches_of_the_key_grid(self, monkeypatch):
+        """tuned_config measures the distinct launches of q's h x w key grid (h = N / w), not
+        of its transpose: on a 32 x 64 grid a 64-key block is one row, so the forced-gather
+        64 x 64 tiles are no duplicates; on a 64 x 32 grid they are."""
+        offered = []
+        monkeypatch.setattr(ops.torch.cuda, "get_device_name", lambda device=None: "gpu0")
+        monkeypatch.setattr(ops, "UNMATCHED", {})
+        monkeypatch.setattr(ops.TUNER, "cached",
+                            lambda device, key, names: offered.append(names) or names[0])
+        q = torch.zeros(1, 2, 32 * 64, 16)
+        ops.tuned_config(q, q, q, None, None, 64, 0.25, False)
+        wide, tall = (list(ops.distinct_launches(g, torch.float32)) for g in ((32, 64), (64, 32)))
+        assert offered == [wide] and wide != tall
+
     def test_tests_tune_into_a_cache_of_their_own(self):
         import fastsam_core.kernels.tuning as tuning
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos, get_rel_pos
@@ -88,6 +90,50 @@ def test_bias_changes_the_result():
     assert (with_bias - without).norm() / without.norm() > 0.1
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "math"])
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_a_scale_other_than_the_head_dims_default(backend, scale, kernel_launches):
+    """`scale` is the caller's on every backend, with and without the bias, not SDPA's
+    default 1 / sqrt(d) (which the scale of the other tests equals)."""
+    grid = (6, 5)
+    q, k, v, th, tw = inputs(2, 2, grid, 16)
+    assert scale != 16**-0.5
+    out = fast(q, k, v, th, tw, grid, scale, backend)
+    assert_close_fp32(out, reference(q, k, v, th, tw, grid, scale), tol.FP32_OP_REL_L2)
+    out = rel_pos_attention(q, k, v, None, None, grid, scale, backend)
+    assert_close_fp32(out, reference(q, k, v, None, None, grid, scale), tol.FP32_OP_REL_L2)
+    assert kernel_launches == ([tuple(q.shape)] * 2 if backend == "triton" else [])
+
+
+@pytest.mark.parametrize("backend, sdpa_allowed", [("auto", True), ("triton", False)])
+def test_only_auto_lets_the_measurement_choose_sdpa(backend, sdpa_allowed, monkeypatch):
+    """The custom op as it runs on a GPU (no interpreter): "auto" measures SDPA against the
+    launch configurations, "triton" the launch configurations only; where the measurement
+    picks SDPA (faked here) the op returns the attention with the caller's scale."""
+    measured = []
+
+    def tuned_config(q, k, v, rel_h, rel_w, key_grid_w, scale, sdpa_allowed):
+        measured.append((key_grid_w, scale, sdpa_allowed))
+        return None  # SDPA
+
+    monkeypatch.setattr(ops.kernel, "INTERPRETER", False)
+    monkeypatch.setattr(ops, "kernel_unsupported", lambda *args: None)  # as on a GPU
+    monkeypatch.setattr(ops, "tuned_config", tuned_config)
+    grid, scale = (6, 5), 0.4
+    q, k, v, th, tw = inputs(1, 2, grid, 16)
+    out = fast(q, k, v, th, tw, grid, scale, backend)
+    assert measured == [(5, scale, sdpa_allowed)]
+    assert_close_fp32(out, reference(q, k, v, th, tw, grid, scale), tol.FP32_OP_REL_L2)
+
+
+def test_auto_resolves_to_sdpa_on_any_device_but_cuda():
+    """The kernel runs on CUDA only: "auto" for a model on the CPU, Apple's mps or meta
+    resolves to SDPA, saying why."""
+    for device in ("cpu", "mps", "meta"):
+        backend, reason = choose_backend("auto", torch.device(device))
+        assert backend == "sdpa" and "no CUDA device" in reason, (device, reason)
+
+
 def test_unknown_backend_raises():
     q, k, v, th, tw = inputs(1, 1, (4, 4), 16)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -167,9 +213,30 @@ def test_inputs_only_sdpa_takes_fall_back_to_it(case, backend, monkeypatch, kern
     if backend == "triton":
         with pytest.warns(UserWarning, match="Triton attention unavailable"):
             out = rel_pos_attention(q, k, v, None, None, (4, 4), scale, backend)
-    else:
-        out = rel_pos_attention(q, k, v, None, None, (4, 4), scale, backend)
+    else:  # silently: no warning, and no fallback counted
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = rel_pos_attention(q, k, v, None, None, (4, 4), scale, backend)
+        assert ops.KERNEL_FALLBACKS == {}
     assert_close_fp32(out, exact.float(), tol.FP32_OP_REL_L2)
+    assert kernel_launches == []
+
+
+def test_a_fallback_reason_warns_once_and_counts_every_call(monkeypatch, kernel_launches):
+    """"triton" on inputs the kernel does not take: one warning per reason in a process, however
+    many calls fall back for it (`KERNEL_FALLBACKS` counts them all); another reason warns
+    again."""
+    monkeypatch.setattr(ops, "KERNEL_FALLBACKS", {})
+    q, k, v = inputs(2, 2, (4, 8), 20)[:3]
+    cases = ["8-keys"] * 3 + ["v-width-20"] * 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for case in cases:
+            rel_pos_attention(*KERNEL_UNSUPPORTED[case](q, k, v), None, None, (4, 4), 0.25,
+                              "triton")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and all("Triton attention unavailable" in m for m in messages)
+    assert sorted(ops.KERNEL_FALLBACKS.values()) == [2, 3]
     assert kernel_launches == []
 
 

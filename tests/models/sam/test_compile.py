@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -103,6 +104,46 @@ def test_a_copy_compiles_its_own_method(how, called):
     assert torch.equal(copy_.run(x), torch.full((3,), 2.0))
     assert copy_.run.status == "compiled"
     assert torch.equal(original.run(x), torch.ones(3))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_failed_compilation_stays_eager(how):
+    """A copy of one whose first call failed to compile runs eagerly from its first call, its
+    own weights, without compiling nor warning again."""
+    original = Scaled()
+    x = torch.ones(3)
+
+    def broken_compiler(_):
+        raise RuntimeError("no C++ compiler")
+
+    original.run.compiled = broken_compiler
+    with pytest.warns(UserWarning, match="failed, running eager"):
+        original.run(x)
+    copy_ = copy.deepcopy(original) if how == "deepcopy" else pickle.loads(pickle.dumps(original))
+    assert copy_.run.compiled is None and "no C++ compiler" in copy_.run.status
+    copy_.weight.fill_(2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(copy_.run(x), torch.full((3,), 2.0))
+    assert copy_.run.compiled is None and copy_.run.status == original.run.status
+
+
+def test_cuda_graph_modes_copy_their_outputs_out_of_the_graph_pool(monkeypatch):
+    """Under the modes with CUDA graphs the next replay overwrites a graph's outputs: each
+    call returns copies of its CUDA tensors, nested ones too (a CPU tensor stands for a CUDA
+    one here); the other modes return the compiled outputs themselves."""
+    pool = torch.arange(3.0)  # a graph's output memory
+    runs = {mode: LazyCompiled(lambda t: t, mode, "graph") for mode in
+            ("reduce-overhead", "max-autotune", "default", "max-autotune-no-cudagraphs")}
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    for mode, run in runs.items():
+        run.compiled = lambda t: (pool, [pool])  # what a replay returns
+        copied = mode in ("reduce-overhead", "max-autotune")
+        for _ in range(2):  # the compiling call and a later one
+            out, (nested,) = run(pool)
+            assert torch.equal(out, pool) and torch.equal(nested, pool)
+            assert (out is not pool, nested is not pool) == (copied, copied), mode
 
 
 def test_an_encoder_optimized_with_compile_pickles_and_copies_bound_to_itself():
