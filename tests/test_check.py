@@ -139,3 +139,64 @@ def test_run_check_on_sam2(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert status == 0, out
     assert "float32" in out and " ok " in out
+
+
+def test_prompts_are_the_lattice_centres_and_three_centred_boxes():
+    """grid x grid points at the centres of the lattice's cells, row by row, 3 masks each;
+    boxes a quarter, half and 0.8 of the image around its centre, 1 mask each."""
+    prompts = check.prompts_for((100, 200), grid=2)
+    points = [p["point_coords"].tolist() for p in prompts[:4]]
+    assert points == [[[50.0, 25.0]], [[150.0, 25.0]], [[50.0, 75.0]], [[150.0, 75.0]]]
+    assert all(p["point_labels"].tolist() == [1] and p["multimask_output"] for p in prompts[:4])
+    assert [p["box"].tolist() for p in prompts[4:]] == [
+        [75.0, 37.5, 125.0, 62.5], [50.0, 25.0, 150.0, 75.0], [20.0, 10.0, 180.0, 90.0]]
+    assert not any(p["multimask_output"] for p in prompts[4:])
+
+
+def test_agreement_at_the_threshold_passes():
+    """`fastsam check` fails a dtype whose mean IoU falls below MIN_MEAN_IOU: at it, it
+    passes."""
+    for dtype, threshold in check.MIN_MEAN_IOU.items():
+        row = check.CheckRow(dtype, mean_iou=threshold, min_iou=threshold, max_score_diff=0.0,
+                             reference_ms=1.0, fast_ms=1.0)
+        assert row.passed, dtype
+        assert "FAIL" not in check.format_rows([row])
+
+
+def test_run_check_rows_from_every_mask_and_the_median_times(monkeypatch):
+    """A row's figures from stand-in answers (the predictor's masks, scores and encoder
+    times; the real ones are tested above), 3 images of 4 prompts (grid 1) with 2 masks
+    each: the mean and the minimum IoU over every mask, the largest score difference over
+    every mask of every prompt, the median encoder time of each path."""
+    full = np.ones((2, 2), bool)
+    quarter = np.array([[True, False], [False, False]])
+    ref_seconds, fast_seconds = iter([1 / 64, 1 / 16, 1 / 32]), iter([1 / 256, 1 / 1024, 1 / 128])
+    calls = []
+
+    def answers(predictor, image, prompts, device):  # reference first, image by image
+        calls.append(len(calls))
+        if len(calls) <= 3:
+            return [(np.stack([full, full]), np.array([0.5, 0.5])) for _ in prompts], \
+                next(ref_seconds)
+        out = [(np.stack([full, quarter]), np.array([0.75, 0.625])) for _ in prompts]
+        if len(calls) == 5:  # the second image's last prompt: one score 0.5 off, one exact
+            out[-1] = (np.stack([full, quarter]), np.array([1.0, 0.5]))
+        return out, next(fast_seconds)
+
+    class Predictor:  # set_image only runs the warm-ups here
+        def __init__(self, sam):
+            pass
+
+        def set_image(self, image):
+            pass
+
+    monkeypatch.setattr(check, "answers", answers)
+    monkeypatch.setattr(check, "SamPredictor", Predictor)
+    sam = small_sam()
+    images = [np.zeros((8, 8, 3), np.uint8)] * 3
+    row, = check.run_check(sam, images, [torch.float32], grid=1)
+    assert len(calls) == 6
+    assert row == check.CheckRow(torch.float32, mean_iou=(1 + 0.25) / 2, min_iou=0.25,
+                                 max_score_diff=0.5, reference_ms=1e3 / 32,
+                                 fast_ms=1e3 / 256)
+    assert not fastsam_core.is_optimized(sam)

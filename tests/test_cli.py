@@ -222,3 +222,48 @@ def test_only_gate_takes_arguments_after_a_double_dash(monkeypatch):
     monkeypatch.setattr(cli, "_amg", lambda args, parser: seen.update(images=args.images) or 0)
     assert main(["amg", "--out", "o", "--", "a.png", "-b.png"]) == 0
     assert seen["images"] == ["a.png", "-b.png"]
+
+
+def test_time_call_times_each_run_after_the_untimed_warmup():
+    """`warmup` calls first, untimed, then one time per run, each covering its call (a
+    stand-in call of at least 10 ms)."""
+    import time
+
+    from fastsam_core.benchmark import time_call
+
+    calls = []
+
+    def call():
+        calls.append(len(calls))
+        time.sleep(0.01)
+
+    times = time_call(call, torch.device("cpu"), warmup=2, runs=3)
+    assert len(calls) == 5 and len(times) == 3
+    assert all(t >= 0.01 for t in times), times
+
+
+def test_bench_in_bf16_runs_both_encoders_in_bf16():
+    """dtype bfloat16: the reference runs converted to bf16 (its error against the fp32
+    reference is then that of bf16, not 0) and the fast encoder is optimized in bf16 whatever
+    the config's dtype, with an error within the low-precision policy of the reference's."""
+    import fastsam_core.benchmark as benchmark
+    from fastsam_core import FastConfig
+
+    r = benchmark.bench_image_encoder("vit_b", 64, dtype=torch.bfloat16, warmup=0, runs=1,
+                                      config=FastConfig(dtype=torch.float32))
+    assert r.dtype == "bfloat16" and "ViT, 12 blocks, bfloat16" in r.report, r.report
+    assert r.reference_error > 0
+    assert 0 < r.fast_error <= tol.LOWP_FACTOR * r.reference_error + tol.LOWP_SLACK
+
+
+def test_bench_of_the_tiny_sam_counts_the_flops_per_image():
+    """variant "tiny": the shipped tiny SAM at its own size; FLOPs per image are those of
+    one image's forward, also for a batch of several."""
+    import fastsam_core.benchmark as benchmark
+    from fastsam_core.models.tiny import tiny
+
+    r = benchmark.bench_image_encoder("tiny", 512, batch=2, warmup=0, runs=1)
+    encoder = tiny("sam").image_encoder
+    size = encoder.img_size
+    assert r.image_size == size != 512
+    assert r.gflop_per_image == benchmark.meta_flops(encoder, 1, 3, size, size) / 1e9

@@ -104,3 +104,49 @@ def test_cli_profile_passes_its_options_on(tmp_path, monkeypatch):
     assert (stage, model, size, batch, device, out, active) == (
         "prompt", "vit_l", 128, 5, torch.device("cpu"), str(tmp_path), 2)
     assert config.dtype == torch.bfloat16 and config.attention == "math"
+
+
+def test_summary_tables_per_step():
+    """The parts' and ops' tables from the profiler's events (stand-ins, 2 active steps of
+    4 ms each): calls and ms per step, and the share of the profiled step; without step
+    events the share is of the unprofiled step time."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fastsam_core.profiling import summary_lines
+
+    def event(key, count, total_us, self_us):
+        return SimpleNamespace(key=key, count=count, cpu_time_total=total_us,
+                               self_cpu_time_total=self_us)
+
+    events = [event("ProfilerStep#2", 1, 4000.0, 0.0), event("ProfilerStep#3", 1, 4000.0, 0.0),
+              event("fastsam::neck", 2, 1200.0, 0.0),
+              event("fastsam::windowed_block", 16, 6000.0, 0.0),
+              event("aten::addmm", 8, 2500.0, 2000.0), event("aten::gelu", 4, 700.0, 600.0)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    lines = summary_lines(prof, torch.device("cpu"), active=2, step_s=1.0)
+    assert lines[4:6] == ["| windowed_block | 8 | 3.00 | 75% |", "| neck | 1 | 0.60 | 15% |"]
+    assert lines[-2:] == ["| `aten::addmm` | 4 | 1.000 | 25.0% |",
+                          "| `aten::gelu` | 2 | 0.300 | 7.5% |"]
+    without_steps = summary_lines(SimpleNamespace(key_averages=lambda: events[2:]),
+                                  torch.device("cpu"), active=2, step_s=0.01)
+    assert without_steps[4:6] == ["| windowed_block | 8 | 3.00 | 30% |",
+                                  "| neck | 1 | 0.60 | 6% |"]
+
+
+def test_profile_writes_only_its_two_files_and_the_median_step(tmp_path, monkeypatch):
+    """Under --out: the summary and the gzipped trace, nothing else (the plain JSON trace is
+    removed); the step time is the median of the timed steps (stand-ins 0.5, 0.1, 0.2 s)."""
+    import fastsam_core.profiling as profiling
+
+    monkeypatch.setattr(profiling, "time_call",
+                        lambda fn, device, warmup, runs: [0.5, 0.1, 0.2][:runs])
+    result = profile_stage("prompt", "vit_b", 64, batch=2, device="cpu", out_dir=tmp_path,
+                           active=3)
+    name = "prompt-vit_b-64px-bs2-cpu"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.md", f"{name}.trace.json.gz"]
+    assert (result.summary, result.trace) == (tmp_path / f"{name}.md",
+                                              tmp_path / f"{name}.trace.json.gz")
+    assert result.step_ms == 200.0
+    assert "- step: 200.00 ms (median of 3); 10.00 prompts/s;" in result.summary.read_text()

@@ -19,6 +19,7 @@ from fastsam_core.pipelines.video_frames import (
     AsyncJpegFrames,
     frames_in,
     frames_loaded_in,
+    is_video_file,
     load_jpeg_frames,
     load_video_file_frames,
 )
@@ -250,3 +251,80 @@ def test_frames_in_copies_in_chunks():
     frames = torch.randn(11, 3, 4, 4)
     out = frames_in(frames, torch.float16, torch.device("cpu"), chunk=4)
     assert out.dtype == torch.float16 and torch.equal(out, frames.half())
+
+
+def test_other_normalizations_get_the_reference_frames_rounded(jpeg_video):
+    """A mean and std other than init_state's go through sam2's loader (the fast JPEG reader
+    normalizes with init_state's only): frames normalized as asked, then rounded."""
+    cpu = torch.device("cpu")
+    mean, std = (0.5, 0.25, 0.75), (0.125, 0.5, 0.25)
+    with frames_loaded_in(torch.bfloat16, cpu):
+        frames, height, width = sam2_video_predictor.load_video_frames(
+            jpeg_video, 96, True, img_mean=mean, img_std=std, compute_device=cpu)
+    reference, ref_height, ref_width = load_video_frames(jpeg_video, 96, True, img_mean=mean,
+                                                         img_std=std)
+    assert (height, width) == (ref_height, ref_width) == (48, 64)
+    assert frames.dtype == torch.bfloat16 and torch.equal(frames, reference.bfloat16())
+
+
+def test_async_loading_answers_the_video_size_at_once(jpeg_video):
+    """init_state(..., async_loading_frames=True) takes the video's height and width from the
+    loader's answer, before the background thread has run: like sam2's loader, the block's
+    loads frame 0 first and answers its size, with frame 0 in place."""
+    cpu = torch.device("cpu")
+    with frames_loaded_in(torch.bfloat16, cpu):
+        frames, height, width = sam2_video_predictor.load_video_frames(
+            jpeg_video, 96, True, async_loading_frames=True, compute_device=cpu)
+        assert (height, width) == (48, 64)
+        assert frames.images[0] is not None
+    frames.thread.join()
+    reference = load_video_frames(jpeg_video, 96, True, async_loading_frames=True,
+                                  compute_device=cpu)[0]
+    reference.thread.join()
+    assert isinstance(frames, AsyncJpegFrames)
+    assert torch.equal(frames[0], reference[0].float().bfloat16())
+
+
+@pytest.mark.parametrize("video_path, expected", [
+    (b"\x00\x00\x00\x18ftypmp42", True), ("clip.mp4", True), ("CLIP.MP4", True),
+    ("clip.avi", False), ("frames", False), ("frames/0.jpg", False), (None, False),
+])
+def test_video_file_paths_are_those_sam2_reads_as_video(video_path, expected):
+    """As sam2's `load_video_frames` decides: bytes, or a path ending in .mp4 / .MP4."""
+    assert is_video_file(video_path) is expected
+
+
+def test_jpeg_reader_holds_at_most_workers_plus_one_frames(jpeg_video, monkeypatch):
+    """Decoded frames wait for their turn at most `workers` + 1 at a time, however fast
+    they decode: each worker starts a frame only once the frames more than `workers` ahead
+    of it are stored (an instant stand-in decoder; the real one rarely runs ahead)."""
+    import fastsam_core.pipelines.video_frames as video_frames
+
+    stored, ahead = [], []
+
+    class Progress:  # the tqdm bar: one update per frame stored
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            stored.append(n)
+
+    started = []
+
+    def instant_frame(path, image_size):
+        started.append(path)
+        ahead.append(len(started) - len(stored))  # decoded (this one too), not yet stored
+        return np.zeros((3, image_size, image_size), np.float32), 48, 64
+
+    monkeypatch.setattr(video_frames, "tqdm", Progress)
+    monkeypatch.setattr(video_frames, "normalized_frame", instant_frame)
+    workers = 2
+    frames, _, _ = load_jpeg_frames(jpeg_video, 8, torch.bfloat16, torch.device("cpu"), workers)
+    assert len(stored) == len(started) == frames.shape[0] == 64
+    assert max(ahead) <= workers + 1, max(ahead)

@@ -350,3 +350,46 @@ def test_predict_batch_with_an_image_predictor_takes_its_threshold_and_clamps():
     # the masks as logits around the predictor's threshold
     iou = mask_iou_outside_margin(got["masks"].float() - 0.5, logits - threshold)
     assert iou >= tol.MASK_IOU_FP32, iou
+
+
+def test_predict_batch_with_mask_inputs_matches_the_image_predictor():
+    """Mask inputs (K x 1 x 64 x 64 low-resolution logits) reach SAM 2's prompt encoder as
+    SAM2ImagePredictor.predict's `mask_input` does, next to an image without mask inputs
+    (whose prompts take the no-mask embedding), fp32, image by image; the mask inputs do
+    change the answer (else this test could not tell them dropped)."""
+    import numpy as np
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from fastsam_core.numerics import rel_l2
+    from fastsam_core.pipelines import predict_batch
+    from tests.models.sam.test_predictor_parity import smooth_image
+
+    model = small_sam2()
+    gen = np.random.default_rng(3)
+    images = [smooth_image(180, 240, 0), smooth_image(200, 200, 2)]
+    prompts = [
+        dict(point_coords=gen.uniform(0, 180, (2, 1, 2)), point_labels=np.ones((2, 1)),
+             mask_input=gen.normal(0, 8, (2, 1, 64, 64)).astype(np.float32)),
+        dict(boxes=np.array([[20.0, 30.0, 150.0, 180.0]])),
+    ]
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]  # 256 px (design.md, sec. 8)
+    expected = []
+    with torch.no_grad():
+        for image, p in zip(images, prompts, strict=True):
+            predictor.set_image(image)
+            expected.append(predictor.predict(p.get("point_coords"), p.get("point_labels"),
+                                              p.get("boxes"), p.get("mask_input"),
+                                              multimask_output=True, return_logits=True))
+        got = predict_batch(model, images, prompts)
+        no_mask_prompt = {k: v for k, v in prompts[0].items() if k != "mask_input"}
+        unmasked, = predict_batch(model, images[:1], [no_mask_prompt])
+    for result, (logits, scores, low), image in zip(got, expected, images, strict=True):
+        logits, scores, low = (torch.as_tensor(a) for a in (logits, scores, low))
+        if logits.dim() == 3:  # the predictor drops K when it is 1
+            logits, scores, low = logits[None], scores[None], low[None]
+        assert result["masks"].shape == logits.shape == (len(logits), 3, *image.shape[:2])
+        assert_close_fp32(result["low_res_logits"], low, tol.FP32_STAGE_REL_L2)
+        assert_close_fp32(result["iou_predictions"], scores, tol.FP32_STAGE_REL_L2)
+    # the mask inputs move the logits far beyond the parity tolerance
+    assert rel_l2(unmasked["low_res_logits"], got[0]["low_res_logits"]) > tol.FP32_STAGE_REL_L2
