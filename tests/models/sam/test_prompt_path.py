@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sam2.modeling.sam.prompt_encoder import PromptEncoder as Sam2PromptEncoder
 from segment_anything import SamPredictor
+from segment_anything.modeling.prompt_encoder import PromptEncoder
 
 import fastsam_core
 from fastsam_core import FastConfig
@@ -129,6 +131,56 @@ def test_dense_pe_follows_an_in_place_edit_of_the_gaussian_matrix():
         expected = sam.prompt_encoder.get_dense_pe()
     assert not torch.equal(before, after)
     assert_close_fp32(after, expected, tol.FP32_OP_REL_L2)
+
+
+def non_square_encoder(package):
+    """A reference prompt encoder (random weights) for a 192 x 128 (W x H) input frame and a
+    12 x 8 embedding grid: every model config is square, where x / w and y / h cannot be told
+    apart from x / h and y / w."""
+    cls = {"segment_anything": PromptEncoder, "sam2": Sam2PromptEncoder}[package]
+    torch.manual_seed(0)
+    return cls(embed_dim=64, image_embedding_size=(8, 12), input_image_size=(128, 192),
+               mask_in_chans=16).eval()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("package", ["segment_anything", "sam2"])
+def test_prompt_encoder_non_square_frame(package):
+    """Points, boxes, masks and the dense positional encoding on a frame wider than high:
+    x is normalized by the width, y by the height, the grid is h x w."""
+    ref = non_square_encoder(package)
+    pe = FastPromptEncoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    k = 3
+    coords = torch.rand(k, 2, 2, generator=gen) * torch.tensor([192.0, 128.0])
+    labels = torch.tensor([[1, 0]] * k)
+    boxes = torch.sort(torch.rand(k, 2, 2, generator=gen) * torch.tensor([192.0, 128.0]),
+                       dim=1).values.reshape(k, 4)
+    masks = torch.randn(k, 1, 32, 48, generator=gen) * 4
+    for args in (((coords, labels), None, None), ((coords, labels), boxes, masks)):
+        got, expected = pe(*args), ref(*args)
+        for a, b in zip(got, expected, strict=True):
+            assert a.shape == b.shape
+            assert_close_fp32(a, b, tol.FP32_OP_REL_L2)
+    dense_pe = pe.get_dense_pe()
+    assert dense_pe.shape == (1, 64, 8, 12)
+    assert_close_fp32(dense_pe, ref.get_dense_pe(), tol.FP32_OP_REL_L2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("package", ["segment_anything", "sam2"])
+def test_point_labels_outside_the_codes_keep_the_bare_encoding(package):
+    """Labels other than -1, 0, 1 (and sam2's box corners 2, 3) get the positional encoding
+    alone, as in the reference: -2 is not padding, and segment_anything has no corner labels
+    for points (2 and 3 there are bare too)."""
+    ref = non_square_encoder(package)
+    pe = FastPromptEncoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    coords = torch.rand(2, 6, 2, generator=torch.Generator().manual_seed(1)) * 128
+    labels = torch.tensor([[-2, 5, 2, 3, 1, -1], [3, 2, 0, -2, -1, 7]])
+    for boxes in (None, torch.tensor([[10.0, 20.0, 100.0, 90.0], [0.0, 0.0, 191.0, 127.0]])):
+        got, expected = pe((coords, labels), boxes, None)[0], ref((coords, labels), boxes, None)[0]
+        assert got.shape == expected.shape
+        assert_close_fp32(got, expected, tol.FP32_OP_REL_L2)
 
 
 @torch.inference_mode()

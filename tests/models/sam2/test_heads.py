@@ -176,6 +176,27 @@ def test_mask_decoder_fp32(model, repeat_image, multimask):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("repeat_image", [True, False])
+def test_mask_decoder_fp32_without_mask_inputs(model, repeat_image):
+    """Prompts without a mask input get the no-mask embedding broadcast over the batch (a
+    stride-0 view shared by all prompts), as SAM2Base's tracking step calls the decoder: one
+    image per prompt (repeat_image=False, one object per batch element) or one for all."""
+    ref = model.sam_mask_decoder
+    fast = FastSam2MaskDecoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    image, pe, _, _, high_res = decoder_inputs(model, 3, repeat_image)
+    coords, labels, _, _ = prompts(3)
+    sparse, dense = model.sam_prompt_encoder((coords, labels.clamp(0, 1)), None, None)
+    assert dense.shape[0] == 3 and dense.stride(0) == 0
+    for multimask in (True, False):
+        expected = ref(image, pe, sparse, dense, multimask, repeat_image, high_res)
+        got = fast(image, pe, sparse, dense, multimask, repeat_image, high_res)
+        for name, a, b in zip(("masks", "iou", "tokens", "object scores"), got, expected,
+                              strict=True):
+            assert a.shape == b.shape, name
+            assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
 def test_dynamic_multimask_takes_both_branches(model):
     """Single-mask output picks the single-mask token's mask when stable, else the best of
     the three: with the threshold at 0 and at 1.01 both branches are exercised."""
@@ -215,6 +236,34 @@ def test_stability_selection_is_the_references(model):
     expected = ref._dynamic_multimask_via_stability(masks, iou)
     stable = [torch.equal(expected[0][i], masks[i, :1]) for i in range(5)]
     assert stable == [True, False, False, True, True]  # both branches taken
+    got = fast.stable_or_best(masks, iou)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)
+
+
+@torch.inference_mode()
+def test_stability_selection_at_its_exact_edges(model):
+    """Logits exactly at +delta or -delta, and a stability exactly at the threshold, decided
+    as the reference decides them: strictly above +-delta counts, a stability equal to the
+    threshold is stable. Rows: 3 pixels at +delta (100 / 103, unstable), 3 at -delta
+    (100 / 100, stable), 98 / 100 = sam2.1's threshold 0.98 (stable)."""
+    ref = model.sam_mask_decoder
+    fast = FastSam2MaskDecoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    delta = ref.dynamic_multimask_stability_delta
+    assert ref.dynamic_multimask_stability_thresh == 0.98
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.randn(3, 4, 16, 16, generator=gen) * 10
+    single = torch.full((3, 256), -10.0)
+    single[:2, :100] = 10.0
+    single[0, 100:103] = delta
+    single[1, 100:103] = -delta
+    single[2, :98] = 10.0
+    single[2, 98:100] = delta / 2
+    masks[:, 0] = single.view(3, 16, 16)
+    iou = torch.rand(3, 4, generator=gen)
+    expected = ref._dynamic_multimask_via_stability(masks, iou)
+    stable = [torch.equal(expected[0][i], masks[i, :1]) for i in range(3)]
+    assert stable == [False, True, True]
     got = fast.stable_or_best(masks, iou)
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)
@@ -393,3 +442,22 @@ def test_predict_batch_with_mask_inputs_matches_the_image_predictor():
         assert_close_fp32(result["iou_predictions"], scores, tol.FP32_STAGE_REL_L2)
     # the mask inputs move the logits far beyond the parity tolerance
     assert rel_l2(unmasked["low_res_logits"], got[0]["low_res_logits"]) > tol.FP32_STAGE_REL_L2
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("multimask", [True, False])
+def test_mask_decoder_without_object_scores_or_high_res_features(multimask):
+    """A decoder built without the object-score head and the high-resolution features (LEAN):
+    all four outputs are the reference's, the object score logits its constant 10 (object
+    present)."""
+    model = small_sam2(overrides=LEAN)
+    ref = model.sam_mask_decoder
+    assert not ref.pred_obj_scores and not ref.use_high_res_features
+    fast = FastSam2MaskDecoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    image, pe, sparse, dense, _ = decoder_inputs(model, 3, True)
+    expected = ref(image, pe, sparse, dense, multimask, True)
+    got = fast(image, pe, sparse, dense, multimask, True)
+    for name, a, b in zip(("masks", "iou", "tokens", "object scores"), got, expected,
+                          strict=True):
+        assert a.shape == b.shape, name
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)

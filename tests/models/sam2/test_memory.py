@@ -3,10 +3,13 @@ sam2.1 hiera_t's modules (random weights) at a 16 x 16 feature grid."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
 import torch
+from sam2.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer
+from sam2.modeling.sam.transformer import RoPEAttention
 
 from fastsam_core import FastConfig
 from fastsam_core.benchmark import rel_l2
@@ -124,6 +127,35 @@ def test_memory_attention_other_grid_size():
     fast = fast_attention()
     assert_close_fp32(fast(**small), ref(**small), tol.FP32_STAGE_REL_L2)
     assert_close_fp32(fast(**kwargs), ref(**kwargs), tol.FP32_STAGE_REL_L2)
+
+
+def memory_attention_with_theta(theta, side):
+    """A one-layer reference MemoryAttention (random weights, eval) like sam2.1's, but with
+    rotary base `theta` and tables built for a side x side grid."""
+    torch.manual_seed(0)
+    common = dict(embedding_dim=256, num_heads=1, downsample_rate=1, dropout=0.1,
+                  rope_theta=theta, feat_sizes=(side, side))
+    layer = MemoryAttentionLayer(
+        activation="relu", d_model=256, dim_feedforward=512, dropout=0.1,
+        pos_enc_at_attn=False, pos_enc_at_cross_attn_keys=True,
+        pos_enc_at_cross_attn_queries=False, self_attention=RoPEAttention(**common),
+        cross_attention=RoPEAttention(**common, rope_k_repeat=True, kv_in_dim=64))
+    return MemoryAttention(d_model=256, pos_enc_at_input=True, layer=layer,
+                           num_layers=1).eval()
+
+
+@torch.inference_mode()
+def test_memory_attention_other_rotary_base():
+    """A rotary base other than sam2's 10000 is the reference's: on the grid the reference's
+    table was built for and on another one (whose table is computed here)."""
+    ref = memory_attention_with_theta(100.0, side=GRID // 2)
+    fast = FastMemoryAttention.from_reference(ref, FastConfig(), torch.float32).eval()
+    assert fast.rope_theta == 100.0
+    kwargs = attention_inputs(batch=1, frames=2, pointers=4)
+    small = {k: v[: 2 * 64 + 4] if k.startswith("memory") else v for k, v in kwargs.items()}
+    small["curr"], small["curr_pos"] = kwargs["curr"][:64], kwargs["curr_pos"][:64]
+    for inputs in (small, kwargs):
+        assert_close_fp32(fast(**inputs), ref(**inputs), tol.FP32_STAGE_REL_L2)
 
 
 def padded_banks(layouts, seed=0):
@@ -252,6 +284,43 @@ def test_memory_encoder_low_precision(dtype):
     exact = in_dtype(ref, torch.float64)(pix.double(), masks.double())
     assert_sound_lowp_parity(got["vision_features"].double(),
                              naive["vision_features"].double(), exact["vision_features"], dtype)
+
+
+@torch.inference_mode()
+def test_memory_encoder_fuser_blocks_with_trained_layer_scales():
+    """The ConvNeXt blocks' residual branches at a trained scale: sam2 initializes their
+    layer scale (gamma) to 1e-6, which hides the branch below any fp32 tolerance; trained
+    checkpoints carry gammas of order 0.1 to 1, set here (on a copy of the shared model's
+    encoder)."""
+    ref = copy.deepcopy(_model().memory_encoder)
+    gen = torch.Generator().manual_seed(0)
+    for block in ref.fuser.layers:
+        assert block.gamma is not None
+        block.gamma.copy_(0.1 + torch.rand(block.gamma.shape, generator=gen))
+    pix, masks = encoder_inputs()
+    expected = ref(pix, masks)["vision_features"]
+    got = FastMemoryEncoder.from_reference(ref, FastConfig(), torch.float32).eval()(
+        pix, masks)["vision_features"]
+    assert_close_fp32(got, expected, tol.FP32_STAGE_REL_L2)
+    # the blocks move the features far beyond the parity tolerance (with sam2's initial
+    # gammas they would not)
+    ref.fuser.layers = ref.fuser.layers[:0]
+    assert rel_l2(ref(pix, masks)["vision_features"], expected) > tol.FP32_STAGE_REL_L2
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("batch", [1, 2])
+def test_memory_encoder_position_encoding_is_a_copy(batch):
+    """A caller writing into `vision_pos_enc` in place neither fails nor changes later
+    results: the reference returns a new tensor per call. A view of the cached encoding
+    would (the cache itself for batch 1, a broadcast view that refuses writes for more)."""
+    ref = _model().memory_encoder
+    fast = FastMemoryEncoder.from_reference(ref, FastConfig(), torch.float32).eval()
+    pix, masks = encoder_inputs(batch=batch)
+    # a copy: sam2's own first result of a size is a view of its cache (batch 1)
+    expected = ref(pix, masks)["vision_pos_enc"][0].clone()
+    fast(pix, masks)["vision_pos_enc"][0].mul_(0)
+    assert_close_fp32(fast(pix, masks)["vision_pos_enc"][0], expected, tol.FP32_STAGE_REL_L2)
 
 
 @pytest.mark.parametrize("needs_grad", ["curr", "curr_pos", "memory_pos"])
