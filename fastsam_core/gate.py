@@ -167,13 +167,13 @@ def summarize(result_file: Path) -> str:
     width = min(48, max([34, *(len(b["group"] or "") for b in benchmarks)]))
     lines = [f"{'group':<{width}} {'impl':<18} {'ms':>9} {'img/s':>8} {'TFLOP/s':>8} "
              f"{'speedup':>8}"]
-    for b in sorted(data["benchmarks"], key=lambda b: (b["group"] or "", b["name"])):
+    for b in sorted(benchmarks, key=lambda b: (b["group"] or "", b["name"])):
         info = b.get("extra_info", {})
         img_s, tflop_s, speedup = (format(info[k], spec) if k in info else "-" for k, spec in
                                    (("img_s", ".2f"), ("tflop_s", ".3g"), ("speedup", ".2f")))
         impl = str(info.get("impl", b["name"]))[:18]
         lines.append(f"{(b['group'] or '')[:width]:<{width}} {impl:<18} "
                      f"{b['stats']['median'] * 1e3:>9.3f} {img_s:>8} {tflop_s:>8} {speedup:>8}")
-    device = next((b["extra_info"].get("device") for b in data["benchmarks"]
+    device = next((b["extra_info"].get("device") for b in benchmarks
                    if "device" in b.get("extra_info", {})), "unknown device")
-    return f"{device}, {len(data['benchmarks'])} cases\n" + "\n".join(lines)
+    return f"{device}, {len(benchmarks)} cases\n" + "\n".join(lines)

@@ -115,6 +115,16 @@ def memory_in_fp32(module, args, kwargs):
     return args, kwargs
 
 
+def fp32_predictors():
+    """The reference video predictor (its memory attention given fp32 memories) and one
+    optimized in fp32."""
+    reference = video_predictor()
+    reference.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
+    predictor = video_predictor()
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    return reference, predictor
+
+
 def reference(video_dir, full, device="cpu"):
     predictor = video_predictor(device)
     predictor.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
@@ -364,10 +374,7 @@ def paused_session(predictor, video_dir):
 
 
 def test_an_object_prompted_while_propagation_is_paused_waits_for_the_next(short_video_dir):
-    reference = video_predictor()
-    reference.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
-    predictor = video_predictor()
-    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    reference, predictor = fp32_predictors()
     with torch.inference_mode():
         expected = paused_session(reference, short_video_dir)
         got = paused_session(predictor, short_video_dir)
@@ -632,10 +639,7 @@ def test_objects_tracked_both_ways_and_a_click_on_a_reverse_tracked_frame(short_
     tracked frames ahead of a reverse pass (their memory layouts differ), and a click that
     must read the reverse memory; the state keeps the reference's records (memories stored
     in bf16, each frame's direction)."""
-    reference = video_predictor()
-    reference.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
-    predictor = video_predictor()
-    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    reference, predictor = fp32_predictors()
     with torch.inference_mode():
         expected, expected_state = tracked_both_ways(reference, short_video_dir)
         got, state = tracked_both_ways(predictor, short_video_dir)
@@ -674,10 +678,7 @@ def test_tracked_masks_get_their_small_holes_filled(short_video_dir, monkeypatch
         return labels, areas
 
     monkeypatch.setattr(sam2_misc, "get_connected_components", recorded)
-    reference = video_predictor()
-    reference.memory_attention.register_forward_pre_hook(memory_in_fp32, with_kwargs=True)
-    predictor = video_predictor()
-    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    reference, predictor = fp32_predictors()
     with torch.inference_mode():
         expected = prompted_apart(reference, short_video_dir)
         filled = sum(holes)
