@@ -412,6 +412,11 @@ def _gate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from fastsam_core.gate import run_gate
 
+    if not args.abs_tolerance >= 0:  # also NaN
+        parser.error(f"--abs-tolerance must be at least 0 (percent), got {args.abs_tolerance}")
+    if not 0 <= args.ratio_tolerance <= 100:
+        parser.error("--ratio-tolerance must be between 0 and 100 (percent), got "
+                     f"{args.ratio_tolerance}")
     return run_gate(args.paths, Path(args.baselines), args.save, args.abs_tolerance,
                     args.ratio_tolerance / 100, args.extra)
 

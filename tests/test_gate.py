@@ -109,11 +109,19 @@ def test_gate_without_baseline_says_so(tmp_path):
     assert "no baseline for this device" in done.stdout
 
 
-@pytest.mark.parametrize("args", [["--abs-tolerance", "x"]])
-def test_gate_rejects_bad_arguments(args):
+@pytest.mark.parametrize("args, named", [
+    (["--abs-tolerance", "x"], "--abs-tolerance"),
+    (["--abs-tolerance", "-5"], "--abs-tolerance must be at least 0"),
+    (["--abs-tolerance", "nan"], "--abs-tolerance must be at least 0"),
+    (["--ratio-tolerance", "-1"], "--ratio-tolerance must be between 0 and 100"),
+    (["--ratio-tolerance", "150"], "--ratio-tolerance must be between 0 and 100"),
+])
+def test_gate_rejects_bad_arguments(args, named):
     done = subprocess.run([sys.executable, "-m", "fastsam_core", "gate", *args], cwd=REPO,
                           capture_output=True, text=True)
     assert done.returncode == 2
+    assert named in done.stderr
+    assert "pytest" not in done.stdout  # refused before any bench run
 
 
 def test_merge_results_keeps_every_readable_part(tmp_path):
