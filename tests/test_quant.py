@@ -440,6 +440,8 @@ def test_sam2_encoder_quantized():
     assert [type(b.norm1) for b in blocks] == [
         DeferredLayerNorm if b.dim == b.dim_out else nn.LayerNorm for b in blocks]
     assert sum(b.dim != b.dim_out for b in blocks) == 3
+    # a stage change's projection of norm1's output for the shortcut is quantized too
+    assert all(isinstance(b.proj, Int8Linear) for b in blocks if b.dim != b.dim_out)
     assert "4 norm1 LayerNorms can feed their int8 qkv" in str(fastsam_core.report(model))
     out = model.image_encoder(x)["vision_features"]
     assert sqnr_db(before, out) > tol.INT8_ENCODER_MIN_SQNR_DB
@@ -1001,3 +1003,144 @@ def test_norm1_into_int8_qkv_bf16_real_widths(k, window, tmp_path, monkeypatch):
     layer_norm_linear_path(x16, 3 * k, window,
                            lambda p: int8(norm16(x16).laid_out(p, window)), tuner)
     assert set(tuner.last_measurements) == {"fused", "separate"}
+
+
+def test_2_4_leaves_linears_of_a_width_not_divisible_by_4_dense():
+    """2:4 prunes groups of four input features: a linear of 6 inputs stays an nn.Linear
+    (pruning it raised), one of 8 inputs and 6 outputs is pruned; the swap is made in
+    copies of the block and its MLP, the block the encoder had keeps its float linears."""
+    from fastsam_core.models.quant import quantize_linears
+
+    block = nn.Module()
+    block.mlp = MLPBlock(6, 8)  # lin1 6 -> 8 stays dense, lin2 8 -> 6 is pruned
+    block.attn = nn.Module()
+    block.attn.qkv, block.attn.proj = nn.Linear(6, 18), nn.Linear(6, 6)
+    encoder = nn.Module()
+    encoder.blocks = nn.ModuleList([block])
+    report = quantize_linears(encoder, "2:4", "all")
+    quantized = encoder.blocks[0]
+    assert type(quantized.mlp.lin1) is nn.Linear and type(quantized.attn.qkv) is nn.Linear
+    assert type(quantized.attn.proj) is nn.Linear
+    assert isinstance(quantized.mlp.lin2, Sparse24Linear)
+    assert torch.equal(quantized.mlp.lin2.weight, prune_2_4(block.mlp.lin2.weight))
+    assert report.detail.startswith("1 layers (all)")
+    assert type(block.mlp.lin2) is nn.Linear
+
+
+def test_only_exact_gelu_two_layer_mlps_within_the_row_kernels_reach_fuse():
+    """`fusable_mlp`: the fused path is fc1, the exact GELU, fc2 over int8 linears, through
+    row kernels of up to MAX_ROW features (the input and the hidden width): an MLP with a
+    tanh GELU, a ReLU, a sigmoid output, three layers or a wider row keeps its modules.
+    Meta tensors stand in for the widest layers."""
+    from sam2.modeling.sam2_utils import MLP
+
+    from fastsam_core.kernels.quantize_rows import MAX_ROW
+
+    def int8(mlp):
+        if isinstance(mlp, MLPBlock):
+            mlp.lin1, mlp.lin2 = Int8Linear(mlp.lin1), Int8Linear(mlp.lin2)
+        else:
+            mlp.layers = nn.ModuleList(Int8Linear(layer) for layer in mlp.layers)
+        return mlp
+
+    tanh = functools.partial(nn.GELU, approximate="tanh")
+    assert fusable_mlp(int8(MLPBlock(16, 32)))
+    assert fusable_mlp(int8(MLP(16, 32, 16, 2, nn.GELU)))
+    assert not fusable_mlp(int8(MLPBlock(16, 32, tanh)))
+    assert not fusable_mlp(int8(MLPBlock(16, 32, nn.ReLU)))
+    assert not fusable_mlp(int8(MLP(16, 32, 16, 2, tanh)))
+    assert not fusable_mlp(int8(MLP(16, 32, 16, 2, nn.GELU, sigmoid_output=True)))
+    assert not fusable_mlp(int8(MLP(16, 32, 16, 3, nn.GELU)))
+    with torch.device("meta"):
+        assert fusable_mlp(int8(MLPBlock(16, MAX_ROW)))
+        assert fusable_mlp(int8(MLPBlock(MAX_ROW, 16)))
+        assert not fusable_mlp(int8(MLPBlock(16, MAX_ROW + 1)))
+        assert not fusable_mlp(int8(MLPBlock(MAX_ROW + 1, 16)))
+
+
+def test_norms_are_deferred_only_where_their_int8_layers_take_them():
+    """int8 MLPs only: qkv stays a float linear, so norm1 stays an nn.LayerNorm (and the
+    report claims no norm1 fused), norm2 is deferred to the MLP. norm1 is deferred before an
+    int8 qkv of up to MAX_ROW input features, and only an affine LayerNorm (weight and bias:
+    the fused kernel applies both) is deferred. Meta tensors stand in for the widest layers."""
+    from fastsam_core.kernels.quantize_rows import MAX_ROW
+    from fastsam_core.models.quant import defers_norm1, defers_norm2
+
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(quantize="int8", quantize_layers="mlp"))
+    blocks = sam.image_encoder.blocks
+    assert all(type(b.norm1) is nn.LayerNorm and type(b.norm2) is DeferredLayerNorm
+               for b in blocks)
+    assert "norm1 LayerNorms" not in str(fastsam_core.report(sam))
+    block = blocks[0]
+    with torch.device("meta"):
+        for width, deferred in ((MAX_ROW, True), (MAX_ROW + 1, False)):
+            block.attn.qkv = Int8Linear(nn.Linear(width, 8))
+            block.norm1 = nn.LayerNorm(width)
+            assert defers_norm1(block) is deferred, width
+        block.norm1 = nn.LayerNorm(MAX_ROW, bias=False)
+        assert not defers_norm1(block)
+        block.norm2 = nn.LayerNorm(block.norm2.normalized_shape)
+        assert defers_norm2(block)
+        block.norm2 = nn.LayerNorm(block.norm2.normalized_shape, bias=False)
+        assert not defers_norm2(block)
+        block.norm2 = nn.LayerNorm(block.norm2.normalized_shape, elementwise_affine=False)
+        assert not defers_norm2(block)
+
+
+@torch.inference_mode()
+def test_a_deferred_layer_norm_keeps_its_eps():
+    """The LayerNorm's own eps (0.5 here, where it moves every output) on both paths:
+    `value()` is the LayerNorm's output, and the fused codes fed to an int8 linear give what
+    it gives on that output but for rounding-tie flips."""
+    norm = nn.LayerNorm(32, eps=0.5)
+    x = torch.randn(2, 3, 4, 32, generator=torch.Generator().manual_seed(0)) * 0.5
+    pending = DeferredLayerNorm(norm)(x)
+    assert torch.equal(pending.value(), norm(x))
+    qkv = Int8Linear(nn.Linear(32, 48))
+    assert sqnr_db(qkv(norm(x)), qkv(pending.laid_out("fused", 0))) \
+        >= tol.INT8_TIE_FLIP_MIN_SQNR_DB
+
+
+@torch.inference_mode()
+def test_int8_layers_return_their_inputs_dtype_on_every_path():
+    """fp16 in, fp16 out: an Int8Linear fed codes (`Int8Tokens`) gives the dtype they were
+    taken from, as on the activations themselves, and an Int8MLP its input's dtype on both
+    paths, from a tensor or a deferred LayerNorm."""
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0)).half()
+    linear = Int8Linear(nn.Linear(32, 16).half())
+    codes, scales = quantize_per_row(x)
+    y = linear(Int8Tokens(codes, scales, x.dtype))
+    assert y.dtype == torch.float16 and torch.equal(y, linear(x))
+    mlp = int8_mlp().half()
+    norm = DeferredLayerNorm(nn.LayerNorm(32).half())
+    for path in ("separate", "fused"):
+        for h in (x, norm(x)):
+            out = mlp.run(path, h)
+            assert out.dtype == torch.float16 and out.shape == (6, 32), path
+
+
+def test_2_4_semi_structured_weight_built_again_when_the_weight_changes(monkeypatch):
+    """The semi-structured weight (CUDA; stood in for by the pruned weight doubled, every
+    call "sparse") is built again after an in-place edit of the weight, and after a
+    load_state_dict also for an inference tensor (it has no version to see the write by)."""
+    import fastsam_core.models.quant as quant
+
+    monkeypatch.setattr(Sparse24Linear, "runs_sparse", lambda self, x: True)
+    monkeypatch.setattr(quant, "semi_structured", lambda w: w * 2)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+
+    def expected(layer):
+        return nn.functional.linear(x, layer.weight * 2, layer.bias)
+
+    layer = Sparse24Linear(nn.Linear(16, 8))
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected(layer))
+        layer.weight.mul_(3)
+        assert torch.equal(layer(x), expected(layer))
+    with torch.inference_mode():
+        layer = Sparse24Linear(nn.Linear(16, 8))
+        assert layer.weight.is_inference()
+        assert torch.equal(layer(x), expected(layer))
+        layer.load_state_dict(nn.Linear(16, 8).state_dict())
+        assert torch.equal(layer(x), expected(layer))

@@ -63,6 +63,20 @@ def test_gelu_epilogue():
         int8_matmul(x_q, x_scale, w_q, w_scale, b, torch.float32, activation="relu")
 
 
+def test_gelu_epilogue_to_a_few_fp32_roundings():
+    """The epilogue's GELU is the exact one of the fp32 result (the reference's, bit for bit)
+    to a few fp32 roundings, element by element (a truncated 1/sqrt(2) stayed within the
+    L2 bound above); above -1, where 1 + erf does not cancel."""
+    x_q, x_scale, w_q, w_scale, b = codes(37, 50, 64)
+    got = int8_matmul(x_q, x_scale, w_q, w_scale, b, torch.float32, activation="gelu")
+    pre = int8_matmul_ref(x_q, x_scale, w_q, w_scale, b, torch.float32).double()
+    exact = torch.nn.functional.gelu(pre)
+    kept = pre > -1
+    assert kept.sum() > kept.numel() // 2
+    err = (got.double() - exact).abs()[kept]
+    assert (err <= tol.FP32_ROUNDING_REL * exact.abs()[kept]).all()
+
+
 def test_strided_codes_and_the_linear_op():
     """Non-contiguous operands (a transposed view of the weight codes), and the op layer:
     int8_linear with backend "triton" equals the "dequant" backend."""

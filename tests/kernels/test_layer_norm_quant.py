@@ -64,6 +64,23 @@ def test_strided_rows():
     assert_matches_reference(*problem((6, 48), torch.float32, row_stride_pad=5))
 
 
+def test_column_strided_rows_and_the_widest_rows():
+    """As for quantize_rows: a column-major view of the rows is read as its values, and rows
+    of exactly MAX_ROW features run."""
+    x, weight, bias = problem((6, 48), torch.float32)
+    x = x.t().contiguous().t()  # same values, column stride 6
+    assert x.stride(-1) != 1
+    assert_matches_reference(x, weight, bias)
+    assert_matches_reference(*problem((2, MAX_ROW), torch.float32))
+
+
+def test_eps_where_it_matters():
+    """Rows of variance ~0.09 with eps 0.1: the kernel adds eps as the reference does (at
+    the tests' eps of 1e-6 and variance ~9 leaving it out changed nothing)."""
+    x, weight, bias = problem((4, 48), torch.float32)
+    assert_matches_reference(x * 0.1, weight, bias, eps=0.1)
+
+
 def test_zero_rows_get_scale_one_and_zero_codes():
     x, weight, bias = problem((3, 32), torch.float32)
     q, s = run_poisoned(x, torch.zeros_like(weight), torch.zeros_like(bias))
@@ -85,6 +102,8 @@ def test_bad_arguments():
     x, weight, bias = problem((2, 16), torch.float32)
     with pytest.raises(ValueError, match="weight and bias"):
         layer_norm_quant(x, weight[:8], bias, 1e-6)
+    with pytest.raises(ValueError, match="weight and bias"):
+        layer_norm_quant(x, weight, bias[:8], 1e-6)
     wide = torch.zeros(1, MAX_ROW + 1, device=DEVICE)
     with pytest.raises(ValueError, match="features"):
         layer_norm_quant(wide, wide[0], wide[0], 1e-6)

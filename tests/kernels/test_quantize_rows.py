@@ -51,6 +51,17 @@ def test_strided_rows_and_zero_rows():
     assert (q == 0).all() and (s == 1).all()
 
 
+def test_column_strided_rows_and_the_widest_rows():
+    """Rows whose features are not adjacent (a column-major view: the kernel reads a unit
+    column stride) are made contiguous first; rows of exactly MAX_ROW features, the widest
+    the kernel takes (where "auto" still sends them), run."""
+    x = rows_of((6, 48), torch.float32)
+    x = x.t().contiguous().t()  # same values, column stride 6
+    assert x.stride(-1) != 1
+    assert_exact(x)
+    assert_exact(rows_of((2, MAX_ROW), torch.float32))
+
+
 def test_round_half_to_even_like_torch():
     """A row whose maximum is 127 has scale exactly 1: its halves must round to even."""
     y = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.0]], device=DEVICE)
@@ -90,7 +101,8 @@ def test_nan_rows_keep_a_nan_scale_and_underflowing_scales_agree(backend):
 
 
 @pytest.mark.parametrize("case", ["too-few-rows", "too-narrow", "scales-too-short",
-                                  "codes-int16", "codes-strided"])
+                                  "codes-int16", "codes-strided", "scales-fp16",
+                                  "scales-strided"])
 @pytest.mark.parametrize("name", ["quantize_rows", "layer_norm_quant"])
 def test_bad_out_buffers_raise_before_any_write(name, case):
     """Both row kernels write `out` as contiguous N x K int8 codes and N fp32 scales: any
@@ -101,12 +113,15 @@ def test_bad_out_buffers_raise_before_any_write(name, case):
     x = rows_of((4, 8), torch.float32)
     codes = torch.full((128,), 7, dtype=torch.int16 if case == "codes-int16" else torch.int8,
                        device=DEVICE)
-    scales = torch.full((16,), 7.0, device=DEVICE)
+    scales = torch.full((16,), 7.0, device=DEVICE,
+                        dtype=torch.float16 if case == "scales-fp16" else torch.float32)
     q, s = {"too-few-rows": (codes[:8].view(1, 8), scales[:1]),
             "too-narrow": (codes[:16].view(4, 4), scales[:4]),
             "scales-too-short": (codes[:32].view(4, 8), scales[:2]),
             "codes-int16": (codes[:32].view(4, 8), scales[:4]),
-            "codes-strided": (codes[:64].view(4, 16)[:, ::2], scales[:4])}[case]
+            "codes-strided": (codes[:64].view(4, 16)[:, ::2], scales[:4]),
+            "scales-fp16": (codes[:32].view(4, 8), scales[:4]),
+            "scales-strided": (codes[:32].view(4, 8), scales[:8:2])}[case]
     with pytest.raises(ValueError, match="out must be"):
         if name == "quantize_rows":
             quantize_rows(x, out=(q, s))
