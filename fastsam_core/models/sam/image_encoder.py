@@ -253,7 +253,9 @@ class FastImageEncoderViT(ReferenceFallback):
             )
         for i, blk in enumerate(ref.blocks):
             if type(blk) is not Block or type(blk.attn) is not Attention:
-                raise UnsupportedModule(f"blocks[{i}] is {type(blk).__qualname__}, not a Block")
+                attn = type(getattr(blk, "attn", None)).__qualname__
+                raise UnsupportedModule(f"blocks[{i}] is {type(blk).__qualname__} with attn "
+                                        f"{attn}, not a Block with an Attention")
         stride = ref.patch_embed.proj.stride
         token_grid = (ref.img_size // stride[0], ref.img_size // stride[1])
         return cls(

@@ -15,9 +15,10 @@ from fastsam_core import FastConfig
 from fastsam_core.benchmark import rel_l2
 from fastsam_core.models.sam import image_encoder as image_encoder_module
 from fastsam_core.models.sam.image_encoder import FastBlock, FastImageEncoderViT
-from fastsam_core.models.sam.reference import fill_zero_init_tables
+from fastsam_core.models.sam.reference import build_sam, fill_zero_init_tables
+from fastsam_core.report import UnsupportedModule
 from tests import tolerances as tol
-from tests.conftest import DEVICES, SMALL_CONFIGS, image_batch, small_sam
+from tests.conftest import DEVICES, IMAGE_SIZE, SMALL, SMALL_CONFIGS, image_batch, small_sam
 from tests.parity import assert_close_fp32, assert_lowp_parity, in_dtype
 
 LOW_DTYPES = [torch.bfloat16, torch.float16]
@@ -153,6 +154,35 @@ def test_neck(dtype):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("index, change, fused", [
+    (2, dict(stride=2), True),  # still the fused layout: conv2's stride is applied
+    (0, dict(bias=True), False),  # the others run the reference's modules
+    (0, dict(stride=2), False),
+    (2, dict(dilation=2, padding=2), False),
+], ids=["conv2-stride", "conv1-bias", "conv1-stride", "conv2-dilation"])
+def test_neck_of_other_convolutions(index, change, fused):
+    """A neck whose convolutions differ from ImageEncoderViT's: fused only where the fused
+    form computes what the reference modules do."""
+    ref = small_sam().image_encoder
+    conv = ref.neck[index]
+    settings = dict(kernel_size=conv.kernel_size, padding=conv.padding, bias=False) | change
+    torch.manual_seed(0)
+    ref.neck[index] = torch.nn.Conv2d(conv.in_channels, conv.out_channels, **settings)
+    x = tokens(ref)
+    fast = fast_encoder(ref)
+    assert fast.fused_neck == fused
+    assert_close_fp32(fast.neck_forward(x), ref.neck(x.permute(0, 3, 1, 2)),
+                      tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+def test_input_on_another_device_than_the_model_raises():
+    fast = fast_encoder(small_sam().image_encoder).to("meta")
+    with pytest.raises(ValueError, match="x is on cpu, the model on meta"):
+        fast(image_batch(batch=1))
+
+
+@torch.inference_mode()
 def test_neck_where_the_layer_norm_eps_matters():
     """Small tokens: the variance the neck's first LayerNorm2d sees is then of the order of its
     eps (1e-6), so the fused layer_norm must take the reference's eps, not a default."""
@@ -184,6 +214,32 @@ def test_bias_is_exercised():
     for blk in fast.blocks:
         blk.attn.use_rel_pos = False
     assert rel_l2(fast(x), with_bias) > 100 * tol.FP32_STAGE_REL_L2
+
+
+@torch.inference_mode()
+def test_windows_of_one_token_are_windowed_blocks():
+    """window_size 1 (each token its own window) is windowed attention, for the encoder and
+    for its report alike."""
+    ref = build_sam("vit_b", IMAGE_SIZE, 0, **dict(SMALL, window_size=1)).image_encoder
+    fast = fast_encoder(ref)
+    x = image_batch(batch=1)
+    assert_close_fp32(fast(x), ref(x), tol.FP32_STAGE_REL_L2)
+    stages = {s.stage: s for s in fast.describe()}
+    assert stages["image_encoder.attention[windowed]"].detail.startswith(
+        "2 blocks on 1x1 tokens")
+    assert stages["image_encoder.attention[global]"].detail.startswith(
+        "2 blocks on 16x16 tokens")
+
+
+@pytest.mark.parametrize("part", ["", ".attn"])
+def test_a_block_or_attention_of_another_class_is_unsupported(part):
+    """A subclass of the reference's Block or Attention may compute anything: not built, and
+    the reason names the class."""
+    ref = small_sam().image_encoder
+    module = ref.get_submodule(f"blocks.2{part}")
+    module.__class__ = type("Other", (type(module),), {})
+    with pytest.raises(UnsupportedModule, match=r"blocks\[2\].* Other"):
+        fast_encoder(ref)
 
 
 def test_state_dict_keys_and_shapes_are_the_reference():
@@ -220,6 +276,7 @@ def test_index_tables_are_nonpersistent_buffers_moved_by_to():
         (torch.randn(2, 4, 256, 256), "B x 3 x 256 x 256"),
         (torch.randn(3, 256, 256), "B x 3 x 256 x 256"),
         (torch.zeros(1, 3, 256, 256, dtype=torch.uint8), "floating-point"),
+        (torch.randn(1, 3, 256, 272), "256 x 256 pixels"),  # 16 x 17 tokens: no fallback
     ],
 )
 def test_bad_input_raises_value_error(bad, error):

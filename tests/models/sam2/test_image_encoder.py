@@ -35,15 +35,18 @@ def randomize_pos_embeds(module: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
-def small_encoder(seed: int = 0, top_down=(2, 3), interp="nearest") -> ImageEncoder:
-    """A small Hiera (4 stages, q-pooling, windowed and global blocks) with its FPN neck."""
+def small_encoder(seed: int = 0, top_down=(2, 3), interp="nearest", fuse="sum", q_pool=3,
+                  interm=True, windows=(8, 4, 4, 2)) -> ImageEncoder:
+    """A small Hiera (4 stages, q-pooling, windowed and global blocks) with its FPN neck.
+    `interm` False: the trunk returns its last stage only, the neck has one level (no scalp)."""
     torch.manual_seed(seed)
     trunk = Hiera(embed_dim=32, num_heads=1, stages=(1, 2, 3, 1), global_att_blocks=(4,),
-                  window_pos_embed_bkg_spatial_size=(7, 7), window_spec=(8, 4, 4, 2))
+                  window_pos_embed_bkg_spatial_size=(7, 7), window_spec=windows,
+                  q_pool=q_pool, return_interm_layers=interm)
     neck = FpnNeck(PositionEmbeddingSine(64), d_model=64,
                    backbone_channel_list=trunk.channel_list, fpn_top_down_levels=top_down,
-                   fpn_interp_model=interp)
-    encoder = ImageEncoder(trunk, neck, scalp=1).eval()
+                   fpn_interp_model=interp, fuse_type=fuse)
+    encoder = ImageEncoder(trunk, neck, scalp=1 if interm else 0).eval()
     randomize_pos_embeds(encoder, seed)
     return encoder
 
@@ -70,14 +73,66 @@ def outputs(out: dict) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("top_down, interp", [((2, 3), "nearest"), ((0, 1, 2, 3), "bilinear")])
-def test_encoder_fp32(top_down, interp):
-    ref = small_encoder(top_down=top_down, interp=interp)
+@pytest.mark.parametrize("top_down, interp, fuse", [((2, 3), "nearest", "sum"),
+                                                    ((0, 1, 2, 3), "bilinear", "sum"),
+                                                    ((1, 2, 3), "nearest", "avg")])
+def test_encoder_fp32(top_down, interp, fuse):
+    ref = small_encoder(top_down=top_down, interp=interp, fuse=fuse)
     x = images()
     expected, got = ref(x), fast(ref)(x)
     assert set(got) == set(expected)
     for a, b in zip(outputs(got), outputs(expected), strict=True):
         assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kwargs", [
+    dict(q_pool=2, top_down=(0, 1)),  # no q-pooling into the last stage: two 8 x 8 levels
+    dict(interm=False, top_down=None),  # the last stage only, one neck level, scalp 0
+], ids=["q_pool=2", "last stage only"])
+def test_encoder_fp32_other_trunk_layouts(kwargs):
+    """The neck's encodings follow the trunk's stage sizes as the reference's does: a stage
+    change without q-pooling keeps the size; a trunk without intermediate layers returns (and
+    the neck encodes) its last stage only."""
+    ref = small_encoder(**kwargs)
+    x = images()
+    expected, got = ref(x), fast(ref)(x)
+    for a, b in zip(outputs(got), outputs(expected), strict=True):
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+def test_encoder_at_a_size_off_the_strides_and_windows():
+    """70 px: the patch embedding (kernel 7, stride 4, padding 3) gives 18 x 18 tokens, not
+    70 // 4; the q-pooling floors (9 -> 4 -> 2) inside windows of 6 padded to 12, for the trunk
+    and for the neck's encodings alike. (The reference takes grids of a multiple of the first
+    window only, and q-pools in windows that tile the pooled grid too.)"""
+    ref = small_encoder(windows=(6, 6, 4, 2))
+    x = images(size=70)
+    expected, got = ref(x), fast(ref)(x)
+    assert [f.shape[-1] for f in expected["backbone_fpn"]] == [18, 9, 4]
+    for a, b in zip(outputs(got), outputs(expected), strict=True):
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+@torch.inference_mode()
+def test_neck_adds_the_top_down_path_in_fp32_in_bf16():
+    """The reference upsamples the coarser level in fp32 and adds it to the bf16 lateral: the
+    levels it fuses are fp32 sums (and their encodings fp32), the others bf16."""
+    ref = small_encoder(top_down=(1, 2, 3))
+    encoder = fast(ref, torch.bfloat16)
+    naive = in_dtype(ref, torch.bfloat16)
+    trunk_out = naive.trunk(images().to(torch.bfloat16))
+    expected, expected_pos = naive.neck(trunk_out)
+    sizes = [tuple(t.shape[-2:]) for t in trunk_out]
+    got, pos = encoder.neck(trunk_out, [encoder.neck.pos_for(s, torch.device("cpu"))
+                                        for s in sizes])
+    assert [t.dtype for t in expected] == [torch.bfloat16, torch.float32, torch.float32,
+                                           torch.bfloat16]
+    assert [t.dtype for t in got + pos] == [t.dtype for t in expected + expected_pos]
+    exact, exact_pos = in_dtype(ref, torch.float64).neck([t.double() for t in trunk_out])
+    for a, b, c in zip(got + pos, expected + expected_pos, exact + exact_pos, strict=True):
+        assert_lowp_parity(a, b, c)
 
 
 @torch.inference_mode()
@@ -121,12 +176,15 @@ def test_cached_position_embedding_follows_the_input_size():
 
 @torch.no_grad()
 def test_a_write_to_the_returned_position_encoding_changes_no_later_call():
-    """What the encoder returns is the caller's (the fp32 encoder returned its cache)."""
+    """What the encoder returns is the caller's (the fp32 encoder returned its cache). The
+    reference's outputs are taken first: it shares its position_encoding (and that module's
+    cache) with the fast neck, so a write into that cache would reach it too."""
     ref = small_encoder()
     encoder, x = fast(ref), images(batch=1)
+    expected = [t.clone() for t in outputs(ref(x))]
     for pos in encoder(x)["vision_pos_enc"]:
         pos.zero_()
-    for a, b in zip(outputs(encoder(x)), outputs(ref(x)), strict=True):
+    for a, b in zip(outputs(encoder(x)), expected, strict=True):
         assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
 
 
@@ -191,6 +249,12 @@ def test_state_dict_keys_are_the_references():
 def test_bad_input(bad, error):
     with torch.inference_mode(), pytest.raises(ValueError, match=error):
         fast(small_encoder())(bad)
+
+
+def test_sample_on_another_device_than_the_model_raises():
+    encoder = fast(small_encoder()).to("meta")
+    with torch.inference_mode(), pytest.raises(ValueError, match="on cpu, the model on meta"):
+        encoder(images(batch=1))
 
 
 PROMPTS = {
@@ -272,13 +336,13 @@ def test_patched_train_mode_model_pickles_copies_plainly_and_takes_its_blocks_co
     assert not fastsam_core.is_optimized(inner_built)
 
 
-def test_unsupported_trunk_is_kept_with_a_warning():
+@pytest.mark.parametrize("part", ["trunk", "neck.position_encoding"])
+def test_unsupported_trunk_is_kept_with_a_warning(part):
+    """A subclass of the reference's trunk, or of its neck's sine encoding, may compute
+    anything: the reference encoder is kept."""
     model = small_sam2()
-
-    class OtherTrunk(Hiera):
-        pass
-
-    model.image_encoder.trunk.__class__ = OtherTrunk
+    module = model.image_encoder.get_submodule(part)
+    module.__class__ = type("Other", (type(module),), {})
     with pytest.warns(UserWarning, match="image_encoder kept as the reference"):
         fastsam_core.optimize(model)
     assert fastsam_core.report(model).path_of("image_encoder") == "reference"
