@@ -12,7 +12,7 @@ import torch
 
 import fastsam_core
 from fastsam_core import FastConfig
-from fastsam_core.models.fallback import ReferenceFallback
+from fastsam_core.models.fallback import ReferenceFallback, shown_paths
 from tests import tolerances as tol
 from tests.conftest import image_batch, small_sam
 from tests.models.sam2.test_heads import decoder_inputs
@@ -256,3 +256,37 @@ def test_global_module_hooks_see_every_module_the_reference_calls(model_name):
     assert sorted(calls) == expected_calls and set(expected_calls) == set(fused.values())
     for a, b in zip(got, expected, strict=True):
         assert_close_fp32(a.float(), b.float(), tol.FP32_STAGE_REL_L2)
+
+
+def test_warnings_name_eight_paths_then_count_the_rest():
+    """The hook warnings name up to eight module paths, then say how many more."""
+    paths = [f"image_encoder.blocks.{i}" for i in range(9)]
+    assert shown_paths(paths[:8]) == ", ".join(paths[:8])  # all named: nothing "more"
+    assert shown_paths(paths) == ", ".join(paths[:8]) + " and 1 more"
+
+
+@pytest.mark.parametrize("model_name", ["sam", "sam2"])
+def test_a_global_forward_pre_hook_alone_sees_every_module_the_reference_calls(model_name):
+    """A global forward pre-hook alone (`register_module_forward_pre_hook`, no global
+    forward hook) counts as a hook on every module too: each module that the fast stages
+    fuse, batch or cache is called as often as in the reference."""
+    build, run = CASES[model_name]
+    model = build()
+    fused = {id(model.get_submodule(p)): p for p in (SAM_FUSED if model_name == "sam"
+                                                        else SAM2_FUSED)}
+    calls = []
+
+    def pre_hook(module, args):
+        if id(module) in fused:
+            calls.append(fused[id(module)])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    try:
+        run(model)
+        expected_calls, calls[:] = sorted(calls), []
+        fastsam_core.optimize(model, FastConfig(dtype=torch.float32))
+        run(model)
+    finally:
+        handle.remove()
+    assert no_fallbacks(model)
+    assert sorted(calls) == expected_calls and set(expected_calls) == set(fused.values())

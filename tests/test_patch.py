@@ -733,3 +733,70 @@ def test_meta_encoder_builds_at_real_size():
     fast = FastImageEncoderViT.from_reference(ref, FastConfig(), torch.bfloat16)
     assert [b.window_size for b in fast.blocks].count(0) == 4
     assert fast.blocks[7].attn.grid == (64, 64) and fast.blocks[0].attn.grid == (14, 14)
+
+
+@pytest.mark.parametrize("originals", ["offload", "drop"])
+def test_casting_the_model_to_the_fast_dtype_casts_restore_too_without_a_kept_original(
+        originals):
+    """The cast to the fast modules' own dtype (their tensors do not show it) with the
+    originals offloaded or dropped (no kept reference whose pending cast would follow it):
+    restore() still gives every original the model's dtype."""
+    sam = small_sam()
+    with warnings.catch_warnings():  # "drop": restored from the bf16 weights, warned
+        warnings.simplefilter("ignore")
+        fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16, originals=originals))
+        sam.to(torch.bfloat16)
+        fastsam_core.restore(sam)
+    assert {t.dtype for t in (*sam.parameters(), *sam.buffers()) if t.is_floating_point()} \
+        == {torch.bfloat16}
+
+
+def test_a_fast_module_kept_after_restore_no_longer_writes_into_its_original():
+    """restore() detaches each fast module from its original: a state dict loaded into a
+    fast module the caller still holds (bf16: a copy with its own weights) leaves the
+    restored model's weights alone."""
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    fast = sam.mask_decoder
+    fastsam_core.restore(sam)
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    fast.load_state_dict({k: torch.zeros_like(v) for k, v in fast.state_dict().items()})
+    assert all(torch.equal(v, before[k]) for k, v in sam.state_dict().items())
+
+
+def test_an_input_requiring_grad_falls_back_to_reference_on_a_frozen_model(sam):
+    """Gradients for the input of a frozen model (saliency, adversarial examples): no
+    parameter requires grad, the input does, so the reference runs and the input gets its
+    gradient through it."""
+    x = image_batch().requires_grad_()
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    sam.requires_grad_(False)
+    with pytest.warns(UserWarning, match="autograd is recording"):
+        out = sam.image_encoder(x)
+    out.sum().backward()
+    assert x.grad is not None and out.dtype == torch.float32
+    assert set(sam.image_encoder.fallbacks) == {
+        "autograd is recording (use torch.inference_mode() or no_grad())"}
+
+
+def test_an_int8_fallback_says_the_reference_keeps_its_own_linear_weights(sam):
+    """fp32 int8: the fast encoder shares every tensor with the original but the quantized
+    linears' weights, so gradients through the fallback reach weights the model does not
+    hold: the warning says so, though most tensors are shared."""
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.float32, quantize="int8"))
+    with pytest.warns(UserWarning, match="autograd is recording.* keeps its own torch.float32 "
+                      "weights: gradients reach those"):
+        sam.image_encoder(image_batch(batch=1))
+
+
+def test_a_fallback_after_moving_the_model_runs_the_reference_where_the_input_is():
+    """bf16 (the kept original holds its own weights, which `.to()` does not move): moved
+    after optimize(), the model's fallback moves its reference to the input's device first
+    (the meta device here: no data, no second device needed)."""
+    sam = small_sam()
+    fastsam_core.optimize(sam, FastConfig(dtype=torch.bfloat16))
+    sam.to("meta")
+    with pytest.warns(UserWarning, match="autograd is recording"):
+        out = sam.image_encoder(image_batch(batch=1).to("meta"))
+    assert out.device.type == "meta"
+    assert {p.device.type for p in sam.image_encoder._reference.parameters()} == {"meta"}

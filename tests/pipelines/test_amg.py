@@ -387,10 +387,12 @@ def test_crop_features_are_freed_after_their_encoder_batch(monkeypatch):
     assert alive_at_encode == [0] * 11, alive_at_encode
 
 
-def test_masks_of_every_crop_layer(monkeypatch):
+@pytest.mark.parametrize("encoder_batch", [8, 2])
+def test_masks_of_every_crop_layer(monkeypatch, encoder_batch):
     """With random weights every crop-layer mask touches its crop's edge and is dropped; with
     that filter off (in both generators) the masks of all five crops reach the output, which
-    exercises the crop NMS and the per-crop RLE bookkeeping."""
+    exercises the crop NMS and the per-crop RLE bookkeeping; also with the crops encoded in
+    batches of two (each mask must keep its crop's index across the batches)."""
     import segment_anything.automatic_mask_generator as reference_module
 
     import fastsam_core.pipelines.amg as fast_module
@@ -400,6 +402,7 @@ def test_masks_of_every_crop_layer(monkeypatch):
 
     monkeypatch.setattr(reference_module, "is_box_near_crop_edge", never_near)
     monkeypatch.setattr(fast_module, "is_box_near_crop_edge", never_near)
+    monkeypatch.setattr(fast_module, "ENCODER_BATCH", encoder_batch)
     sam = small_sam(seed=3)
     image = smooth_image(160, 200, 5)
     settings = {**SETTINGS, "crop_n_layers": 1, "crop_nms_thresh": 0.9}
@@ -409,3 +412,76 @@ def test_masks_of_every_crop_layer(monkeypatch):
     compare(ref, got, settings)
     assert [a["crop_box"] for a in got] == [a["crop_box"] for a in ref]  # the same order
 
+
+@pytest.mark.parametrize("kind", ["sam", "sam2"])
+def test_box_nms_takes_its_own_threshold_not_the_crop_nms_one(kind):
+    """One crop (no crop NMS runs): box_nms_thresh alone decides, whatever crop_nms_thresh
+    says; here a crop_nms_thresh used in its place would remove more masks."""
+    from fastsam_core.models.tiny import tiny
+    from fastsam_core.models.tiny_data import make_scenes
+    from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
+
+    model = tiny(kind)
+    image = make_scenes(1, seed=777, height=128, width=160)[0].image
+    reference, fast = ((SamAutomaticMaskGenerator, FastAutomaticMaskGenerator) if kind == "sam"
+                       else (sam2_reference_generator, FastSam2AutomaticMaskGenerator))
+    settings = {**NMS_SETTINGS, "crop_nms_thresh": 0.3}
+    ref = reference(model, **settings).generate(image)
+    stricter = reference(model, **{**NMS_SETTINGS, "box_nms_thresh": 0.3}).generate(image)
+    assert len(stricter) < len(ref), (len(stricter), len(ref))
+    compare(ref, fast(model, **settings).generate(image), NMS_SETTINGS)
+
+
+def test_sam2_m2m_on_trained_weights_same_masks_as_the_reference():
+    """use_m2m refines each mask from its low-resolution logits clamped to +-32, as sam2's
+    predictor returns them: the tiny trained model's logits reach beyond 100 (random
+    weights' stay inside the clamp)."""
+    from fastsam_core.models.tiny import tiny
+    from fastsam_core.models.tiny_data import make_scenes
+    from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
+
+    model = tiny("sam2")
+    image = make_scenes(1, seed=777, height=128, width=160)[0].image
+    settings = {**NMS_SETTINGS, "use_m2m": True}
+    ref = sam2_reference_generator(model, **settings).generate(image)
+    got = FastSam2AutomaticMaskGenerator(model, **settings).generate(image)
+    assert len(ref) >= 2, len(ref)
+    compare(ref, got, settings)
+
+
+def test_sam2_results_do_not_depend_on_point_batch_or_chunk_size():
+    """Point batches of two prompts (and one mask per chunk) give the default's masks: a
+    batch of several prompts decodes them against one image embedding."""
+    from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
+    from tests.models.sam2.test_image_encoder import small_sam2
+
+    model = small_sam2(seed=3)
+    image = smooth_image(160, 200, 5)
+    settings = {**SETTINGS, "points_per_side": 4, "pred_iou_thresh": 0.3}
+    a = FastSam2AutomaticMaskGenerator(model, **settings).generate(image)
+    b = FastSam2AutomaticMaskGenerator(model, points_per_batch=2, max_chunk_bytes=1,
+                                       **settings).generate(image)
+    assert len(a) >= 2, len(a)
+    compare(a, b, settings)
+
+
+def test_a_stability_score_equal_to_its_threshold_is_kept():
+    """The reference keeps a mask whose stability score equals stability_score_thresh (>=):
+    scores are ratios of pixel counts, so a threshold can be met exactly (here the lowest
+    score of the tiny trained model's masks, NMS off)."""
+    from fastsam_core.models.tiny import tiny
+    from fastsam_core.models.tiny_data import make_scenes
+
+    model = tiny("sam")
+    image = make_scenes(1, seed=777, height=128, width=160)[0].image
+    settings = dict(points_per_side=8, pred_iou_thresh=0.7, box_nms_thresh=1.0,
+                    stability_score_thresh=0.0)  # 0: the filter is off
+    lowest = min(a["stability_score"]
+                 for a in FastAutomaticMaskGenerator(model, **settings).generate(image))
+    assert lowest > 0.0
+    settings["stability_score_thresh"] = lowest
+    ref = SamAutomaticMaskGenerator(model, **settings).generate(image)
+    got = FastAutomaticMaskGenerator(model, **settings).generate(image)
+    assert lowest in [a["stability_score"] for a in ref]
+    assert lowest in [a["stability_score"] for a in got]
+    compare(ref, got, settings)

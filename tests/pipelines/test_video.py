@@ -687,3 +687,70 @@ def test_tracked_masks_get_their_small_holes_filled(short_video_dir, monkeypatch
     assert [g[:2] for g in got] == [e[:2] for e in expected]
     for (t, _, a), (_, _, b) in zip(got, expected, strict=True):
         assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+def reverse_frame_orders(predictor, video_dir):
+    """Object 7 clicked on frame 3; the frames reverse propagation visits from frame 0 (none:
+    nothing before it) and from frame 3 for two frames more (3, 2, 1)."""
+    state = predictor.init_state(video_dir)
+    predictor.add_new_points_or_box(state, frame_idx=3, obj_id=7,
+                                    points=np.array([[76, 48]], np.float32),
+                                    labels=np.array([1], np.int32))
+    return [[(t, list(ids), m) for t, ids, m in predictor.propagate_in_video(
+        state, start_frame_idx=start, max_frame_num_to_track=n, reverse=True)]
+        for start, n in ((0, None), (3, 2))]
+
+
+def test_reverse_propagation_visits_the_references_frames(short_video_dir):
+    """Reverse propagation stops where the reference does: from frame 0 it visits nothing,
+    and max_frame_num_to_track counts the frames after the start (fp32 masks as the
+    reference's)."""
+    reference, predictor = fp32_predictors()
+    with torch.inference_mode():
+        expected = reverse_frame_orders(reference, short_video_dir)
+        got = reverse_frame_orders(predictor, short_video_dir)
+    assert [[e[:2] for e in run] for run in expected] == [[], [(3, [7]), (2, [7]), (1, [7])]]
+    assert [[g[:2] for g in run] for run in got] == [[e[:2] for e in run] for run in expected]
+    for (_, _, a), (_, _, b) in zip(got[1], expected[1], strict=True):
+        assert_close_fp32(a, b, tol.FP32_STAGE_REL_L2)
+
+
+def test_restore_gives_a_video_predictor_its_class_back():
+    """optimize() turns a SAM2VideoPredictor into a FastSam2VideoPredictor; restore() puts
+    its own class back (and the model can be optimized again)."""
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+    from fastsam_core.pipelines import FastSam2VideoPredictor
+
+    predictor = video_predictor()
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    assert type(predictor) is FastSam2VideoPredictor
+    fastsam_core.restore(predictor)
+    assert type(predictor) is SAM2VideoPredictor and not fastsam_core.is_optimized(predictor)
+    assert "_fastsam_swapped_class" not in vars(predictor)
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    assert type(predictor) is FastSam2VideoPredictor
+
+
+def test_a_frame_cached_by_a_prompt_is_not_encoded_again(video_dir, short_video_dir):
+    """propagate_in_videos encodes together only the frames their states have not cached:
+    video A's frame 3, cached by the click there, is read from the cache while video B's
+    frame 1 goes through the encoder alone; the next step's two frames go together."""
+    predictor = video_predictor()
+    fastsam_core.optimize(predictor, FastConfig(dtype=torch.float32))
+    encoded = []  # image encoder batch sizes
+    predictor.image_encoder.register_forward_pre_hook(
+        lambda module, args: encoded.append(args[0].shape[0]))
+    with torch.inference_mode():
+        a, b = predictor.init_state(video_dir), predictor.init_state(short_video_dir)
+        for state, frame, obj_id in ((a, 0, 1), (a, 3, 2), (b, 0, 7)):
+            predictor.add_new_points_or_box(state, frame_idx=frame, obj_id=obj_id,
+                                            points=np.array([[40, 48]], np.float32),
+                                            labels=np.array([1], np.int32))
+        for state in (a, b):  # consolidates the clicks (it may encode their frames again)
+            predictor.propagate_in_video_preflight(state)
+        encoded.clear()
+        steps = [(v, t) for v, t, _, _ in predictor.propagate_in_videos(
+            [a, b], start_frame_idx=[3, 1], max_frame_num_to_track=1)]
+    assert steps == [(0, 3), (1, 1), (0, 4), (1, 2)]
+    assert encoded == [1, 2], encoded

@@ -336,6 +336,18 @@ def test_patched_train_mode_model_pickles_copies_plainly_and_takes_its_blocks_co
     assert not fastsam_core.is_optimized(inner_built)
 
 
+def test_patched_optimizes_a_train_mode_model_once():
+    """Eval mode optimizes a model built in train mode in the block once: restored inside the
+    block, the model stays restored through a later eval()."""
+    with fastsam_core.patched(FastConfig(attention="math")):
+        model = build_in_train_mode()
+        model.eval()
+        assert fastsam_core.is_optimized(model)
+        fastsam_core.restore(model)
+        model.train().eval()
+        assert not fastsam_core.is_optimized(model)
+
+
 @pytest.mark.parametrize("part", ["trunk", "neck.position_encoding"])
 def test_unsupported_trunk_is_kept_with_a_warning(part):
     """A subclass of the reference's trunk, or of its neck's sine encoding, may compute
