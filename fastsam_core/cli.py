@@ -255,7 +255,7 @@ def _amg(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for stem in stems:
         for written in (out / f"{stem}.json", out / f"{stem}.png"):
             if written.resolve() in inputs:
-                parser.error(f"--out {out}: the overlay {written.name} would overwrite an "
+                parser.error(f"--out {out}: the output {written.name} would overwrite an "
                              "input image; choose another folder")
     if args.model == "tiny":
         sam = _tiny_sam(parser)

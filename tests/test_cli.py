@@ -176,8 +176,13 @@ BAD_INPUTS = [  # arguments ({key} from `inputs`), the one-line error
      "--points-per-side must be at least 1"),
     (["amg", "{img}", "--out", "{tmp}/o", "--crop-n-layers", "-1"],
      "--crop-n-layers must be at least 0"),
+    (["amg", "{img}", "--out", "{tmp}/o", "--points-per-batch", "0"],
+     "--points-per-batch must be at least 1"),
+    (["amg", "{img}", "--out", "{tmp}/o", "--min-mask-region-area", "-1"],
+     "--min-mask-region-area must be at least 0"),
+    (["check", "{img}", "--checkpoint", "{small}", "--grid", "0"], "--grid must be at least 1"),
     (["amg", "{img}", "--out", "{small}"], "--out .*small.pth: not a folder"),
-    (["amg", "{img}", "--out", "{tmp}"], "--out .*: the overlay img.png would overwrite an input"),
+    (["amg", "{img}", "--out", "{tmp}"], "--out .*: the output img.png would overwrite an input"),
     (["amg", "{img}", "--out", "{tmp}/o", "--device", "banana"], "device"),
     (["bench", "--json", "{dir}"], "--json .*: is a folder"),
     (["bench", "--json", "{tmp}/no/such/x.json"], "--json .*: the folder .* does not exist"),
@@ -267,3 +272,30 @@ def test_bench_of_the_tiny_sam_counts_the_flops_per_image():
     size = encoder.img_size
     assert r.image_size == size != 512
     assert r.gflop_per_image == benchmark.meta_flops(encoder, 1, 3, size, size) / 1e9
+
+
+def test_load_lets_out_of_memory_through():
+    """An out-of-memory error is the device's: raised as it is, not a --checkpoint error."""
+    import argparse
+
+    import fastsam_core.cli as cli
+
+    def build():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    args = argparse.Namespace(checkpoint="w.pth", model="vit_b")
+    with pytest.raises(torch.OutOfMemoryError):
+        cli._load(argparse.ArgumentParser(), args, build)
+
+
+def test_setup_default_image_size_is_1024_on_cuda(monkeypatch, capsys):
+    import argparse
+
+    import fastsam_core.cli as cli
+
+    monkeypatch.setattr(cli, "_device", lambda parser, value: torch.device("cuda"))
+    args = argparse.Namespace(device=None, dtype=None, attention="auto", compile=None,
+                              image_size=None, model="vit_b", batch=1, warmup=0, runs=1)
+    device, _, image_size = cli._setup(args, argparse.ArgumentParser())
+    assert (device.type, image_size) == ("cuda", 1024)
+    assert "CPU default" not in capsys.readouterr().out

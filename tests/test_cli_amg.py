@@ -83,3 +83,40 @@ def test_amg_passes_the_generator_options_on(tmp_path, monkeypatch):
     assert seen == dict(points_per_side=5, points_per_batch=7, pred_iou_thresh=0.5,
                         stability_score_thresh=0.25, box_nms_thresh=0.125, crop_n_layers=1,
                         min_mask_region_area=9, output_mode="coco_rle")
+
+
+def test_amg_output_stems_stay_apart_when_a_renamed_stem_is_taken():
+    from pathlib import Path
+
+    paths = [Path("a/scene.png"), Path("b/scene.png"), Path("c/scene.png"), Path("scene_2.png")]
+    assert cli._output_stems(paths) == ["scene", "scene_2", "scene_3", "scene_2_2"]
+
+
+def test_amg_refuses_to_overwrite_an_input_with_its_json(tmp_path, capsys):
+    image = tmp_path / "img.json"  # a PNG by content: Pillow reads it whatever its name
+    Image.fromarray(smooth_image(64, 80, 0)).save(image, format="PNG")
+    with pytest.raises(SystemExit) as exc:
+        main(["amg", str(image), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "the output img.json would overwrite an input" in err, err
+
+
+def test_overlay_blends_the_largest_mask_first():
+    """Colours drawn in order of area, largest first: a big mask given after a small one
+    inside it still gets the first colour, and the small one blends over it."""
+    big = np.ones((8, 10), bool)
+    small = np.zeros((8, 10), bool)
+    small[:2, :3] = True
+    annotations = []
+    for mask in (small, big):
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        annotations.append({"segmentation": rle, "area": int(mask.sum())})
+    image = np.full((8, 10, 3), 100, np.uint8)
+    rng = np.random.default_rng(0)
+    first, second = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    under = 0.5 * np.float32(100) + 0.5 * first
+    expected = np.empty((8, 10, 3), np.float32)
+    expected[:] = under
+    expected[small] = 0.5 * expected[small] + 0.5 * second
+    np.testing.assert_array_equal(cli.overlay(image, annotations), expected.astype(np.uint8))

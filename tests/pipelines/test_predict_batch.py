@@ -174,6 +174,21 @@ def test_boolean_labels_as_the_reference_predictor_takes_them():
     assert torch.equal(got[0]["low_res_logits"], expected[0]["low_res_logits"])
 
 
+def test_fractional_labels_are_truncated_as_the_reference_predictor_does():
+    """SamPredictor.predict casts labels to int (0.7 -> 0, a negative point)."""
+    sam = small_sam()
+    image = smooth_image(180, 240, 0)
+    coords = np.array([[60.0, 50.0], [100.0, 90.0]])
+    labels = np.array([1.0, 0.7])
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    _, iou, low = predictor.predict(coords, labels, multimask_output=True, return_logits=True)
+    (got,) = predict_batch(sam, [image], [dict(point_coords=coords[None],
+                                               point_labels=labels[None])])
+    assert_close_fp32(got["low_res_logits"][0], torch.as_tensor(low), tol.FP32_STAGE_REL_L2)
+    assert_close_fp32(got["iou_predictions"][0], torch.as_tensor(iou), tol.FP32_STAGE_REL_L2)
+
+
 @pytest.mark.parametrize("kind", ["sam", "sam2"])
 def test_leaves_the_modes_of_a_plain_model_as_they_were(kind):
     """A plain (not optimized) model in training mode: the fast view that predict_batch and
@@ -245,6 +260,9 @@ def test_sam2_heads_in_training_mode_select_single_masks_as_the_reference(optimi
         ([smooth_image()], {"boxes": np.zeros((1, 4))},
          "prompts: expected a list of dicts, one per image, got one dict"),
         ([smooth_image()[:0]], [{}], r"images\[0\]: an empty image"),
+        ([smooth_image()[:, :0]], [{}], r"images\[0\]: an empty image"),
+        ([smooth_image()], [{"mask_input": np.zeros((1, 2, 64, 64))}],
+         r"prompts\[0\]\['mask_input'\]: expected K x 1 x 64 x 64"),
         ([smooth_image()], [{"point_coords": np.array([[["a", "b"]]]),
                              "point_labels": np.ones((1, 1))}],
          r"prompts\[0\]\['point_coords'\]: not an array of numbers"),
