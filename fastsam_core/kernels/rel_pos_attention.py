@@ -282,8 +282,9 @@ def rel_pos_attention_fwd(
 
     Args:
         q, k, v: B x heads x N x d, same dtype (bf16, fp16 or fp32), any strides.
-        rel_h: B x heads x N x kh bias terms, or None (then rel_w must be None too).
-        rel_w: B x heads x N x kw bias terms; kh * kw == N.
+        rel_h: B x heads x N x kh bias terms in q's dtype, or None (then rel_w must be None
+            too).
+        rel_w: B x heads x N x kw bias terms in q's dtype; kh * kw == N.
         key_grid_w: kw.
         scale: softmax scale on q . k.
         config: tile sizes.
@@ -350,9 +351,11 @@ def check_launch(q, k, v, rel_h, rel_w, key_grid_w: int, out: torch.Tensor) -> N
         raise ValueError("rel_pos_attention: rel_h and rel_w must both be tensors or both None")
     if rel_h is not None:
         for name, t, size in (("rel_h", rel_h, n // key_grid_w), ("rel_w", rel_w, key_grid_w)):
-            if tuple(t.shape) != (b, heads, n, size) or t.device != q.device:
-                raise ValueError(f"rel_pos_attention: {name} must be {(b, heads, n, size)} on "
-                                 f"{q.device}, got {tuple(t.shape)} on {t.device}")
+            if (tuple(t.shape) != (b, heads, n, size) or t.dtype != q.dtype
+                    or t.device != q.device):
+                raise ValueError(f"rel_pos_attention: {name} must be {(b, heads, n, size)} "
+                                 f"{q.dtype} on {q.device}, got {tuple(t.shape)} {t.dtype} on "
+                                 f"{t.device}")
 
 
 def rel_pos_attention_ref(

@@ -174,6 +174,8 @@ def rel_pos_attention(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_inputs(q, k, v, pos_h, pos_w, grid)
     rel_h, rel_w = (None, None) if pos_h is None else rel_pos_terms(q, pos_h, pos_w, grid)
+    if rel_h is not None and rel_h.dtype != q.dtype:  # autocast ran the einsums in its dtype
+        rel_h, rel_w = rel_h.to(q.dtype), rel_w.to(q.dtype)  # the kernel takes q's dtype only
     if backend in ("auto", "triton") and q.numel() == 0:
         backend = "sdpa"  # nothing to compute: no launch, no warning
     if backend in ("auto", "triton"):

@@ -105,7 +105,7 @@ def test_bf16_with_the_interpreters_upcast(batch, heads, grid, dim):
 MODE_CASES = [
     ("row", (3, 32), 80), ("row", (5, 16), 48), ("row", (7, 16), 24), ("row", (5, 16), 8),
     ("onehot", (7, 7), 80), ("onehot", (6, 5), 24), ("onehot", (3, 32), 48),
-    ("onehot", (7, 7), 72),
+    ("onehot", (7, 7), 72), ("onehot", (20, 8), 16),  # more key rows than columns past 16
     ("gather", (7, 7), 48), ("gather", (3, 32), 80), ("gather", (6, 5), 24),
     ("gather", (3, 32), 40),
 ]
@@ -185,6 +185,11 @@ BAD_LAUNCHES = {
     "out-fp16": ("out must match q",  # fp16 numbers in the watched buffer's bytes
                  lambda a: a.update(out=a["out"].view(torch.float16)[..., :16])),
     "grid-width-0": ("multiple of the grid width", lambda a: a.update(key_grid_w=0)),
+    "k-on-meta": ("k must match q", lambda a: a.update(k=a["k"].to("meta"))),
+    "rel_w-on-meta": ("rel_w must be", lambda a: a.update(rel_w=a["rel_w"].to("meta"))),
+    # fp16 terms for fp32 q: "onehot" stood fp32's most negative value in for -inf, which is
+    # -inf again in fp16, and a masked key made its query NaN
+    "rel_h-fp16": ("rel_h must be", lambda a: a.update(rel_h=a["rel_h"].half())),
 }
 
 
@@ -229,6 +234,23 @@ def test_bias_mode_and_head_dim_split_rules():
     splits = {d: kernel.head_dim_split(d) for d in (8, 16, 24, 32, 48, 64, 72, 80, 96, 128)}
     assert splits == {8: (16, 0), 16: (16, 0), 24: (32, 0), 32: (32, 0), 48: (32, 16),
                       64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32), 128: (128, 0)}
+
+
+def test_a_block_of_one_key_row_takes_the_row_bias_even_on_a_small_grid():
+    """"row" comes before "onehot": a 7 x 16 window with 16-key blocks loads rel_w once."""
+    assert kernel.bias_mode(kernel.LaunchConfig(64, 16), (7, 16)) == "row"
+    assert kernel.bias_mode(kernel.LaunchConfig(64, 32), (7, 16)) == "onehot"
+
+
+def test_supports_names_the_inputs_the_kernel_does_not_take():
+    q = torch.zeros(1, 2, 16, 16, device=DEVICE)
+    assert kernel.supports(q, 4) is None and kernel.supports(q, 4, q, q) is None
+    assert kernel.supports(torch.zeros(1, 2, 16, 256, device=DEVICE), 4) is None
+    assert "head dim 257 > 256" in kernel.supports(torch.zeros(1, 2, 16, 257, device=DEVICE), 4)
+    assert "q of shape (0, 2, 16, 16)" in kernel.supports(q[:0], 4)
+    assert "k (1, 2, 16, 16) torch.float16 is not q's" in kernel.supports(q, 4, k=q.half())
+    assert "v (1, 2, 8, 16) torch.float32 is not q's" in kernel.supports(q, 4, v=q[:, :, :8])
+    assert "multiple of the grid width 0" in kernel.supports(q, 0)
 
 
 def test_strided_inputs_as_the_encoder_passes_them():

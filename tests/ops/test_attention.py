@@ -77,6 +77,21 @@ def test_low_precision(backend, dtype, grid, kernel_launches):
 
 
 @pytest.mark.parametrize("backend", ["triton", "sdpa", "math"])
+def test_under_autocast_the_bias_terms_are_handed_on_in_qs_dtype(backend, kernel_launches):
+    """fp32 q under autocast: the bias einsums return bf16 terms, which reach the backend in
+    q's dtype (the kernel refuses others), and the result is as good as the reference's
+    under the same autocast."""
+    grid, scale = (6, 5), 32**-0.5
+    q, k, v, th, tw = inputs(2, 2, grid, 32)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        out = fast(q, k, v, th, tw, grid, scale, backend)
+        naive = reference(q, k, v, th, tw, grid, scale)
+    assert kernel_launches == ([tuple(q.shape)] if backend == "triton" else [])
+    exact = reference(*(t.double() for t in (q, k, v, th, tw)), grid, scale)
+    assert_lowp_parity(out, naive, exact)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "math"])
 def test_without_bias(backend):
     q, k, v, _, _ = inputs(2, 2, (5, 5), 16)
     out = rel_pos_attention(q, k, v, None, None, (5, 5), 0.25, backend)
