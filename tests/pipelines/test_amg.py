@@ -449,20 +449,20 @@ def test_sam2_m2m_on_trained_weights_same_masks_as_the_reference():
     compare(ref, got, settings)
 
 
-def test_sam2_results_do_not_depend_on_point_batch_or_chunk_size():
-    """Point batches of two prompts (and one mask per chunk) give the default's masks: a
-    batch of several prompts decodes them against one image embedding."""
+def test_sam2_point_batches_of_two_and_single_mask_chunks_as_the_reference():
+    """Point batches of two prompts (and one mask per chunk): the reference's masks, where
+    a batch of several prompts decodes them against one image embedding."""
     from fastsam_core.pipelines import FastSam2AutomaticMaskGenerator
     from tests.models.sam2.test_image_encoder import small_sam2
 
     model = small_sam2(seed=3)
     image = smooth_image(160, 200, 5)
-    settings = {**SETTINGS, "points_per_side": 4, "pred_iou_thresh": 0.3}
-    a = FastSam2AutomaticMaskGenerator(model, **settings).generate(image)
-    b = FastSam2AutomaticMaskGenerator(model, points_per_batch=2, max_chunk_bytes=1,
-                                       **settings).generate(image)
-    assert len(a) >= 2, len(a)
-    compare(a, b, settings)
+    settings = {**SETTINGS, "points_per_side": 4, "pred_iou_thresh": 0.3,
+                "points_per_batch": 2}
+    ref = sam2_reference_generator(model, **settings).generate(image)
+    got = FastSam2AutomaticMaskGenerator(model, max_chunk_bytes=1, **settings).generate(image)
+    assert len(ref) >= 2, len(ref)
+    compare(ref, got, settings)
 
 
 def test_a_stability_score_equal_to_its_threshold_is_kept():
